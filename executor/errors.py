@@ -1,0 +1,33 @@
+"""Errors raised by the streaming executor.
+
+Every error names what is wrong and how to fix it in one line, so that the CLI can print
+``str(err)`` as is.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GeometryError", "StreamingError", "UnsupportedLayerError"]
+
+
+class StreamingError(Exception):
+    """Base class of all executor errors."""
+
+
+class UnsupportedLayerError(StreamingError):
+    """A module or operation inside the trunk cannot be streamed exactly.
+
+    Attributes:
+        where: qualified name of the module (or the operation) that was refused.
+        reason: why streaming it would not be exact.
+        fix: what the user can do about it.
+    """
+
+    def __init__(self, where: str, reason: str, fix: str) -> None:
+        self.where = where
+        self.reason = reason
+        self.fix = fix
+        super().__init__(f"cannot stream '{where}': {reason}; {fix}")
+
+
+class GeometryError(StreamingError):
+    """The tile or image shape does not fit the trunk's geometry."""

@@ -1,0 +1,355 @@
+"""Exact streaming geometry of a trunk: output stride, halos, tile grids.
+
+Everything here is integer arithmetic on the trunk's ``SpatialGraph`` (kernel, stride, padding,
+dilation of each op, and the graph's merges), per spatial axis, so volumes work like images.
+
+Note: [Output ownership]
+    The trunk's *output* positions are partitioned among tiles: each tile owns a contiguous
+    block ``[a, b)`` of output positions per axis and computes it from an input crop that
+    contains the whole receptive field of the block (or reaches the image border, where the
+    zero padding is real). Those outputs are then bit-for-bit the same function of the weights
+    and the image as in the full-image network. Because backprop is linear in the output
+    gradient, the per-tile parameter gradients of ``sum(grad_out[a:b] * out[a:b])`` add up
+    to the exact full gradient: every output position contributes exactly once, and every
+    intermediate position contributes exactly its share through the outputs its tile owns.
+    Hence the backward halo equals the forward halo (no extra gradient-validity margin).
+
+Note: [Alignment]
+    Crop origins are multiples of ``align`` (the lcm of every node's cumulative stride, in
+    practice the trunk's output stride), so that each node's local index ``i`` in a crop is
+    global index ``i + start // stride_node``: every layer's tile grid lies on the full
+    image's grid. Crop lengths are rounded up to multiples of ``align`` too (except at the
+    image's end), so branches that agree on the image's size agree on the crop's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from executor.errors import GeometryError, UnsupportedLayerError
+from executor.graph import SpatialGraph
+
+__all__ = ["AxisTile", "Tile", "TileGrid", "TrunkGeometry"]
+
+
+@dataclass(frozen=True, slots=True)
+class AxisTile:
+    """One tile along one axis.
+
+    Attributes:
+        out_start, out_stop: output positions ``[out_start, out_stop)`` this tile owns.
+        in_start, in_stop: input pixels ``[in_start, in_stop)`` of its crop.
+    """
+
+    out_start: int
+    out_stop: int
+    in_start: int
+    in_stop: int
+
+    @property
+    def in_len(self) -> int:
+        return self.in_stop - self.in_start
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """A tile of the grid: one ``AxisTile`` per spatial axis."""
+
+    index: tuple[int, ...]
+    axes: tuple[AxisTile, ...]
+    stride: tuple[int, ...]
+
+    def input_slices(self) -> tuple[slice, ...]:
+        """Slices of the image's spatial dims that form this tile's crop."""
+        return tuple(slice(a.in_start, a.in_stop) for a in self.axes)
+
+    def output_slices(self) -> tuple[slice, ...]:
+        """Slices of the full output map that this tile owns."""
+        return tuple(slice(a.out_start, a.out_stop) for a in self.axes)
+
+    def local_output_slices(self) -> tuple[slice, ...]:
+        """Slices of the crop's output that hold the owned positions (see [Alignment])."""
+        return tuple(
+            slice(a.out_start - a.in_start // s, a.out_stop - a.in_start // s)
+            for a, s in zip(self.axes, self.stride, strict=True)
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(a.in_len for a in self.axes)
+
+
+@dataclass(frozen=True, slots=True)
+class TileGrid:
+    """The tiles that cover one image, and what they cost.
+
+    Attributes:
+        image_shape: spatial shape of the image (px).
+        output_shape: spatial shape of the trunk's output for it.
+        tile_shape: the largest crop allowed per axis after alignment (px).
+        axes: per axis, the tiles along it; the grid is their Cartesian product.
+        stride: the trunk's output stride per axis.
+    """
+
+    image_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    tile_shape: tuple[int, ...]
+    axes: tuple[tuple[AxisTile, ...], ...]
+    stride: tuple[int, ...]
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Number of tiles along each axis."""
+        return tuple(len(a) for a in self.axes)
+
+    @property
+    def n_tiles(self) -> int:
+        return math.prod(self.counts)
+
+    @property
+    def overlap_factor(self) -> float:
+        """Input pixels processed by all tiles ÷ image pixels (1.0 = no recompute)."""
+        processed = math.prod(sum(t.in_len for t in axis) for axis in self.axes)
+        return processed / math.prod(self.image_shape)
+
+    @property
+    def largest_crop(self) -> tuple[int, ...]:
+        """The largest crop actually used per axis (px), at most ``tile_shape``."""
+        return tuple(max(t.in_len for t in axis) for axis in self.axes)
+
+    def __iter__(self) -> Iterator[Tile]:
+        for index in itertools.product(*(range(len(a)) for a in self.axes)):
+            axes = tuple(axis[i] for axis, i in zip(self.axes, index, strict=True))
+            yield Tile(index, axes, self.stride)
+
+    def __len__(self) -> int:
+        return self.n_tiles
+
+
+@dataclass(frozen=True, slots=True)
+class TrunkGeometry:
+    """Streaming geometry of a trunk, derived exactly from its ops.
+
+    For every axis, output position ``j`` depends on input pixels
+    ``[j*output_stride - halo_lo, j*output_stride + halo_hi]`` (receptive field
+    ``halo_lo + halo_hi + 1`` px).
+
+    Attributes:
+        graph: the trunk reduced to spatial ops.
+        output_stride: total stride per axis (input px per output position).
+        halo_lo, halo_hi: receptive-field reach before/after ``j*output_stride`` (px).
+        align: crop origins are multiples of this per axis (see [Alignment]).
+    """
+
+    graph: SpatialGraph
+    output_stride: tuple[int, ...]
+    halo_lo: tuple[int, ...]
+    halo_hi: tuple[int, ...]
+    align: tuple[int, ...]
+
+    @classmethod
+    def from_graph(cls, graph: SpatialGraph) -> TrunkGeometry:
+        """Derive strides and halos; refuses merges of maps with different strides."""
+        strides: list[tuple[int, ...]] = []
+        for node in graph.nodes:
+            if not node.inputs:
+                strides.append((1,) * graph.n_axes)
+                continue
+            incoming = {strides[i] for i in node.inputs}
+            if len(incoming) > 1:
+                raise UnsupportedLayerError(
+                    node.where,
+                    f"it merges maps with different strides {sorted(incoming)}",
+                    "merge only maps of the same resolution",
+                )
+            (stride,) = incoming
+            if node.windows is not None:
+                stride = tuple(s * w.stride for s, w in zip(stride, node.windows, strict=True))
+            strides.append(stride)
+        out_stride = strides[graph.output]
+        align = tuple(math.lcm(*(s[ax] for s in strides)) for ax in range(graph.n_axes))
+        lo, hi = [], []
+        for axis in range(graph.n_axes):
+            first, last = _input_interval(graph, axis, 0, 0)
+            lo.append(-first)
+            hi.append(last)
+        return cls(graph, out_stride, tuple(lo), tuple(hi), align)
+
+    @property
+    def n_axes(self) -> int:
+        return self.graph.n_axes
+
+    @property
+    def receptive_field(self) -> tuple[int, ...]:
+        return tuple(a + b + 1 for a, b in zip(self.halo_lo, self.halo_hi, strict=True))
+
+    def node_lengths(self, axis: int, length: int) -> list[int]:
+        """Length along ``axis`` of every node's output for an input of ``length`` px.
+
+        Raises:
+            GeometryError: branches that are merged disagree in length.
+        """
+        lengths: list[int] = []
+        for node in self.graph.nodes:
+            if not node.inputs:
+                lengths.append(length)
+                continue
+            incoming = {lengths[i] for i in node.inputs}
+            if len(incoming) > 1:
+                raise GeometryError(
+                    f"at '{node.where}' the merged maps have lengths {sorted(incoming)} along "
+                    f"axis {axis} for an input of {length} px; use sizes that are multiples of "
+                    f"{self.output_stride[axis]}"
+                )
+            (n,) = incoming
+            lengths.append(node.windows[axis].out_len(n) if node.windows is not None else n)
+        return lengths
+
+    def output_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
+        """Spatial shape of the trunk's output for an image of ``image_shape`` px."""
+        self._check_rank(image_shape)
+        return tuple(self.node_lengths(ax, n)[-1] for ax, n in enumerate(image_shape))
+
+    def node_intervals(self, axis: int, out_start: int, out_stop: int) -> list[tuple[int, int]]:
+        """Global positions (inclusive) each node must provide for outputs ``[start, stop)``.
+
+        Positions outside a node's extent are its padding. Useful to draw, per layer, what a
+        tile computes.
+        """
+        return _intervals(self.graph, axis, out_start, out_stop - 1)
+
+    def crop(self, axis: int, length: int, out_start: int, out_stop: int) -> AxisTile:
+        """The aligned input crop that computes outputs ``[out_start, out_stop)`` exactly."""
+        s, a = self.output_stride[axis], self.align[axis]
+        first = out_start * s - self.halo_lo[axis]  # leftmost input pixel read
+        last = (out_stop - 1) * s + self.halo_hi[axis]  # rightmost input pixel read
+        start = max(0, first // a * a)
+        stop = min(length, start + -(-(last + 1 - start) // a) * a)
+        return AxisTile(out_start, out_stop, start, stop)
+
+    def min_tile(self, axis: int) -> int:
+        """Smallest crop (px) owning at least one output away from the borders."""
+        s, a = self.output_stride[axis], self.align[axis]
+        # The aligned crop of one output depends on j mod (align / stride): take the worst
+        # phase, far enough from the image's start that the left halo is not clipped.
+        j0 = self.halo_lo[axis] // s + 1
+        return max(self.crop(axis, 1 << 62, j, j + 1).in_len for j in range(j0, j0 + a // s))
+
+    def tile_grid(self, image_shape: Sequence[int], tile_shape: Sequence[int]) -> TileGrid:
+        """Balanced tile grid for an image, with crops no larger than ``tile_shape``.
+
+        ``tile_shape`` is aligned down to a multiple of ``align`` per axis (a tile that is
+        larger than the image simply becomes the whole image).
+
+        Raises:
+            GeometryError: the tile cannot own even one output position, or the image is too
+                small for the trunk.
+        """
+        self._check_rank(image_shape)
+        self._check_rank(tile_shape)
+        out_shape = self.output_shape(image_shape)
+        axes, aligned = [], []
+        for axis, (n, t) in enumerate(zip(image_shape, tile_shape, strict=True)):
+            if out_shape[axis] < 1:
+                raise GeometryError(
+                    f"an image of {n} px along axis {axis} gives an empty output; the trunk "
+                    f"needs at least {self.receptive_field[axis]} px"
+                )
+            a = self.align[axis]
+            t_aligned = n if t >= n else t // a * a
+            tiles = self._axis_tiles(axis, n, out_shape[axis], t_aligned)
+            self._check_crops(axis, n, tiles)
+            axes.append(tiles)
+            aligned.append(t_aligned)
+        return TileGrid(
+            tuple(image_shape), out_shape, tuple(aligned), tuple(axes), self.output_stride
+        )
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_rank(self, shape: Sequence[int]) -> None:
+        if len(shape) != self.n_axes:
+            raise GeometryError(
+                f"expected {self.n_axes} spatial sizes, got {tuple(shape)}; pass one per axis"
+            )
+
+    def _greedy(self, axis: int, n: int, n_out: int, tile: int) -> list[AxisTile] | None:
+        """Left-to-right tiles owning as many outputs as fit in ``tile`` px; None if none fit."""
+        tiles: list[AxisTile] = []
+        start = 0
+        while start < n_out:
+            if self.crop(axis, n, start, start + 1).in_len > tile:
+                return None
+            lo, hi = start + 1, n_out  # crop length grows with the stop: bisect the largest
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.crop(axis, n, start, mid).in_len <= tile:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            tiles.append(self.crop(axis, n, start, lo))
+            start = lo
+        return tiles
+
+    def _axis_tiles(self, axis: int, n: int, n_out: int, tile: int) -> tuple[AxisTile, ...]:
+        tiles = self._greedy(axis, n, n_out, tile)
+        if tiles is None:
+            raise GeometryError(
+                f"tile of {tile} px along axis {axis} is smaller than the trunk's receptive "
+                f"field ({self.halo_lo[axis]}+{self.halo_hi[axis]}+1 px, halo per side "
+                f"{self.halo_lo[axis]}/{self.halo_hi[axis]}): use a tile of at least "
+                f"{self.min_tile(axis)} px"
+            )
+        # Balance: the smallest tile size that still needs no more tiles, so that the last
+        # tile is not a sliver and all crops are about equal.
+        count, a = len(tiles), self.align[axis]
+        lo, hi = 1, -(-tile // a)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            trial = self._greedy(axis, n, n_out, mid * a)
+            if trial is not None and len(trial) <= count:
+                hi = mid
+            else:
+                lo = mid + 1
+        balanced = self._greedy(axis, n, n_out, min(tile, lo * a))
+        assert balanced is not None and len(balanced) == count
+        return tuple(balanced)
+
+    def _check_crops(self, axis: int, n: int, tiles: Sequence[AxisTile]) -> None:
+        """Every crop must produce the positions it owns (exact, from the size formulas)."""
+        s = self.output_stride[axis]
+        for t in tiles:
+            produced = self.node_lengths(axis, t.in_len)[-1]
+            if t.out_stop - t.in_start // s > produced:
+                raise GeometryError(
+                    f"a crop [{t.in_start}, {t.in_stop}) along axis {axis} yields {produced} "
+                    f"outputs, fewer than the {t.out_stop - t.in_start // s} it must own; "
+                    "this trunk's padding is not supported for streaming"
+                )
+
+
+def _intervals(graph: SpatialGraph, axis: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Back-propagate the inclusive output interval [lo, hi] to every node (hull of reads)."""
+    big = 1 << 62
+    first = [big] * len(graph.nodes)
+    last = [-big] * len(graph.nodes)
+    first[graph.output], last[graph.output] = lo, hi
+    for index in range(graph.output, -1, -1):
+        node = graph.nodes[index]
+        if first[index] > last[index]:
+            continue  # does not feed the output
+        if node.windows is None:
+            reads = (first[index], last[index])
+        else:
+            reads = node.windows[axis].reads(first[index], last[index])
+        for i in node.inputs:
+            first[i] = min(first[i], reads[0])
+            last[i] = max(last[i], reads[1])
+    return list(zip(first, last, strict=True))
+
+
+def _input_interval(graph: SpatialGraph, axis: int, lo: int, hi: int) -> tuple[int, int]:
+    return _intervals(graph, axis, lo, hi)[0]

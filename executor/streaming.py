@@ -1,0 +1,285 @@
+"""StreamingCNN: exact tile-by-tile forward and backward passes of a CNN trunk.
+
+Usage follows the published method's pseudocode::
+
+    scnn = StreamingCNN(trunk, tile_shape=(1, 3, 1024, 1024))
+    out = scnn.forward(image)            # (N, C, H_out, W_out), no autograd graph
+    out.requires_grad_()
+    loss = criterion(head(out), target)
+    loss.backward()
+    scnn.backward(image, out.grad)       # adds exact gradients into trunk parameters' .grad
+
+Only one tile's activations are alive at a time. The trunk itself runs unchanged on each crop:
+nothing is hooked, patched or swapped, so the user's module is never altered. Exactness rests on
+[Output ownership] in ``executor.geometry``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from executor.errors import GeometryError
+from executor.geometry import Tile, TileGrid, TrunkGeometry
+from executor.graph import trace_trunk
+from executor.modes import check_modes, mode_signature
+
+__all__ = ["StreamingCNN", "analyze_trunk", "spatial_tile_shape"]
+
+log = logging.getLogger(__name__)
+
+
+def analyze_trunk(trunk: nn.Module, n_axes: int = 2) -> TrunkGeometry:
+    """Trace ``trunk`` and derive its exact streaming geometry without running it.
+
+    Args:
+        trunk: the streamable part of the network (traced, never modified).
+        n_axes: spatial axes of its input: 2 for images, 3 for volumes.
+
+    Raises:
+        UnsupportedLayerError: the trunk holds an op that cannot be streamed exactly.
+
+    Example:
+        >>> geometry = analyze_trunk(trunk)
+        >>> geometry.tile_grid((8192, 8192), (2048, 2048)).n_tiles
+    """
+    return TrunkGeometry.from_graph(trace_trunk(trunk, n_axes))
+
+
+def spatial_tile_shape(tile_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """Spatial part of a tile shape: ``T``, ``(H, W)``, ``(D, H, W)``, ``(N, C, H, W)`` or
+    ``(N, C, D, H, W)`` (the published API's form; N and C are ignored)."""
+    if isinstance(tile_shape, int):
+        return (tile_shape, tile_shape)
+    shape = tuple(int(v) for v in tile_shape)
+    if len(shape) in (2, 3):
+        spatial = shape
+    elif len(shape) in (4, 5):
+        spatial = shape[2:]
+    else:
+        raise GeometryError(
+            f"tile_shape {shape} has {len(shape)} entries; give (H, W), (D, H, W) or (N, C, H, W)"
+        )
+    if min(spatial) < 1:
+        raise GeometryError(f"tile_shape {shape} has a non-positive size")
+    return spatial
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedTile:
+    """The last forward tile's autograd graph, reused by the first backward tile."""
+
+    tile: Tile
+    crop: torch.Tensor
+    output: torch.Tensor
+    image: weakref.ref[torch.Tensor]
+    version: int
+
+
+class StreamingCNN:
+    """Streams a CNN trunk over tiles with gradients equal to conventional backprop.
+
+    Args:
+        trunk: the streamable part of the network: only local ops (see README for the list);
+            BatchNorm must be in eval mode. Its device is where tiles are computed.
+        tile_shape: the largest input crop of the backward pass (px), as ``(H, W)``,
+            ``(N, C, H, W)`` or an int for square tiles. Aligned down to a multiple of the
+            trunk's output stride; the grid is balanced so that crops are about equal.
+        forward_tile_shape: crop size of the no-grad forward pass, which holds no autograd
+            graph and so can afford larger tiles (fewer halo recomputes). Defaults to
+            ``tile_shape``.
+        input_grad: also compute the exact gradient with respect to the image (saliency);
+            ``backward`` then returns it.
+        amp_dtype: run tiles under ``torch.autocast`` with this dtype (bfloat16/float16).
+        cache_last_tile: when grad mode is on, keep the last forward tile's autograd graph
+            for the first backward tile instead of recomputing it. Costs no extra peak (it is
+            one backward tile) and saves one tile's forward.
+        progress: show a tqdm bar over tiles (only when stderr is a terminal).
+
+    Example:
+        >>> scnn = StreamingCNN(trunk, tile_shape=(1536, 1536))
+        >>> out = scnn.forward(image).requires_grad_()
+        >>> head(out).sum().backward()
+        >>> scnn.backward(image, out.grad)
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        tile_shape: int | Sequence[int],
+        *,
+        forward_tile_shape: int | Sequence[int] | None = None,
+        input_grad: bool = False,
+        amp_dtype: torch.dtype | None = None,
+        cache_last_tile: bool = True,
+        progress: bool = False,
+    ) -> None:
+        self.trunk = trunk
+        self.tile_shape = spatial_tile_shape(tile_shape)
+        self.forward_tile_shape = (
+            self.tile_shape if forward_tile_shape is None
+            else spatial_tile_shape(forward_tile_shape)
+        )  # fmt: skip
+        if len(self.forward_tile_shape) != len(self.tile_shape):
+            raise GeometryError("tile_shape and forward_tile_shape need the same number of axes")
+        self.input_grad = input_grad
+        self.amp_dtype = amp_dtype
+        self.cache_last_tile = cache_last_tile
+        self.progress = progress
+        self._modes = mode_signature(trunk)
+        self.geometry = analyze_trunk(trunk, len(self.tile_shape))
+        self._cache: _CachedTile | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def tile_grid(self, image_shape: Sequence[int], *, forward: bool = False) -> TileGrid:
+        """The grid used for an image of spatial shape ``image_shape`` (px)."""
+        tile = self.forward_tile_shape if forward else self.tile_shape
+        return self.geometry.tile_grid(tuple(image_shape), tile)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Trunk output for the whole image, computed tile by tile, without autograd graph.
+
+        Args:
+            image: (N, C, *spatial) on any device; tiles move to the trunk's device one at a time.
+
+        Returns:
+            (N, C_out, *out_spatial) on the trunk's device, ``requires_grad=False``.
+        """
+        self._prepare(image)
+        self._cache = None
+        grid = self.tile_grid(image.shape[2:], forward=True)
+        keep_last = (
+            self.cache_last_tile
+            and torch.is_grad_enabled()
+            and self.forward_tile_shape == self.tile_shape
+            and self._needs_graph()
+        )
+        out: torch.Tensor | None = None
+        for k, tile in enumerate(self._tiles(grid, "forward")):
+            keep = keep_last and k == grid.n_tiles - 1
+            with torch.set_grad_enabled(keep), self._autocast():
+                crop = self._crop(image, tile, requires_grad=keep and self.input_grad)
+                y = self.trunk(crop)  # (N, C_out, *crop_out)
+            if out is None:
+                out = y.new_empty((*y.shape[:2], *grid.output_shape))
+            out[(..., *tile.output_slices())] = y[(..., *tile.local_output_slices())].detach()
+            if keep:
+                self._cache = _CachedTile(tile, crop, y, weakref.ref(image), image._version)
+        assert out is not None
+        return out
+
+    __call__ = forward
+
+    def backward(self, image: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor | None:
+        """Add the exact trunk parameter gradients for ``grad_output`` into their ``.grad``.
+
+        Args:
+            image: the same image that was passed to ``forward``.
+            grad_output: gradient of the loss with respect to ``forward``'s output.
+
+        Returns:
+            The gradient with respect to ``image`` if ``input_grad`` was set, else None.
+
+        Raises:
+            GeometryError: ``grad_output`` does not match the output shape for ``image``.
+
+        On any exception the parameters' ``.grad`` are restored to what they were before.
+        """
+        self._prepare(image)
+        grid = self.tile_grid(image.shape[2:])
+        expected = (*image.shape[:1], *grid.output_shape)
+        got = (*grad_output.shape[:1], *grad_output.shape[2:])
+        if grad_output.dim() != image.dim() or got != expected:
+            raise GeometryError(
+                f"grad_output has shape {tuple(grad_output.shape)} but the trunk's output for "
+                f"this image has batch and spatial shape {expected}; pass out.grad of forward()"
+            )
+        cache, self._cache = self._cache, None
+        if cache is not None and (cache.image() is not image or cache.version != image._version):
+            cache = None
+        image_grad = torch.zeros_like(image, dtype=_grad_dtype(image)) if self.input_grad else None
+        with _restore_grads_on_error(self.trunk):
+            for tile in self._tiles(reversed(list(grid)), "backward", len(grid)):
+                if cache is not None and cache.tile == tile:
+                    crop, y, cache = cache.crop, cache.output, None
+                else:
+                    with torch.enable_grad(), self._autocast():
+                        crop = self._crop(image, tile, requires_grad=self.input_grad)
+                        y = self.trunk(crop)
+                owned = y[(..., *tile.local_output_slices())]
+                g = grad_output[(..., *tile.output_slices())].to(owned.device, owned.dtype)
+                torch.autograd.backward(owned, g)
+                if image_grad is not None and crop.grad is not None:
+                    target = image_grad[(..., *tile.input_slices())]
+                    target += crop.grad.to(image_grad.device, image_grad.dtype)
+                del crop, y, owned, g
+        return image_grad
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device | None:
+        for tensor in (*self.trunk.parameters(), *self.trunk.buffers()):
+            return tensor.device
+        return None
+
+    def _prepare(self, image: torch.Tensor) -> None:
+        if image.dim() != 2 + self.geometry.n_axes:
+            raise GeometryError(
+                f"image has shape {tuple(image.shape)}; expected (N, C, "
+                f"{', '.join('*' * self.geometry.n_axes)}) with {self.geometry.n_axes} "
+                "spatial axes"
+            )
+        check_modes(self.trunk)
+        modes = mode_signature(self.trunk)
+        if modes != self._modes:  # train()/eval() switched: traced control flow may differ
+            self.geometry = analyze_trunk(self.trunk, self.geometry.n_axes)
+            self._modes = modes
+
+    def _needs_graph(self) -> bool:
+        return self.input_grad or any(p.requires_grad for p in self.trunk.parameters())
+
+    def _crop(self, image: torch.Tensor, tile: Tile, *, requires_grad: bool) -> torch.Tensor:
+        # Always a copy: the trunk may work in place on its input, and crops overlap.
+        region = image[(..., *tile.input_slices())]
+        crop = region.to(device=self.device or image.device, copy=True)
+        return crop.requires_grad_(requires_grad)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        device = self.device or torch.device("cpu")
+        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+
+    def _tiles(self, tiles: TileGrid | Iterator[Tile], what: str, total: int | None = None
+               ) -> Iterator[Tile]:  # fmt: skip
+        n = total if total is not None else len(tiles)  # type: ignore[arg-type]
+        log.debug("%s pass over %d tiles", what, n)
+        show = self.progress and sys.stderr.isatty()
+        return iter(tqdm(tiles, total=n, desc=f"{what} tiles", disable=not show, leave=False))
+
+
+def _grad_dtype(image: torch.Tensor) -> torch.dtype:
+    return image.dtype if image.is_floating_point() else torch.float32
+
+
+@contextlib.contextmanager
+def _restore_grads_on_error(module: nn.Module) -> Iterator[None]:
+    """Put every parameter's ``.grad`` back as it was if the block raises."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    try:
+        yield
+    except BaseException:
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+        raise

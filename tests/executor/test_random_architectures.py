@@ -1,0 +1,77 @@
+"""Property tests: random architectures, sizes and tiles (hypothesis)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from executor import GeometryError, analyze_trunk
+from tests.executor.random_nets import Spec, build, specs
+from tests.oracle import compare_with_conventional
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(
+    spec=specs(),
+    height=st.integers(8, 90),
+    width=st.integers(8, 90),
+    tile_frac=st.tuples(st.floats(0.0, 1.2), st.floats(0.0, 1.2)),
+    seed=st.integers(0, 2**16),
+)
+def test_random_trunk_streams_exactly(
+    spec: Spec, height: int, width: int, tile_frac: tuple[float, float], seed: int
+) -> None:
+    torch.manual_seed(seed)
+    trunk = build(spec)
+    geometry = analyze_trunk(trunk)
+    try:
+        out_shape = geometry.output_shape((height, width))
+    except GeometryError:
+        assume(False)  # branches disagree for this image size: refused, not a wrong result
+    assume(min(out_shape) >= 1)
+    # Tiles from the smallest allowed to beyond the image: halo-dominated to single tile.
+    tile = tuple(
+        geometry.min_tile(ax) + int(f * n)
+        for ax, (f, n) in enumerate(zip(tile_frac, (height, width)))
+    )
+    image = torch.randn(1, 2, height, width)
+    compare_with_conventional(trunk, image, tile)
+
+
+def _receptive_hull(
+    trunk: nn.Module, shape: tuple[int, int], j: tuple[int, int]
+) -> list[tuple[int, int]]:
+    """Empirical probe: input pixels with a non-zero gradient of output j (positive weights)."""
+    x = torch.ones(1, 2, *shape, dtype=torch.float64, requires_grad=True)
+    out = trunk(x)
+    out[0, :, j[0], j[1]].sum().backward()
+    nz = x.grad[0].abs().sum(0).nonzero()
+    return [(int(nz[:, ax].min()), int(nz[:, ax].max())) for ax in range(2)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=specs(nonlinear=False), size=st.integers(40, 120), where=st.floats(0.0, 1.0))
+def test_geometry_matches_empirical_receptive_field(spec: Spec, size: int, where: float) -> None:
+    trunk = build(spec).double()
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.uniform_(0.1, 1.0)  # positive weights: no cancellation hides a dependency
+    geometry = analyze_trunk(trunk)
+    try:
+        out_shape = geometry.output_shape((size, size))
+    except GeometryError:
+        assume(False)
+    assume(min(out_shape) >= 1)
+    assert tuple(trunk(torch.zeros(1, 2, size, size, dtype=torch.float64)).shape[2:]) == out_shape
+    # An output whose receptive field lies inside the image (at the border, dilation holes
+    # make the clipped hull ambiguous).
+    s, lo, hi = geometry.output_stride[0], geometry.halo_lo[0], geometry.halo_hi[0]
+    inside = [j for j in range(out_shape[0]) if j * s - lo >= 0 and j * s + hi <= size - 1]
+    assume(inside)
+    j = inside[int(where * (len(inside) - 1))]
+    hull = _receptive_hull(trunk, (size, size), (j, j))
+    assert hull == [(j * s - lo, j * s + hi)] * 2
