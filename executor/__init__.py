@@ -7,10 +7,31 @@ Public API::
 
 from executor.errors import GeometryError, StreamingError, UnsupportedLayerError
 from executor.geometry import AxisTile, Tile, TileGrid, TrunkGeometry
+from executor.plan import (
+    SCHEMA_VERSION,
+    Candidate,
+    MemoryBreakdown,
+    Plan,
+    PlanError,
+    check_plan_matches,
+    load_plan,
+    save_plan,
+    trunk_fingerprint,
+)
+from executor.steps import streaming_step
 from executor.streaming import StreamingCNN, analyze_trunk, spatial_tile_shape
 
 __all__ = [
+    "SCHEMA_VERSION",
     "AxisTile",
+    "Candidate",
+    "MemoryBreakdown",
+    "Plan",
+    "PlanError",
+    "check_plan_matches",
+    "load_plan",
+    "save_plan",
+    "trunk_fingerprint",
     "GeometryError",
     "StreamingCNN",
     "StreamingError",
@@ -20,4 +41,5 @@ __all__ = [
     "UnsupportedLayerError",
     "analyze_trunk",
     "spatial_tile_shape",
+    "streaming_step",
 ]

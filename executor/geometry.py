@@ -315,7 +315,8 @@ class TrunkGeometry:
             else:
                 lo = mid + 1
         balanced = self._greedy(axis, n, n_out, min(tile, lo * a))
-        assert balanced is not None and len(balanced) == count
+        assert balanced is not None
+        assert len(balanced) == count
         return tuple(balanced)
 
     def _check_crops(self, axis: int, n: int, tiles: Sequence[AxisTile]) -> None:

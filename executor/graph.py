@@ -20,7 +20,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.fx
@@ -178,6 +178,16 @@ _POINTWISE_METHODS: frozenset[str] = frozenset(
 
 _MOVE_SPLIT = "end the trunk before it (split the model there) so it runs in the head"
 
+# Tensor methods and functions users reach for that mix positions, with the reason.
+_NONLOCAL = {
+    name: "it reduces over or reshapes the spatial positions"
+    for name in (
+        "mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "flatten", "view",
+        "reshape", "unflatten", "transpose", "size", "interpolate", "adaptive_avg_pool2d",
+        "adaptive_max_pool2d", "upsample", "pad", "roll", "flip", "getitem", "getattr",
+    )
+}  # fmt: skip
+
 
 # --------------------------------------------------------------------------------------------
 # Tracing
@@ -264,7 +274,7 @@ class _Builder:
                 return f"{path} ({target})"
         return f"{target} (at {node.name})"
 
-    def refuse(self, node: torch.fx.Node, reason: str, fix: str = _MOVE_SPLIT) -> None:
+    def refuse(self, node: torch.fx.Node, reason: str, fix: str = _MOVE_SPLIT) -> NoReturn:
         raise UnsupportedLayerError(self.where(node), reason, fix)
 
     def spatial_args(self, node: torch.fx.Node) -> list[int]:
@@ -340,7 +350,7 @@ class _Builder:
         self.add(node, inputs, None, first)
 
     def channel_op(self, node: torch.fx.Node, inputs: list[int], last_dims: int, what: str) -> None:
-        """LayerNorm/Linear/softmax acting on the last ``last_dims`` dims, which must not be spatial."""
+        """LayerNorm/Linear acting on the last ``last_dims`` dims, which must not be spatial."""
         if len(inputs) != 1:
             self.refuse(node, f"{what} must read exactly one feature map")
         dims = self.nodes[inputs[0]].spatial_dims
@@ -435,68 +445,84 @@ class _Builder:
 
     def call_function(self, node: torch.fx.Node, inputs: list[int]) -> None:
         fn = node.target
-        args, kwargs = node.args, node.kwargs
         if not inputs:
             self.env[node] = _Const(None)  # arithmetic on constants only
             return
 
         def arg(i: int, key: str, default: Any) -> Any:
-            return kwargs.get(key, args[i] if len(args) > i else default)
+            return node.kwargs.get(key, node.args[i] if len(node.args) > i else default)
 
-        if fn in (F.conv1d, F.conv2d, F.conv3d):
-            weight = self.env[arg(1, "weight", None)]
-            assert isinstance(weight, _Const) and weight.shape is not None
-            windows = _conv_windows(
-                weight.shape[2:], arg(3, "stride", 1), arg(4, "padding", 0), arg(5, "dilation", 1)
-            )
-            self.window(node, inputs[:1], windows, getattr(fn, "__name__", "conv"))
-        elif fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
-            if arg(6, "return_indices", False):
-                self.refuse(node, "max_pool with return_indices", "set return_indices=False")
-            windows = _pool_windows(
-                arg(1, "kernel_size", None), arg(2, "stride", None), arg(3, "padding", 0),
-                arg(4, "dilation", 1), bool(arg(5, "ceil_mode", False)), self.n_axes,
-            )  # fmt: skip
-            self.window(node, inputs, windows, "max_pool")
-        elif fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
-            windows = _pool_windows(
-                arg(1, "kernel_size", None), arg(2, "stride", None), arg(3, "padding", 0), 1,
-                bool(arg(4, "ceil_mode", False)), self.n_axes,
-            )  # fmt: skip
-            self.window(node, inputs, windows, "avg_pool")
+        windows = self.functional_windows(node, fn, arg)
+        if windows is not None:
+            self.window(node, inputs[:1], windows, getattr(fn, "__name__", "window op"))
+        elif self.inactive_random_op(node, fn, arg):
+            self.pointwise(node, inputs[:1])
         elif fn in (torch.cat, torch.concat):
             self.cat(node, inputs)
         elif fn is torch.permute:
-            self.permute(node, inputs, args[1:])
+            self.permute(node, inputs, node.args[1:])
         elif fn is F.layer_norm:
             shape = arg(1, "normalized_shape", ())
-            self.channel_op(node, inputs[:1], 1 if isinstance(shape, int) else len(shape),
-                            "layer_norm")  # fmt: skip
+            n_dims = 1 if isinstance(shape, int) else len(shape)
+            self.channel_op(node, inputs[:1], n_dims, "layer_norm")
         elif fn is F.linear:
             self.channel_op(node, inputs[:1], 1, "linear")
         elif fn in (F.softmax, F.log_softmax, torch.softmax):
             self.softmax(node, inputs, arg(1, "dim", None))
-        elif fn in (F.dropout, F.dropout2d, F.dropout3d, F.alpha_dropout):
+        elif fn in _POINTWISE_FUNCTIONS:
+            self.pointwise(node, inputs)
+        else:
+            name = getattr(fn, "__name__", str(fn))
+            why = _NONLOCAL.get(name, "it is not a supported streaming operation")
+            self.refuse(node, f"the operation '{name}' is not allowed inside the trunk: {why}")
+
+    def functional_windows(
+        self, node: torch.fx.Node, fn: Any, arg: Callable[[int, str, Any], Any]
+    ) -> tuple[Window, ...] | None:
+        """Windows of a functional convolution or pooling call; None for other functions."""
+        if fn in (F.conv1d, F.conv2d, F.conv3d):
+            weight = self.env[arg(1, "weight", None)]
+            if not isinstance(weight, _Const) or weight.shape is None:
+                self.refuse(node, "the convolution's weight is computed from the image")
+            return _conv_windows(
+                weight.shape[2:], arg(3, "stride", 1), arg(4, "padding", 0), arg(5, "dilation", 1)
+            )
+        if fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
+            if arg(6, "return_indices", False):
+                self.refuse(node, "max_pool with return_indices", "set return_indices=False")
+            return _pool_windows(
+                arg(1, "kernel_size", None), arg(2, "stride", None), arg(3, "padding", 0),
+                arg(4, "dilation", 1), bool(arg(5, "ceil_mode", False)), self.n_axes,
+            )  # fmt: skip
+        if fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+            return _pool_windows(
+                arg(1, "kernel_size", None), arg(2, "stride", None), arg(3, "padding", 0), 1,
+                bool(arg(4, "ceil_mode", False)), self.n_axes,
+            )  # fmt: skip
+        return None
+
+    def inactive_random_op(
+        self, node: torch.fx.Node, fn: Any, arg: Callable[[int, str, Any], Any]
+    ) -> bool:
+        """True for dropout, batch_norm and stochastic depth calls that are inactive (then
+        pointwise); refuses active ones, whose result would differ per tile."""
+        if fn in (F.dropout, F.dropout2d, F.dropout3d, F.alpha_dropout):
             if arg(2, "training", True) and arg(1, "p", 0.5) > 0:
                 self.refuse(node, "active dropout differs per tile", "call trunk.eval()")
-            self.pointwise(node, inputs)
-        elif fn is F.batch_norm:
+            return True
+        if fn is F.batch_norm:
             if arg(5, "training", False):
                 self.refuse(
                     node,
                     "batch_norm with training=True uses batch statistics over all positions",
                     "call trunk.eval() to freeze its statistics (its affine weights still train)",
                 )
-            self.pointwise(node, inputs[:1])
-        elif getattr(fn, "__name__", "") == "stochastic_depth":  # torchvision.ops (fx-wrapped)
+            return True
+        if getattr(fn, "__name__", "") == "stochastic_depth":  # torchvision.ops (fx-wrapped)
             if arg(3, "training", True) and arg(1, "p", 0.0) > 0:
                 self.refuse(node, "active stochastic depth differs per tile", "call trunk.eval()")
-            self.pointwise(node, inputs)
-        elif fn in _POINTWISE_FUNCTIONS:
-            self.pointwise(node, inputs)
-        else:
-            name = getattr(fn, "__name__", str(fn))
-            self.refuse(node, f"the operation '{name}' is not supported inside the trunk")
+            return True
+        return False
 
     def call_method(self, node: torch.fx.Node, inputs: list[int]) -> None:
         method = str(node.target)
@@ -510,7 +536,8 @@ class _Builder:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
             self.softmax(node, inputs, dim)
         else:
-            self.refuse(node, f"the tensor method '.{method}()' is not supported inside the trunk")
+            why = _NONLOCAL.get(method, "it is not a supported streaming operation")
+            self.refuse(node, f"the tensor method '.{method}()' is not allowed in the trunk: {why}")
 
     def build(self) -> SpatialGraph:
         output_seen = False

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ from executor.errors import GeometryError
 from executor.geometry import Tile, TileGrid, TrunkGeometry
 from executor.graph import trace_trunk
 from executor.modes import check_modes, mode_signature
+from executor.plan import Plan, PlanError, check_plan_matches, dtype_of, load_plan
 
 __all__ = ["StreamingCNN", "analyze_trunk", "spatial_tile_shape"]
 
@@ -137,6 +140,34 @@ class StreamingCNN:
         self._modes = mode_signature(trunk)
         self.geometry = analyze_trunk(trunk, len(self.tile_shape))
         self._cache: _CachedTile | None = None
+        self.plan: Plan | None = None
+
+    @classmethod
+    def from_plan(
+        cls,
+        trunk: nn.Module,
+        plan: Plan | str | os.PathLike[str],
+        *,
+        dtype: str | torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> StreamingCNN:
+        """Stream ``trunk`` with the tiles of a saved plan (``tileplan profile``).
+
+        The plan is refused (``PlanError``) if it was made for another trunk architecture or
+        dtype; images of another shape are refused when a pass starts. A plan made for
+        bfloat16/float16 turns on autocast with that dtype.
+
+        Example:
+            >>> scnn = StreamingCNN.from_plan(trunk, "plan.yaml")
+        """
+        if not isinstance(plan, Plan):
+            plan = load_plan(plan)
+        check_plan_matches(plan, trunk, dtype=dtype)
+        amp = dtype_of(plan.dtype)
+        kwargs.setdefault("amp_dtype", amp if amp in (torch.bfloat16, torch.float16) else None)
+        scnn = cls(trunk, plan.tile_px, forward_tile_shape=plan.forward_tile_px, **kwargs)
+        scnn.plan = plan
+        return scnn
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -238,6 +269,13 @@ class StreamingCNN:
                 f"image has shape {tuple(image.shape)}; expected (N, C, "
                 f"{', '.join('*' * self.geometry.n_axes)}) with {self.geometry.n_axes} "
                 "spatial axes"
+            )
+        if self.plan is not None and tuple(image.shape[2:]) != tuple(self.plan.image_shape_px):
+            shape = "x".join(map(str, image.shape[2:]))
+            planned = "x".join(map(str, self.plan.image_shape_px))
+            raise PlanError(
+                f"image of {shape} px does not match the plan's {planned} px; resize it or "
+                "re-run `tileplan profile` for this size"
             )
         check_modes(self.trunk)
         modes = mode_signature(self.trunk)

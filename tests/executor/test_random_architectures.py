@@ -36,7 +36,7 @@ def test_random_trunk_streams_exactly(
     # Tiles from the smallest allowed to beyond the image: halo-dominated to single tile.
     tile = tuple(
         geometry.min_tile(ax) + int(f * n)
-        for ax, (f, n) in enumerate(zip(tile_frac, (height, width)))
+        for ax, (f, n) in enumerate(zip(tile_frac, (height, width), strict=True))
     )
     image = torch.randn(1, 2, height, width)
     compare_with_conventional(trunk, image, tile)

@@ -1,0 +1,159 @@
+"""Benchmark: streaming vs conventional training steps of the ResNet-18 trunk on this machine.
+
+A training step is trunk + head (global average pool + linear) + cross-entropy + backward.
+Time: streaming and conventional steps alternate in one process; medians of ``--repeats``.
+Memory: each configuration runs in its own child process; the peak is the RSS high-water mark
+(``ru_maxrss``) minus the RSS after torch, the model and the image are set up (the baseline).
+The streaming child also records the peak after its setup phase (geometry and tile grid), which
+must stay below the peak of the step.
+
+    python bench/bench_streaming.py                     # the issue's three configurations
+    python bench/bench_streaming.py --sizes 2048:1536 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+GIB = 1024**3
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def build(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet18(num_classes=2).eval()  # BN frozen (eval) for streaming
+    trunk = nn.Sequential(*list(net.children())[:-2])
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc)
+    return trunk, head
+
+
+def conventional_step(trunk: nn.Module, head: nn.Module, image: torch.Tensor) -> None:
+    loss = nn.functional.cross_entropy(head(trunk(image)), torch.tensor([1]))
+    loss.backward()
+
+
+def streaming_step(scnn: object, head: nn.Module, image: torch.Tensor) -> None:
+    out = scnn.forward(image)  # type: ignore[attr-defined]
+    out.requires_grad_()
+    loss = nn.functional.cross_entropy(head(out), torch.tensor([1]))
+    loss.backward()
+    scnn.backward(image, out.grad)  # type: ignore[attr-defined]
+
+
+def child(mode: str, size: int, tile: int) -> dict[str, float]:
+    """One step in a fresh process: peak RSS above the baseline, per phase."""
+    from executor import StreamingCNN
+
+    trunk, head = build()
+    image = torch.randn(1, 3, size, size)
+    conventional_step(*build(), torch.randn(1, 3, 64, 64))  # load kernels before the baseline
+    base = _maxrss_bytes()
+    result: dict[str, float] = {"baseline_bytes": base}
+    if mode == "streaming":
+        scnn = StreamingCNN(trunk, (tile, tile))
+        scnn.tile_grid((size, size))
+        result["setup_peak_bytes"] = _maxrss_bytes() - base
+        streaming_step(scnn, head, image)
+    else:
+        conventional_step(trunk, head, image)
+    result["step_peak_bytes"] = _maxrss_bytes() - base
+    return result
+
+
+def run_child(mode: str, size: int, tile: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", mode, str(size), str(tile)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_steps(size: int, tile: int, repeats: int) -> dict[str, float]:
+    from executor import StreamingCNN
+
+    trunk, head = build()
+    scnn = StreamingCNN(trunk, (tile, tile))
+    image = torch.randn(1, 3, size, size)
+    times: dict[str, list[float]] = {"streaming": [], "conventional": []}
+    steps = {
+        "streaming": lambda: streaming_step(scnn, head, image),
+        "conventional": lambda: conventional_step(trunk, head, image),
+    }
+    for step in steps.values():  # warm-up
+        step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            trunk.zero_grad(set_to_none=True)
+            head.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    grid = scnn.tile_grid((size, size))
+    return {
+        "tiles": grid.n_tiles,
+        "overlap": grid.overlap_factor,
+        "streaming_s": statistics.median(times["streaming"]),
+        "conventional_s": statistics.median(times["conventional"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="*", default=["1024:1024", "2048:1536", "4096:1536"],
+                        help="IMAGE:TILE pairs (px)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--memory",
+        nargs="*",
+        default=["4096:1536"],
+        help="IMAGE:TILE pairs whose peak memory is measured in child processes",
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, size, tile = args.child
+        print(json.dumps(child(mode, int(size), int(tile))))
+        return
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, ResNet-18 trunk")
+    print(f"{'image':>6} {'tile':>5} {'tiles':>5} {'overlap':>7} {'stream s':>9} "
+          f"{'conv s':>8} {'time ratio':>10}")  # fmt: skip
+    for pair in args.sizes:
+        size, tile = (int(v) for v in pair.split(":"))
+        r = time_steps(size, tile, args.repeats)
+        ratio = r["streaming_s"] / r["conventional_s"]
+        print(
+            f"{size:>6} {tile:>5} {r['tiles']:>5} {r['overlap']:>7.2f} "
+            f"{r['streaming_s']:>9.2f} {r['conventional_s']:>8.2f} {ratio:>10.2f}",
+            flush=True,
+        )
+    for pair in args.memory:
+        size, tile = (int(v) for v in pair.split(":"))
+        s = run_child("streaming", size, tile)
+        c = run_child("conventional", size, tile)
+        if min(s["step_peak_bytes"], c["step_peak_bytes"]) <= 0:
+            print(f"memory {size}² tile {tile}: no growth above baseline measured: {s} {c}")
+            continue
+        print(
+            f"memory {size}² tile {tile}: streaming peak {s['step_peak_bytes'] / GIB:.2f} GiB "
+            f"(setup phase {s['setup_peak_bytes'] / GIB:.3f} GiB), conventional "
+            f"{c['step_peak_bytes'] / GIB:.2f} GiB, ratio "
+            f"{s['step_peak_bytes'] / c['step_peak_bytes']:.3f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
