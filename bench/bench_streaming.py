@@ -3,7 +3,7 @@
 A training step is trunk + head (global average pool + linear) + cross-entropy + backward.
 Time: streaming and conventional steps alternate in one process; medians of ``--repeats``.
 Memory: each configuration runs in its own child process; the peak is the RSS high-water mark
-(``ru_maxrss``) minus the RSS after torch, the model and the image are set up (the baseline).
+(VmHWM, reset once set up) minus the RSS after torch, the model and the image are set up.
 The streaming child also records the peak after its setup phase (geometry and tile grid), which
 must stay below the peak of the step.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -24,11 +24,13 @@ import time
 import torch
 from torch import nn
 
+from tileplan._measure_child import _peak_rss, _reset_peak_rss
+
 GIB = 1024**3
 
 
 def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return _peak_rss()
 
 
 def build(seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -61,7 +63,7 @@ def child(mode: str, size: int, tile: int) -> dict[str, float]:
     trunk, head = build()
     image = torch.randn(1, 3, size, size)
     conventional_step(*build(), torch.randn(1, 3, 64, 64))  # load kernels before the baseline
-    base = _maxrss_bytes()
+    base = _reset_peak_rss()
     result: dict[str, float] = {"baseline_bytes": base}
     if mode == "streaming":
         scnn = StreamingCNN(trunk, (tile, tile))
@@ -76,7 +78,9 @@ def child(mode: str, size: int, tile: int) -> dict[str, float]:
 
 def run_child(mode: str, size: int, tile: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", mode, str(size), str(tile)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # Same allocator setting as tileplan's measurements (see tileplan.measure).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -1,0 +1,111 @@
+"""The command line through click's CliRunner: presentation, files written, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from executor import load_plan
+from tileplan.cli import cli
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_profile_estimates_only_writes_a_valid_plan(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.yaml"
+    code, output = _run("profile", str(tiny_model), "--image", "512x384", "--budget", "2GiB",
+                        "--no-measure", "--out", str(out))  # fmt: skip
+    assert code == 0, output
+    plan = load_plan(out)
+    assert plan.image_shape_px == (512, 384)
+    assert plan.budget_bytes == 2 * 1024**3
+    assert "proxy" in plan.time_source
+    assert plan.verified.startswith("not verified")
+    chosen = [line for line in output.splitlines() if line.startswith(">")]
+    assert len(chosen) == 1
+    assert "x".join(map(str, plan.tile_px)) in chosen[0]
+    assert "conventional would need" in output
+    code, output = _run("validate", str(out))
+    assert code == 0, output
+    assert "valid plan" in output
+
+
+def test_profile_measures_and_verifies_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.yaml"
+    code, output = _run("profile", str(tiny_model), "--image", "256", "--device", "cpu",
+                        "--verify", "--out", str(out), "--json")  # fmt: skip
+    assert code == 0, output
+    data = json.loads(output)
+    assert data["tile_px"] == list(load_plan(out).tile_px)
+    assert data["measured_peak_bytes"] > 0  # one real streaming step ran
+    assert data["verified"].startswith("one real streaming step on cpu")
+    assert "measured on" in data["time_source"]
+    assert any(c["measured_tile_bytes"] for c in data["candidates"])
+
+
+def test_profile_with_given_tile(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.yaml"
+    code, output = _run("profile", str(tiny_model), "--image", "300", "--tile", "96x64",
+                        "--no-measure", "--budget", "1GiB", "--out", str(out))  # fmt: skip
+    assert code == 0, output
+    assert load_plan(out).tile_px == (96, 64)
+
+
+def test_planning_for_an_absent_gpu_from_estimates(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.yaml"
+    code, output = _run("profile", str(tiny_model), "--image", "1024", "--device", "cuda",
+                        "--no-measure", "--budget", "16GiB", "--out", str(out))  # fmt: skip
+    assert code == 0, output
+    plan = load_plan(out)
+    assert plan.provenance["device_name"] == "CUDA device (assumed, not present)"
+    assert all(c.memory.image_bytes == 0 for c in plan.candidates)  # images stay on the host
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["profile", "missing.py", "--image", "512"], "does not exist"),
+        (["profile", "{model}", "--image", "12x"], "is not a size"),
+        (["profile", "{model}", "--image", "512", "--budget", "lots"], "not a memory size"),
+        (["profile", "{model}", "--image", "4096", "--budget", "1MiB", "--no-measure"],
+         "no tile fits"),
+        (["profile", "{model}", "--image", "512", "--tile", "8", "--no-measure", "--budget",
+          "1GiB"], "smaller than the trunk's receptive field"),
+        (["profile", "{model}", "--image", "512", "--split", "nope", "--no-measure"],
+         "no module or node of that name"),
+        (["validate", "{plan}"], "not valid YAML"),
+        (["validate", "missing.yaml"], "does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_input_exits_non_zero_with_one_line(
+    tiny_model: Path, tmp_path: Path, args: list[str], words: str
+) -> None:
+    bad_plan = tmp_path / "bad.yaml"
+    bad_plan.write_text("tile_px: [1, 2\n")
+    out = tmp_path / "never.yaml"
+    args = [a.format(model=tiny_model, plan=bad_plan) for a in args]
+    if args[0] == "profile":
+        args += ["--out", str(out)]
+    code, output = _run(*args)
+    assert code != 0
+    assert words in output
+    assert not out.exists()  # nothing half-written
+    assert "Traceback" not in output
+
+
+def test_validate_refuses_a_plan_for_another_model(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.yaml"
+    code, output = _run("profile", str(tiny_model), "--image", "256", "--no-measure",
+                        "--budget", "1GiB", "--out", str(out))  # fmt: skip
+    assert code == 0, output
+    other = tmp_path / "other.py"
+    other.write_text(tiny_model.read_text().replace("nn.Conv2d(8, 16, 3", "nn.Conv2d(8, 16, 5"))
+    code, output = _run("validate", str(out), "--model", str(other))
+    assert code != 0
+    assert "different model" in output

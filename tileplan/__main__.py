@@ -1,0 +1,3 @@
+from tileplan.cli import main
+
+main()
