@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 from torch import nn
 
 from executor.errors import StreamingError
+from executor.fileio import atomic_write
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -138,6 +138,8 @@ class Plan:
     conventional_peak_bytes: int
     conventional_measured: bool = False
     candidates: tuple[Candidate, ...] = field(default_factory=tuple)
+    # Per layer of the trunk: name, channels, output bytes at the full image and at one tile.
+    layers: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     @property
     def usable_bytes(self) -> int:
@@ -197,21 +199,11 @@ def _typed(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     """Write ``plan`` as YAML atomically (a crash never leaves a half-written plan)."""
-    path = Path(path)
-    text = yaml.safe_dump(plan.to_dict(), sort_keys=False, width=100)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("# tileplan streaming plan: see `tileplan validate` and `tileplan view`\n")
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = _HEADER + yaml.safe_dump(plan.to_dict(), sort_keys=False, width=100)
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+_HEADER = "# tileplan streaming plan: see `tileplan validate` and `tileplan view`\n"
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:

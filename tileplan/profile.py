@@ -31,6 +31,7 @@ from executor import (
 )
 from executor.plan import dtype_of
 from tileplan.estimate import ModelState, estimate_conventional, estimate_streaming
+from tileplan.layers import layer_memory
 from tileplan.measure import (
     DeviceInfo,
     Measured,
@@ -166,7 +167,9 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     bar.close()
 
     plan = _plan(req, info, loaded, geometry, rows, chosen, forward_tile, budget, factor,
-                 time_source, verified, conventional, time_model)  # fmt: skip
+                 time_source, verified, conventional)  # fmt: skip
+    crop = _crop_shape(image, (chosen or rows[0]).grid)
+    plan = replace(plan, layers=layer_memory(loaded.trunk, geometry, image, crop, dtype))
     if chosen is None:
         smallest = min(rows, key=lambda r: _peak(r, factor))
         fixed = state.params_bytes + state.grads_bytes + state.optimizer_bytes
@@ -410,7 +413,6 @@ def _plan(
     time_source: str,
     verified: str,
     conventional: int,
-    time_model: TimeModel | None,
 ) -> Plan:
     usable = math.floor(budget * (1.0 - req.margin))
     candidates = tuple(
