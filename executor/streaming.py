@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,9 @@ class StreamingCNN:
             for the first backward tile instead of recomputing it. Costs no extra peak (it is
             one backward tile) and saves one tile's forward.
         progress: show a tqdm bar over tiles (only when stderr is a terminal).
+        preprocess: applied to each crop on the trunk's device before the trunk, e.g. uint8
+            to normalised float. It must be pointwise (per pixel), or streaming is not exact.
+            With ``input_grad`` the gradient is with respect to its output.
 
     Example:
         >>> scnn = StreamingCNN(trunk, tile_shape=(1536, 1536))
@@ -124,8 +127,10 @@ class StreamingCNN:
         amp_dtype: torch.dtype | None = None,
         cache_last_tile: bool = True,
         progress: bool = False,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.trunk = trunk
+        self.preprocess = preprocess
         self.tile_shape = spatial_tile_shape(tile_shape)
         self.forward_tile_shape = (
             self.tile_shape if forward_tile_shape is None
@@ -237,7 +242,11 @@ class StreamingCNN:
         cache, self._cache = self._cache, None
         if cache is not None and (cache.image() is not image or cache.version != image._version):
             cache = None
-        image_grad = torch.zeros_like(image, dtype=_grad_dtype(image)) if self.input_grad else None
+        image_grad = (
+            torch.zeros(image.shape, dtype=self._grad_dtype(image), device=image.device)
+            if self.input_grad
+            else None
+        )
         with _restore_grads_on_error(self.trunk):
             for tile in self._tiles(reversed(list(grid)), "backward", len(grid)):
                 if cache is not None and cache.tile == tile:
@@ -290,7 +299,14 @@ class StreamingCNN:
         # Always a copy: the trunk may work in place on its input, and crops overlap.
         region = image[(..., *tile.input_slices())]
         crop = region.to(device=self.device or image.device, copy=True)
+        if self.preprocess is not None:
+            crop = self.preprocess(crop)
         return crop.requires_grad_(requires_grad)
+
+    def _grad_dtype(self, image: torch.Tensor) -> torch.dtype:
+        if image.is_floating_point() and self.preprocess is None:
+            return image.dtype
+        return torch.float32
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.amp_dtype is None:
@@ -304,10 +320,6 @@ class StreamingCNN:
         log.debug("%s pass over %d tiles", what, n)
         show = self.progress and sys.stderr.isatty()
         return iter(tqdm(tiles, total=n, desc=f"{what} tiles", disable=not show, leave=False))
-
-
-def _grad_dtype(image: torch.Tensor) -> torch.dtype:
-    return image.dtype if image.is_floating_point() else torch.float32
 
 
 @contextlib.contextmanager

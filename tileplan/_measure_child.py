@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import threading
 import time
 from typing import Any
 
@@ -68,7 +69,10 @@ def run_measurement(spec: Any) -> dict[str, Any]:
     # Warm up forward and backward kernels on a small input, so that their one-off
     # allocations (thread pools, primitive caches) are in the baseline, not in the peak.
     small = max(analyze_trunk(trunk).receptive_field) + 1
-    _tile_pass(trunk, (1, shape[1], *(small,) * (len(shape) - 2)), device, compute, amp)
+    small_shape = (1, shape[1], *(small,) * (len(shape) - 2))
+    _tile_pass(trunk, small_shape, device, compute, amp)
+    if spec["mode"] != "tiles":  # also the head, the loss and an optimizer's step kernels
+        _training_step(spec, model, trunk, head, small_shape, device, compute, amp)
     cuda = device.type == "cuda"
     if spec["mode"] == "tiles":
         for p in trunk.parameters():  # grads are model state, allocated before a tile
@@ -96,20 +100,10 @@ def run_measurement(spec: Any) -> dict[str, Any]:
             peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()
             peaks.append([list(crop), int(peak - base)])
         return {"tiles": peaks, "seconds": time.perf_counter() - start}
-    else:
-        image = torch.randn(shape, dtype=compute)  # images stay on the host
-        if not cuda:
-            image = image.to(device)
-        scnn = StreamingCNN(trunk, spec["tile"], forward_tile_shape=spec["forward_tile"],
-                            amp_dtype=amp)  # fmt: skip
-        optimizer = OPTIMIZERS[spec["optimizer"]](
-            [p for p in model.parameters() if p.requires_grad]
-        )
-        target = torch.zeros(shape[0], dtype=torch.long)
-        streaming_step(scnn, head, image, target, _generic_loss)
-        optimizer.step()
-    if cuda:
-        torch.cuda.synchronize(device)
+    with _Sampler(device, base) as sampler:
+        _training_step(spec, model, trunk, head, shape, device, compute, amp)
+        if cuda:
+            torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
@@ -117,8 +111,69 @@ def run_measurement(spec: Any) -> dict[str, Any]:
     else:
         peak, reserved = _peak_rss() - base, None
     # The model's parameters were already in the baseline; a step's peak includes them.
-    peak += sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return {"peak_bytes": int(peak), "reserved_bytes": reserved, "seconds": seconds}
+    state = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    timeline = [[t, b + state] for t, b in sampler.timeline]
+    return {"peak_bytes": int(peak + state), "reserved_bytes": reserved, "seconds": seconds,
+            "timeline": timeline}  # fmt: skip
+
+
+def _training_step(
+    spec: dict[str, Any],
+    model: torch.nn.Module,
+    trunk: torch.nn.Module,
+    head: torch.nn.Module,
+    shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    amp: torch.dtype | None,
+) -> None:
+    """One training step, streaming (``spec["mode"] == "step"``) or conventional, with a fresh
+    optimizer whose state is allocated by its first step (as in a real first step)."""
+    image = torch.randn(shape, dtype=dtype)  # images stay on the host
+    optimizer = OPTIMIZERS[spec["optimizer"]]([p for p in model.parameters() if p.requires_grad])
+    target = torch.zeros(shape[0], dtype=torch.long)
+    if spec["mode"] == "step":
+        scnn = StreamingCNN(
+            trunk, spec["tile"], forward_tile_shape=spec["forward_tile"], amp_dtype=amp
+        )
+        streaming_step(scnn, head, image, target, _generic_loss)
+    else:  # "conventional": the whole image at once
+        with torch.autocast(device.type, dtype=amp) if amp else torch.enable_grad():
+            logits = model(image.to(device))
+        _generic_loss(logits, target.to(device)).backward()
+    optimizer.step()
+
+
+class _Sampler:
+    """Samples memory above ``base`` every few milliseconds in a thread while active:
+    CUDA allocated bytes, or the process's RSS."""
+
+    PERIOD_S = 0.005
+
+    def __init__(self, device: torch.device, base: int) -> None:
+        self.device, self.base = device, base
+        self.timeline: list[list[float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) - self.base
+        return psutil.Process().memory_info().rss - self.base
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        while not self._stop.is_set():
+            self.timeline.append([round(time.perf_counter() - start, 4), self._read()])
+            self._stop.wait(self.PERIOD_S)
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _volume(shape: list[int]) -> int:

@@ -216,3 +216,175 @@ def render_table(plan: Plan, *, chosen: bool = True) -> str:
 def main() -> None:
     """Console entry point."""
     cli(prog_name="tileplan")
+
+
+@cli.command(epilog="Example: tileplan train examples/small_cnn.py --plan plan.yaml "
+             "--data demo/train.csv --val demo/val.csv --out runs/demo --epochs 3")  # fmt: skip
+@click.argument("model_file", type=_PATH)
+@click.option(
+    "--plan", "plan_file", type=_PATH, required=True, help="Plan from `tileplan profile`."
+)
+@click.option("--data", type=_PATH, required=True, help="CSV with columns image,label.")
+@click.option("--val", type=_PATH, default=None, help="Validation CSV (same columns).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run folder: checkpoints, metrics.jsonl, report.yaml.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option(
+    "--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Effective batch (gradients accumulated over this many images).",
+)
+@click.option("--amp", is_flag=True, help="Autocast with the plan's dtype (bfloat16/float16 plan).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Image-reading worker processes.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option(
+    "--report/--no-report",
+    default=True,
+    show_default=True,
+    help="Measure the memory-savings report at the end.",
+)
+def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: Path,
+          epochs: int, lr: float, optimizer: str, batch: int, amp: bool, resume: bool, seed: int,
+          num_workers: int, device: str, report: bool) -> None:  # fmt: skip
+    """Train MODEL_FILE with the trunk streamed as PLAN says, on images listed in a CSV.
+
+    Data parallel: torchrun --nproc-per-node N -m tileplan train ...
+    """
+    from executor.train import TrainConfig
+    from tileplan.training import TrainRequest, run_training
+
+    try:
+        config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, batch=batch, amp=amp,
+                             seed=seed, num_workers=num_workers)  # fmt: skip
+        request = TrainRequest(model_file=model_file, plan_file=plan_file, data=data, val=val,
+                               out=out, config=config, resume=resume, device=device,
+                               report=report)  # fmt: skip
+        history, run_report = run_training(request, progress=sys.stderr.isatty())
+    except (StreamingError, OSError) as err:
+        _fail(err)
+    if not history:
+        return
+    last = history[-1]
+    click.echo(
+        f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}"
+        + (f", val loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else "")
+        + (f", val AUC {last['val_auc']:.3f}" if last.get("val_auc") is not None else "")
+    )
+    if run_report is not None:
+        click.echo(render_report(run_report))
+
+
+@cli.command(epilog="Example: tileplan predict examples/small_cnn.py --plan plan.yaml "
+             "--checkpoint runs/demo/last.pt demo/img_000.tif --saliency maps/")  # fmt: skip
+@click.argument("model_file", type=_PATH)
+@click.argument("images", type=_PATH, nargs=-1, required=True)
+@click.option("--plan", "plan_file", type=_PATH, required=True)
+@click.option("--checkpoint", type=_PATH, required=True, help="A run's last.pt.")
+@click.option(
+    "--saliency",
+    "saliency_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write exact saliency maps (PNG and .npy) to this folder.",
+)
+@click.option(
+    "--out", type=_PATH, default=None, help="Write predictions CSV here (default: stdout)."
+)
+@click.option("--device", default="auto", show_default=True)
+def predict(model_file: Path, images: tuple[Path, ...], plan_file: Path, checkpoint: Path,
+            saliency_dir: Path | None, out: Path | None, device: str) -> None:  # fmt: skip
+    """Predict whole IMAGES by streaming them forward (no autograd memory)."""
+    from executor.fileio import atomic_write
+    from tileplan.training import predict_files, predictions_csv
+
+    try:
+        results = predict_files(
+            model_file=model_file,
+            plan_file=plan_file,
+            checkpoint=checkpoint,
+            images=images,
+            saliency_dir=saliency_dir,
+            device=device,
+        )
+    except (StreamingError, OSError) as err:
+        _fail(err)
+    text = predictions_csv(results)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write(out, lambda f: f.write(text.encode()))
+        click.echo(f"{len(results)} predictions written to {out}")
+
+
+@cli.command(epilog="Example: tileplan report runs/demo")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report(run_dir: Path) -> None:
+    """Show the memory-savings report of a training run."""
+    from executor.report import load_report
+
+    try:
+        click.echo(render_report(load_report(run_dir)))
+    except StreamingError as err:
+        _fail(err)
+
+
+@cli.command("demo-data", epilog="Example: tileplan demo-data demo --n 64 --size 2048")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--n", type=click.IntRange(min=4), default=64, show_default=True, help="Number of images."
+)
+@click.option(
+    "--size", type=click.IntRange(min=32), default=2048, show_default=True, help="Image side (px)."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_data(out_dir: Path, n: int, size: int, seed: int) -> None:
+    """Write a synthetic dataset whose labels need full resolution (train.csv, val.csv)."""
+    from executor.demo_data import write_demo_dataset
+
+    try:
+        path = write_demo_dataset(out_dir, n=n, size=size, seed=seed)
+    except (StreamingError, OSError, ValueError) as err:
+        _fail(err)
+    click.echo(f"wrote {n} images of {size}x{size} px with train.csv and val.csv to {path}")
+
+
+def render_report(r: object) -> str:
+    """The memory-savings report as text."""
+    from executor.report import RunReport
+
+    assert isinstance(r, RunReport)
+    kind = "measured" if r.conventional_measured else "estimated"
+    lines = [
+        f"run {r.run} on {r.device}: image {'x'.join(map(str, r.image_shape_px))} px, tile "
+        f"{'x'.join(map(str, r.tile_px))} ({r.n_tiles} tiles)",
+        f"  streaming step peak    {format_bytes(r.streaming_peak_bytes):>10}  (measured: "
+        f"{r.measurement})",
+        f"  conventional step peak {format_bytes(r.conventional_peak_bytes):>10}  ({kind})",
+        f"  saved per image        {format_bytes(r.saved_bytes):>10}  (streaming = {r.ratio:.1%} "
+        "of conventional)",
+        f"  time per image         {r.streaming_time_per_image_s:>8.2f} s"
+        + (f" (conventional step {r.conventional_time_per_image_s:.2f} s)"
+           if r.conventional_time_per_image_s else ""),
+        "  breakdown of the streaming step (estimate):",
+    ]  # fmt: skip
+    for key, value in r.breakdown_bytes.items():
+        lines.append(f"    {key.removesuffix('_bytes'):<22} {format_bytes(value):>10}")
+    return "\n".join(lines)

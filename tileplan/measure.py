@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import psutil
 import torch
@@ -207,7 +208,7 @@ class MeasureSpec:
 
     model_file: str
     split: str
-    mode: str  # "tiles" | "step"
+    mode: str  # "tiles" | "step" (streaming) | "conventional"
     shape: tuple[int, ...]  # the image (N, C, *spatial)
     dtype: str
     device: str
@@ -226,6 +227,7 @@ class Measured:
     seconds: float | None = None
     error: str | None = None
     tiles: tuple[tuple[tuple[int, ...], int], ...] = ()  # (crop, activation peak bytes)
+    timeline: tuple[tuple[float, int], ...] = ()  # (seconds, bytes above the baseline)
 
     @property
     def ok(self) -> bool:
@@ -262,6 +264,7 @@ def measure_peak(spec: MeasureSpec, timeout_s: float = 600.0) -> Measured:
     return _measured(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def _measured(data: dict[str, object]) -> Measured:
-    tiles = tuple((tuple(c), int(b)) for c, b in data.pop("tiles", ()))  # type: ignore[union-attr]
-    return Measured(**data, tiles=tiles)  # type: ignore[arg-type]
+def _measured(data: dict[str, Any]) -> Measured:
+    tiles = tuple((tuple(c), int(b)) for c, b in data.pop("tiles", ()))
+    timeline = tuple((float(t), int(b)) for t, b in data.pop("timeline", ()))
+    return Measured(**data, tiles=tiles, timeline=timeline)
