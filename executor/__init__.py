@@ -6,7 +6,7 @@ Public API::
 """
 
 from executor.errors import GeometryError, StreamingError, UnsupportedLayerError
-from executor.geometry import AxisTile, Tile, TileGrid, TrunkGeometry
+from executor.geometry import AxisGeometry, AxisTile, Tile, TileGrid, TrunkGeometry
 from executor.plan import (
     SCHEMA_VERSION,
     Candidate,
@@ -14,6 +14,7 @@ from executor.plan import (
     Plan,
     PlanError,
     check_plan_matches,
+    dtype_of,
     load_plan,
     save_plan,
     trunk_fingerprint,
@@ -23,12 +24,14 @@ from executor.streaming import StreamingCNN, analyze_trunk, spatial_tile_shape
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AxisGeometry",
     "AxisTile",
     "Candidate",
     "MemoryBreakdown",
     "Plan",
     "PlanError",
     "check_plan_matches",
+    "dtype_of",
     "load_plan",
     "save_plan",
     "trunk_fingerprint",

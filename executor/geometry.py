@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from executor.errors import GeometryError, UnsupportedLayerError
 from executor.graph import SpatialGraph
 
-__all__ = ["AxisTile", "Tile", "TileGrid", "TrunkGeometry"]
+__all__ = ["AxisGeometry", "AxisTile", "Tile", "TileGrid", "TrunkGeometry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +130,89 @@ class TileGrid:
 
 
 @dataclass(frozen=True, slots=True)
+class AxisGeometry:
+    """Tiling along one axis, from the trunk's numbers alone (no model needed).
+
+    Output position ``j`` depends on input pixels ``[j*stride - halo_lo, j*stride + halo_hi]``;
+    crop origins are multiples of ``align``.
+    """
+
+    stride: int
+    halo_lo: int
+    halo_hi: int
+    align: int
+
+    def crop(self, length: int, out_start: int, out_stop: int) -> AxisTile:
+        """The aligned input crop that computes outputs ``[out_start, out_stop)`` exactly."""
+        s, a = self.stride, self.align
+        first = out_start * s - self.halo_lo  # leftmost input pixel read
+        last = (out_stop - 1) * s + self.halo_hi  # rightmost input pixel read
+        start = max(0, first // a * a)
+        stop = min(length, start + -(-(last + 1 - start) // a) * a)
+        return AxisTile(out_start, out_stop, start, stop)
+
+    def min_tile(self) -> int:
+        """Smallest crop (px) owning at least one output away from the borders."""
+        # The aligned crop of one output depends on j mod (align / stride): take the worst
+        # phase, far enough from the image's start that the left halo is not clipped.
+        j0 = self.halo_lo // self.stride + 1
+        return max(
+            self.crop(1 << 62, j, j + 1).in_len for j in range(j0, j0 + self.align // self.stride)
+        )
+
+    def greedy(self, length: int, n_out: int, tile: int) -> list[AxisTile] | None:
+        """Left-to-right tiles owning as many outputs as fit in ``tile`` px; None if none fit."""
+        tiles: list[AxisTile] = []
+        start = 0
+        while start < n_out:
+            if self.crop(length, start, start + 1).in_len > tile:
+                return None
+            lo, hi = start + 1, n_out  # crop length grows with the stop: bisect the largest
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.crop(length, start, mid).in_len <= tile:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            tiles.append(self.crop(length, start, lo))
+            start = lo
+        return tiles
+
+    def tiles(self, length: int, n_out: int, tile: int) -> tuple[AxisTile, ...]:
+        """Balanced tiles covering ``n_out`` outputs with crops of at most ``tile`` px.
+
+        Raises:
+            GeometryError: the tile cannot own even one output position.
+        """
+        tiles = self.greedy(length, n_out, tile)
+        if tiles is None:
+            raise GeometryError(
+                f"tile of {tile} px is smaller than the trunk's receptive field "
+                f"({self.halo_lo}+{self.halo_hi}+1 px, halo per side {self.halo_lo}/"
+                f"{self.halo_hi}): use a tile of at least {self.min_tile()} px"
+            )
+        # Balance: the smallest tile size that still needs no more tiles, so that the last
+        # tile is not a sliver and all crops are about equal.
+        count, a = len(tiles), self.align
+        lo, hi = 1, -(-tile // a)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            trial = self.greedy(length, n_out, mid * a)
+            if trial is not None and len(trial) <= count:
+                hi = mid
+            else:
+                lo = mid + 1
+        balanced = self.greedy(length, n_out, min(tile, lo * a))
+        assert balanced is not None
+        assert len(balanced) == count
+        return tuple(balanced)
+
+    def aligned_tile(self, length: int, tile: int) -> int:
+        """``tile`` aligned down to ``align``; a tile covering the image is the image."""
+        return length if tile >= length else tile // self.align * self.align
+
+
+@dataclass(frozen=True, slots=True)
 class TrunkGeometry:
     """Streaming geometry of a trunk, derived exactly from its ops.
 
@@ -221,22 +304,19 @@ class TrunkGeometry:
         """
         return _intervals(self.graph, axis, out_start, out_stop - 1)
 
+    def axis(self, axis: int) -> AxisGeometry:
+        """The tiling numbers of one axis."""
+        return AxisGeometry(
+            self.output_stride[axis], self.halo_lo[axis], self.halo_hi[axis], self.align[axis]
+        )
+
     def crop(self, axis: int, length: int, out_start: int, out_stop: int) -> AxisTile:
         """The aligned input crop that computes outputs ``[out_start, out_stop)`` exactly."""
-        s, a = self.output_stride[axis], self.align[axis]
-        first = out_start * s - self.halo_lo[axis]  # leftmost input pixel read
-        last = (out_stop - 1) * s + self.halo_hi[axis]  # rightmost input pixel read
-        start = max(0, first // a * a)
-        stop = min(length, start + -(-(last + 1 - start) // a) * a)
-        return AxisTile(out_start, out_stop, start, stop)
+        return self.axis(axis).crop(length, out_start, out_stop)
 
     def min_tile(self, axis: int) -> int:
         """Smallest crop (px) owning at least one output away from the borders."""
-        s, a = self.output_stride[axis], self.align[axis]
-        # The aligned crop of one output depends on j mod (align / stride): take the worst
-        # phase, far enough from the image's start that the left halo is not clipped.
-        j0 = self.halo_lo[axis] // s + 1
-        return max(self.crop(axis, 1 << 62, j, j + 1).in_len for j in range(j0, j0 + a // s))
+        return self.axis(axis).min_tile()
 
     def tile_grid(self, image_shape: Sequence[int], tile_shape: Sequence[int]) -> TileGrid:
         """Balanced tile grid for an image, with crops no larger than ``tile_shape``.
@@ -258,9 +338,12 @@ class TrunkGeometry:
                     f"an image of {n} px along axis {axis} gives an empty output; the trunk "
                     f"needs at least {self.receptive_field[axis]} px"
                 )
-            a = self.align[axis]
-            t_aligned = n if t >= n else t // a * a
-            tiles = self._axis_tiles(axis, n, out_shape[axis], t_aligned)
+            geometry = self.axis(axis)
+            t_aligned = geometry.aligned_tile(n, t)
+            try:
+                tiles = geometry.tiles(n, out_shape[axis], t_aligned)
+            except GeometryError as err:
+                raise GeometryError(f"along axis {axis}: {err}") from None
             self._check_crops(axis, n, tiles)
             axes.append(tiles)
             aligned.append(t_aligned)
@@ -275,49 +358,6 @@ class TrunkGeometry:
             raise GeometryError(
                 f"expected {self.n_axes} spatial sizes, got {tuple(shape)}; pass one per axis"
             )
-
-    def _greedy(self, axis: int, n: int, n_out: int, tile: int) -> list[AxisTile] | None:
-        """Left-to-right tiles owning as many outputs as fit in ``tile`` px; None if none fit."""
-        tiles: list[AxisTile] = []
-        start = 0
-        while start < n_out:
-            if self.crop(axis, n, start, start + 1).in_len > tile:
-                return None
-            lo, hi = start + 1, n_out  # crop length grows with the stop: bisect the largest
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if self.crop(axis, n, start, mid).in_len <= tile:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            tiles.append(self.crop(axis, n, start, lo))
-            start = lo
-        return tiles
-
-    def _axis_tiles(self, axis: int, n: int, n_out: int, tile: int) -> tuple[AxisTile, ...]:
-        tiles = self._greedy(axis, n, n_out, tile)
-        if tiles is None:
-            raise GeometryError(
-                f"tile of {tile} px along axis {axis} is smaller than the trunk's receptive "
-                f"field ({self.halo_lo[axis]}+{self.halo_hi[axis]}+1 px, halo per side "
-                f"{self.halo_lo[axis]}/{self.halo_hi[axis]}): use a tile of at least "
-                f"{self.min_tile(axis)} px"
-            )
-        # Balance: the smallest tile size that still needs no more tiles, so that the last
-        # tile is not a sliver and all crops are about equal.
-        count, a = len(tiles), self.align[axis]
-        lo, hi = 1, -(-tile // a)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            trial = self._greedy(axis, n, n_out, mid * a)
-            if trial is not None and len(trial) <= count:
-                hi = mid
-            else:
-                lo = mid + 1
-        balanced = self._greedy(axis, n, n_out, min(tile, lo * a))
-        assert balanced is not None
-        assert len(balanced) == count
-        return tuple(balanced)
 
     def _check_crops(self, axis: int, n: int, tiles: Sequence[AxisTile]) -> None:
         """Every crop must produce the positions it owns (exact, from the size formulas)."""

@@ -33,6 +33,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "check_plan_matches",
+    "dtype_of",
     "load_plan",
     "save_plan",
     "trunk_fingerprint",
@@ -124,6 +125,7 @@ class Plan:
     output_stride_px: tuple[int, ...]
     halo_lo_px: tuple[int, ...]
     halo_hi_px: tuple[int, ...]
+    align_px: tuple[int, ...] = ()  # crop origins are multiples of this (default: the stride)
     output_shape: tuple[int, ...]
     budget_bytes: int
     margin: float

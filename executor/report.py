@@ -90,13 +90,13 @@ class RunReport:
             raise ReportError("report.yaml is not a tileplan run report of a known version")
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        for key in ("image_shape_px", "tile_px"):
-            values[key] = tuple(values.get(key, ()))
-        for key in ("timeline", "conventional_timeline"):
-            values[key] = tuple((float(t), int(b)) for t, b in values.get(key, ()))
         try:
+            for key in ("image_shape_px", "tile_px"):
+                values[key] = tuple(values.get(key, ()))
+            for key in ("timeline", "conventional_timeline"):
+                values[key] = tuple((float(t), int(b)) for t, b in values.get(key) or ())
             return cls(**values)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ReportError(f"report.yaml is malformed ({err})") from err
 
 

@@ -182,6 +182,7 @@ class Trainer:
         self.scnn = StreamingCNN.from_plan(
             trunk, plan, dtype=plan.dtype, preprocess=preprocess,
             amp_dtype=plan_dtype if config.amp else None,
+            progress=self.rank == 0,  # a bar over tiles, on a terminal only
         )  # fmt: skip
         self.model.to(device=device, dtype=compute)
         self.model.eval()  # BatchNorm statistics stay frozen; the head could train() itself

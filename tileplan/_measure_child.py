@@ -18,8 +18,7 @@ from typing import Any
 import psutil
 import torch
 
-from executor import StreamingCNN, analyze_trunk, streaming_step
-from executor.plan import dtype_of
+from executor import StreamingCNN, analyze_trunk, dtype_of, streaming_step
 from tileplan.model_file import load_model_file
 
 OPTIMIZERS = {
@@ -72,7 +71,9 @@ def run_measurement(spec: Any) -> dict[str, Any]:
     small_shape = (1, shape[1], *(small,) * (len(shape) - 2))
     _tile_pass(trunk, small_shape, device, compute, amp)
     if spec["mode"] != "tiles":  # also the head, the loss and an optimizer's step kernels
-        _training_step(spec, model, trunk, head, small_shape, device, compute, amp)
+        warm = OPTIMIZERS[spec["optimizer"]]([p for p in model.parameters() if p.requires_grad])
+        _training_step(spec, model, trunk, head, small_shape, device, compute, amp, warm)
+        del warm
     cuda = device.type == "cuda"
     if spec["mode"] == "tiles":
         for p in trunk.parameters():  # grads are model state, allocated before a tile
@@ -100,8 +101,17 @@ def run_measurement(spec: Any) -> dict[str, Any]:
             peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()
             peaks.append([list(crop), int(peak - base)])
         return {"tiles": peaks, "seconds": time.perf_counter() - start}
+    # Steady state: the first step allocates gradients and optimizer state (after the tiles
+    # are done); the second runs with them in memory, as every later step of a run does.
+    optimizer = OPTIMIZERS[spec["optimizer"]]([p for p in model.parameters() if p.requires_grad])
+    _training_step(spec, model, trunk, head, shape, device, compute, amp, optimizer)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak_rss()
     with _Sampler(device, base) as sampler:
-        _training_step(spec, model, trunk, head, shape, device, compute, amp)
+        _training_step(spec, model, trunk, head, shape, device, compute, amp, optimizer)
         if cuda:
             torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -126,11 +136,11 @@ def _training_step(
     device: torch.device,
     dtype: torch.dtype,
     amp: torch.dtype | None,
+    optimizer: torch.optim.Optimizer,
 ) -> None:
-    """One training step, streaming (``spec["mode"] == "step"``) or conventional, with a fresh
-    optimizer whose state is allocated by its first step (as in a real first step)."""
+    """One training step, streaming (``spec["mode"] == "step"``) or conventional."""
     image = torch.randn(shape, dtype=dtype)  # images stay on the host
-    optimizer = OPTIMIZERS[spec["optimizer"]]([p for p in model.parameters() if p.requires_grad])
+    optimizer.zero_grad(set_to_none=False)  # gradients persist between steps, as in training
     target = torch.zeros(shape[0], dtype=torch.long)
     if spec["mode"] == "step":
         scnn = StreamingCNN(

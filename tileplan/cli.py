@@ -53,6 +53,11 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+from tileplan.view_cmd import view  # noqa: E402  (the group must exist first)
+
+cli.add_command(view)
+
+
 def _fail(err: Exception) -> None:
     raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__)
 

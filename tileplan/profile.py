@@ -27,9 +27,9 @@ from executor import (
     TileGrid,
     TrunkGeometry,
     analyze_trunk,
+    dtype_of,
     trunk_fingerprint,
 )
-from executor.plan import dtype_of
 from tileplan.estimate import ModelState, estimate_conventional, estimate_streaming
 from tileplan.layers import layer_memory
 from tileplan.measure import (
@@ -458,6 +458,7 @@ def _plan(
         output_stride_px=geometry.output_stride,
         halo_lo_px=geometry.halo_lo,
         halo_hi_px=geometry.halo_hi,
+        align_px=geometry.align,
         output_shape=target.grid.output_shape,
         budget_bytes=budget,
         margin=req.margin,

@@ -1,0 +1,54 @@
+"""CUDA: image on the host, trunk on the GPU; autocast. Run with `pytest -m gpu` on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from executor import StreamingCNN
+from tests.oracle import assert_rel_close
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _trunk() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+    ).eval()  # fmt: skip
+
+
+def test_host_image_cuda_trunk_is_exact() -> None:
+    trunk = _trunk().double().cuda()
+    image = torch.randn(1, 3, 300, 260, dtype=torch.float64)  # stays on the host
+    scnn = StreamingCNN(trunk, (96, 96), input_grad=True)
+    out = scnn.forward(image)
+    assert out.device.type == "cuda"
+    grad_out = torch.randn_like(out)
+    input_grad = scnn.backward(image, grad_out)
+    assert input_grad is not None
+    assert input_grad.device.type == "cpu"
+    streamed = {n: p.grad.clone() for n, p in trunk.named_parameters()}
+    trunk.zero_grad(set_to_none=True)
+    x = image.cuda().requires_grad_()
+    ref = trunk(x)
+    ref.backward(grad_out)
+    assert_rel_close(out, ref.detach(), torch.float64, "output")
+    assert_rel_close(input_grad, x.grad.cpu(), torch.float64, "input grad")
+    for name, p in trunk.named_parameters():
+        assert_rel_close(streamed[name], p.grad, torch.float64, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cuda(dtype: torch.dtype) -> None:
+    trunk = _trunk().cuda()
+    image = torch.randn(1, 3, 256, 256)
+    with torch.autocast("cuda", dtype=dtype):
+        ref = trunk(image.cuda()).float()
+    out = StreamingCNN(trunk, (96, 96), amp_dtype=dtype).forward(image).float()
+    assert_rel_close(out, ref, torch.bfloat16, f"{dtype} output")
