@@ -97,7 +97,7 @@ class RunReport:
                 values[key] = tuple((float(t), int(b)) for t, b in values.get(key) or ())
             return cls(**values)
         except (TypeError, ValueError) as err:
-            raise ReportError(f"report.yaml is malformed ({err})") from err
+            raise ReportError(f"malformed run report ({err})") from err
 
 
 def save_report(report: RunReport, path: str | os.PathLike[str]) -> Path:
@@ -117,7 +117,12 @@ def load_report(run_dir: str | os.PathLike[str]) -> RunReport:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ReportError(f"'{path}' is not valid YAML") from err
-    return RunReport.from_dict(data)
+    try:
+        return RunReport.from_dict(data)
+    except ReportError as err:
+        raise ReportError(
+            f"'{path}' is malformed ({err}); re-run `tileplan train` to write a new report"
+        ) from err
 
 
 def load_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

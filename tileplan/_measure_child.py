@@ -110,6 +110,7 @@ def run_measurement(spec: Any) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         _reset_peak_rss()
+    start = time.perf_counter()  # time the steady-state step only
     with _Sampler(device, base) as sampler:
         _training_step(spec, model, trunk, head, shape, device, compute, amp, optimizer)
         if cuda:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from executor import TrunkGeometry
 
-__all__ = ["Scored", "candidate_tiles", "check_tile", "choose", "search"]
+__all__ = ["Scored", "candidate_tiles", "choose", "search"]
 
 # Tile counts per axis to consider: dense where it matters (few tiles), sparse beyond.
 _COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, 256)
@@ -89,8 +89,3 @@ def search(
     """Score every tile with the injected memory and time models and choose one."""
     scored = [Scored(t, peak_of(t), time_of(t)) for t in tiles]
     return scored, choose(scored, usable_bytes)
-
-
-def check_tile(geometry: TrunkGeometry, image_shape: Sequence[int], tile: Sequence[int]) -> None:
-    """Refuse a user-given tile that cannot stream this image (one-line GeometryError)."""
-    geometry.tile_grid(tuple(image_shape), tuple(tile))

@@ -100,11 +100,6 @@ def load_input(path: Path) -> ViewInput:
         raise click.ClickException(message) from err
     except OSError as err:
         raise click.ClickException(f"cannot read '{path}': {err.strerror or err}") from err
-    except (TypeError, ValueError) as err:  # a report whose values have the wrong shape
-        raise click.ClickException(
-            f"'{path / 'report.yaml'}' is malformed ({_one_line(err)}); re-run "
-            f"`tileplan train ... --out {path}` to write a new report"
-        ) from err
 
 
 def _one_line(err: Exception) -> str:

@@ -93,3 +93,14 @@ def test_output_shape_matches_real_run() -> None:
     for size in [(9, 13), (31, 64), (100, 77)]:
         real = trunk(torch.zeros(1, 2, *size)).shape[2:]
         assert g.output_shape(size) == tuple(real)
+
+
+def test_node_intervals_give_each_layers_region_of_a_tile() -> None:
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 7, 2, 3), nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, 3, 1, 1))
+    g = analyze_trunk(trunk)
+    intervals = g.node_intervals(0, 10, 20)  # outputs [10, 20) along axis 0
+    assert intervals[-1] == (10, 19)  # the output node: the owned positions
+    assert intervals[0] == (10 * 4 - 9, 19 * 4 + 9)  # the input: receptive field of the block
+    # Each layer in between needs a region that shrinks toward the output.
+    widths = [hi - lo for lo, hi in intervals]
+    assert widths == sorted(widths, reverse=True)

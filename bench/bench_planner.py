@@ -1,0 +1,153 @@
+"""Benchmark the planner on this machine (CPU unless CUDA is present).
+
+1. Estimated (meta tensors) vs measured (fresh child process) peak of backward tiles of the
+   ResNet-18 and ResNet-34 trunks, and of whole streaming steps: error in %.
+2. Exhaustive sweep at 2048²: the real streaming step time of the ResNet-18 trunk for every
+   aligned tile from the smallest to the image (step ``--sweep-step`` px), against the
+   planner's choice under a budget that excludes the largest tiles: chosen ÷ best feasible.
+3. Wall time of ``tileplan profile examples/resnet34.py --image 8192``.
+
+    python bench/bench_planner.py            # all three (about 15 min on 2 CPU cores)
+    python bench/bench_planner.py --only 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from executor import StreamingCNN, analyze_trunk, streaming_step
+from tileplan.estimate import ModelState, estimate_streaming, pass_peak
+from tileplan.measure import MeasureSpec, device_info, measure_peak
+from tileplan.model_file import load_model_file
+from tileplan.profile import ProfileRequest, profile
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024**2
+
+
+def estimate_vs_measured(device: str) -> None:
+    print("\n1. estimated vs measured peak")
+    print(f"{'model':<10} {'what':<22} {'estimated':>10} {'measured':>10} {'error':>7}")
+    crops = {"resnet18": (512, 1024, 1536, 2048), "resnet34": (960, 1440, 1920)}
+    for name, sides in crops.items():
+        path = ROOT / "examples" / f"{name}.py"
+        trunk = load_model_file(path).trunk
+        shapes = tuple((1, 3, s, s) for s in sides)
+        spec = MeasureSpec(model_file=str(path), split="auto", mode="tiles", shape=shapes[0],
+                           dtype="float32", device=device, shapes=shapes)  # fmt: skip
+        measured = dict(measure_peak(spec).tiles)
+        for shape in shapes:
+            est = pass_peak(trunk, shape, torch.float32, grad=True)[0]
+            got = measured[shape]
+            print(f"{name:<10} {'tile ' + str(shape[2]) + ' px':<22} {est / MIB:>8.0f}Mi "
+                  f"{got / MIB:>8.0f}Mi {100 * (est - got) / got:>+6.1f}%")  # fmt: skip
+    path = ROOT / "examples" / "resnet18.py"
+    loaded = load_model_file(path)
+    state = ModelState.of(loaded.model, "adam")
+    for tile in (1024, 1536):
+        grid = analyze_trunk(loaded.trunk).tile_grid((2048, 2048), (tile, tile))
+        crop = (1, 3, *grid.largest_crop)
+        est = estimate_streaming(trunk=loaded.trunk, head=loaded.head, state=state,
+                                 image_shape=(1, 3, 2048, 2048), backward_crop=crop,
+                                 forward_crop=crop, dtype=torch.float32).total_bytes  # fmt: skip
+        spec = MeasureSpec(model_file=str(path), split="auto", mode="step",
+                           shape=(1, 3, 2048, 2048), dtype="float32", device=device,
+                           tile=(tile, tile), forward_tile=(tile, tile))  # fmt: skip
+        got = measure_peak(spec).peak_bytes or 0
+        print(f"{'resnet18':<10} {f'step 2048², tile {tile}':<22} {est / MIB:>8.0f}Mi "
+              f"{got / MIB:>8.0f}Mi {100 * (est - got) / got:>+6.1f}%")  # fmt: skip
+
+
+def _step_time(trunk: torch.nn.Module, head: torch.nn.Module, image: torch.Tensor,
+               tile: int, repeats: int) -> float:  # fmt: skip
+    scnn = StreamingCNN(trunk, (tile, tile))
+    target = torch.tensor([1])
+    times = []
+    for _ in range(repeats):
+        trunk.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        streaming_step(scnn, head, image, target, torch.nn.functional.cross_entropy)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sweep(device: str, step: int, repeats: int) -> None:
+    print("\n2. exhaustive sweep at 2048², ResNet-18 trunk")
+    path = ROOT / "examples" / "resnet18.py"
+    loaded = load_model_file(path)
+    geometry = analyze_trunk(loaded.trunk)
+    state = ModelState.of(loaded.model, "adam")
+    image = torch.randn(1, 3, 2048, 2048)
+
+    def peak(tile: int) -> int:
+        grid = geometry.tile_grid((2048, 2048), (tile, tile))
+        crop = (1, 3, *grid.largest_crop)
+        return estimate_streaming(trunk=loaded.trunk, head=loaded.head, state=state,
+                                  image_shape=(1, 3, 2048, 2048), backward_crop=crop,
+                                  forward_crop=crop, dtype=torch.float32).total_bytes  # fmt: skip
+
+    # A budget that excludes the largest tiles: what a 1024 px tile needs, plus a 10% margin.
+    budget = round(peak(1024) / 0.9)
+    plan = profile(ProfileRequest(model_file=path, image_shape=(2048, 2048), device=device,
+                                  budget_bytes=budget, verify=False))  # fmt: skip
+    chosen = plan.tile_px[0]
+    # Tiles whose crops are mostly halo (overlap > 4x) take minutes per step and cannot win.
+    smallest = next(
+        t for t in range(-(-geometry.min_tile(0) // 32) * 32, 2049, 32)
+        if geometry.tile_grid((2048, 2048), (t, t)).overlap_factor <= 4.0
+    )  # fmt: skip
+    tiles = sorted({*range(smallest, 2049, step), chosen})
+    _step_time(loaded.trunk, loaded.head, image, 1024, 1)  # warm-up
+    print(
+        f"budget {budget / MIB:.0f} MiB (usable {0.9 * budget / MIB:.0f} MiB); "
+        f"planner chose {chosen} px (predicted {plan.predicted_time_s:.1f} s)"
+    )
+    print(f"{'tile':>6} {'tiles':>6} {'est. peak':>10} {'fits':>5} {'step s':>8}")
+    measured = {}
+    for tile in tiles:
+        fits = peak(tile) <= 0.9 * budget
+        seconds = _step_time(loaded.trunk, loaded.head, image, tile, repeats)
+        measured[tile] = (seconds, fits)
+        n = geometry.tile_grid((2048, 2048), (tile, tile)).n_tiles
+        mark = " <- chosen" if tile == chosen else ""
+        print(f"{tile:>6} {n:>6} {peak(tile) / MIB:>8.0f}Mi {'yes' if fits else 'no':>5} "
+              f"{seconds:>8.2f}{mark}", flush=True)  # fmt: skip
+    best = min(s for s, fits in measured.values() if fits)
+    print(f"chosen ÷ best feasible (measured): {measured[chosen][0] / best:.3f}")
+
+
+def profile_wall_time() -> None:
+    print("\n3. wall time of `tileplan profile examples/resnet34.py --image 8192`")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "tileplan", "profile",
+                           str(ROOT / "examples" / "resnet34.py"), "--image", "8192", "--out",
+                           "/tmp/bench_plan.yaml"], capture_output=True, text=True)  # fmt: skip
+    print(done.stdout.strip().splitlines()[-3] if done.returncode == 0 else done.stderr[-500:])
+    print(f"wall time {time.perf_counter() - start:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", type=int, choices=[1, 2, 3])
+    parser.add_argument("--sweep-step", type=int, default=128, help="px between swept tiles")
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per swept tile")
+    args = parser.parse_args()
+    device = device_info("auto").device
+    print(f"device {device_info('auto').name}, torch {torch.__version__}")
+    if args.only in (None, 1):
+        estimate_vs_measured(device)
+    if args.only in (None, 2):
+        sweep(device, args.sweep_step, args.repeats)
+    if args.only in (None, 3):
+        profile_wall_time()
+
+
+if __name__ == "__main__":
+    main()
