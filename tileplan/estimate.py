@@ -19,7 +19,7 @@ import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -30,7 +30,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from executor import MemoryBreakdown
 
-__all__ = ["LiveBytes", "ModelState", "estimate_conventional", "estimate_streaming", "pass_peak"]
+__all__ = [
+    "LiveBytes",
+    "ModelState",
+    "estimate_conventional",
+    "estimate_fixed",
+    "estimate_streaming",
+    "pass_peak",
+    "with_tiles",
+]
 
 # Optimizer state per parameter byte: Adam keeps two moments, SGD with momentum one buffer.
 OPTIMIZER_STATE_FACTOR = {"adam": 2, "adamw": 2, "sgd": 1, "none": 0}
@@ -169,8 +177,24 @@ def estimate_streaming(
         backward_crop, forward_crop: (N, C, *spatial) of the largest crop of each pass.
         image_on_device: count the whole image (True on CPU, where it is in the same memory).
     """
-    backward, _ = pass_peak(trunk, backward_crop, dtype, grad=True)
-    forward, _ = pass_peak(trunk, forward_crop, dtype, grad=False)
+    fixed = estimate_fixed(trunk=trunk, head=head, state=state, image_shape=image_shape,
+                           dtype=dtype, image_dtype=image_dtype,
+                           image_on_device=image_on_device)  # fmt: skip
+    return with_tiles(fixed, trunk, backward_crop, forward_crop, dtype)
+
+
+def estimate_fixed(
+    *,
+    trunk: nn.Module,
+    head: nn.Module,
+    state: ModelState,
+    image_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    image_dtype: torch.dtype = torch.float32,
+    image_on_device: bool = True,
+) -> MemoryBreakdown:
+    """The categories that do not depend on the tile (tile fields 0): estimate them once per
+    image and add each candidate's tiles with ``with_tiles``."""
     out_shape = _full_output_shape(trunk, image_shape, dtype)
     out_bytes = _nbytes(out_shape, dtype)
     return MemoryBreakdown(
@@ -181,8 +205,23 @@ def estimate_streaming(
         output_bytes=out_bytes,
         output_grad_bytes=out_bytes,
         head_bytes=head_peak(head, out_shape, dtype),
-        tile_forward_bytes=forward,
-        tile_backward_bytes=backward,
+        tile_forward_bytes=0,
+        tile_backward_bytes=0,
+    )
+
+
+def with_tiles(
+    fixed: MemoryBreakdown,
+    trunk: nn.Module,
+    backward_crop: tuple[int, ...],
+    forward_crop: tuple[int, ...],
+    dtype: torch.dtype,
+) -> MemoryBreakdown:
+    """``fixed`` with the tile activations of the given largest crops (N, C, *spatial)."""
+    return replace(
+        fixed,
+        tile_forward_bytes=pass_peak(trunk, forward_crop, dtype, grad=False)[0],
+        tile_backward_bytes=pass_peak(trunk, backward_crop, dtype, grad=True)[0],
     )
 
 

@@ -30,7 +30,7 @@ from executor import (
     dtype_of,
     trunk_fingerprint,
 )
-from tileplan.estimate import ModelState, estimate_conventional, estimate_streaming
+from tileplan.estimate import ModelState, estimate_conventional, estimate_fixed, with_tiles
 from tileplan.layers import layer_memory
 from tileplan.measure import (
     DeviceInfo,
@@ -131,7 +131,9 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     bar.update()
 
     tiles = [req.tile] if req.tile else candidate_tiles(geometry, req.image_shape)
-    rows = [_estimate_row(loaded, geometry, state, image, t, dtype, on_host) for t in tiles]
+    fixed = estimate_fixed(trunk=loaded.trunk, head=loaded.head, state=state, image_shape=image,
+                           dtype=dtype, image_on_device=on_host)  # fmt: skip
+    rows = [_estimate_row(loaded, geometry, fixed, image, t, dtype) for t in tiles]
     conventional = estimate_conventional(
         trunk=loaded.trunk, head=loaded.head, state=state, image_shape=image, dtype=dtype,
         image_on_device=on_host,
@@ -195,19 +197,14 @@ def _crop_shape(image: tuple[int, ...], grid: TileGrid) -> tuple[int, ...]:
 def _estimate_row(
     loaded: LoadedModel,
     geometry: TrunkGeometry,
-    state: ModelState,
+    fixed: MemoryBreakdown,
     image: tuple[int, ...],
     tile: tuple[int, ...],
     dtype: torch.dtype,
-    on_host: bool,
 ) -> _Row:
     grid = geometry.tile_grid(image[2:], tile)
     crop = _crop_shape(image, grid)
-    estimate = estimate_streaming(
-        trunk=loaded.trunk, head=loaded.head, state=state, image_shape=image,
-        backward_crop=crop, forward_crop=crop, dtype=dtype, image_on_device=on_host,
-    )  # fmt: skip
-    return _Row(grid.tile_shape, grid, estimate)
+    return _Row(grid.tile_shape, grid, with_tiles(fixed, loaded.trunk, crop, crop, dtype))
 
 
 def _predict_time(
