@@ -240,13 +240,14 @@ def estimate_conventional(
     state: ModelState,
     image_shape: tuple[int, ...],
     dtype: torch.dtype,
-    image_dtype: torch.dtype = torch.float32,
-    image_on_device: bool = True,
 ) -> int:
-    """Peak bytes of a conventional training step on the whole image (estimate)."""
+    """Peak bytes of a conventional training step on the whole image (estimate).
+
+    The image is the trunk pass's input, so ``pass_peak`` already counts it once: on a GPU
+    that is its device copy (the host copy is not device memory), on CPU the image itself.
+    """
     trunk_peak, out_shape = pass_peak(trunk, image_shape, dtype, grad=True)
-    image = _nbytes(image_shape, image_dtype) if image_on_device else 0
-    # Conventional: the trunk's saved activations are alive while the head runs; the trunk
-    # pass peak (which starts from the input) dominates, plus the head on top of the map.
+    # The trunk's saved activations are alive while the head runs: the trunk pass peak
+    # dominates, plus the head on top of the map.
     fixed = state.params_bytes + state.grads_bytes + state.optimizer_bytes
-    return fixed + image + trunk_peak + head_peak(head, out_shape, dtype)
+    return fixed + trunk_peak + head_peak(head, out_shape, dtype)

@@ -135,9 +135,8 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
                            dtype=dtype, image_on_device=on_host)  # fmt: skip
     rows = [_estimate_row(loaded, geometry, fixed, image, t, dtype) for t in tiles]
     conventional = estimate_conventional(
-        trunk=loaded.trunk, head=loaded.head, state=state, image_shape=image, dtype=dtype,
-        image_on_device=on_host,
-    )  # fmt: skip
+        trunk=loaded.trunk, head=loaded.head, state=state, image_shape=image, dtype=dtype
+    )
     bar.update()
 
     time_model = None

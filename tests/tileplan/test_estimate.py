@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from tileplan.estimate import LiveBytes, ModelState, estimate_streaming, head_peak, pass_peak
+from tileplan.estimate import (
+    LiveBytes,
+    ModelState,
+    estimate_conventional,
+    estimate_streaming,
+    head_peak,
+    pass_peak,
+)
 from tileplan.measure import MeasureSpec, measure_peak
 from tileplan.model_file import load_model_file
 
@@ -101,3 +108,19 @@ def test_calibrated_estimate_within_ten_percent_of_measured_rss(tmp_path: Path) 
     factor = peaks[crops[0]] / estimates[0]
     predicted = estimates[1] * factor
     assert math.isclose(predicted, peaks[crops[1]], rel_tol=0.10), (factor, predicted, peaks)
+
+
+def test_conventional_counts_the_image_once() -> None:
+    trunk = _trunk()
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+    state = ModelState.of(nn.Sequential(trunk, head), "sgd")
+    shape = (1, 3, 256, 256)
+    total = estimate_conventional(trunk=trunk, head=head, state=state, image_shape=shape,
+                                  dtype=torch.float32)  # fmt: skip
+    trunk_peak, out_shape = pass_peak(trunk, shape, torch.float32, grad=True)
+    with_image, _ = pass_peak(nn.Identity(), shape, torch.float32, grad=False)
+    assert with_image == 3 * 256 * 256 * 4  # the input alone: pass_peak counts it
+    assert total == (
+        state.params_bytes + state.grads_bytes + state.optimizer_bytes + trunk_peak
+        + head_peak(head, out_shape, torch.float32)
+    )  # fmt: skip
