@@ -1,12 +1,26 @@
-"""The correctness oracle: conventional backprop with the same weights.
+"""The correctness oracle: conventional backprop with the same weights (DESIGN §3.1).
 
-Tolerances live here and nowhere else (DESIGN §3.1): per tensor,
-``max|streaming - conventional| <= rtol(dtype) * max|conventional|``.
+Tolerances live here and nowhere else. Errors are relative per tensor,
+``max|actual - expected| / max|expected|``.
+
+* float64: streaming is exact up to reassociation, so it is compared with conventional
+  backprop directly: error ≤ ``RTOL_FLOAT64`` (1e-10).
+* float32 and lower (including autocast): conventional backprop is itself inexact, and how
+  inexact depends on the CPU's kernels (a float32 gradient of an early layer sums millions of
+  terms with cancellation). So both the streamed and the conventional result are judged against
+  a float64 reference of the same weights and image, and the streamed error may be at most
+  ``ERROR_FACTOR`` times the conventional error plus a floor of a few rounding units:
+  ``err(streamed) ≤ ERROR_FACTOR · err(conventional) + FLOOR[dtype]``.
+  This means the same thing on every CPU: streaming is as accurate as the conventional pass.
+  (How accurate streaming is in low precision also depends on how many crops overlap each
+  position; see tests/executor/test_real_networks.py.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,13 +28,16 @@ from torch import nn
 
 from executor import StreamingCNN
 
-# float64 is exact up to reassociation (the original notebook got ~1e-13); float32 loose.
-# bfloat16 keeps 8 mantissa bits: tile-wise and whole-image kernels round differently, so
-# only a coarse agreement is meaningful there.
-RTOL: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.bfloat16: 5e-2,
+RTOL_FLOAT64 = 1e-10
+ERROR_FACTOR = 2.0
+# Rounding noise: below this (relative to the largest value) two correct computations of the
+# same tensor differ by rounding alone, whatever their ratio. float32 results are long float32
+# reductions (errors of tens of eps are routine); autocast results are dominated by rounding
+# the operands to the low-precision dtype once (a few eps).
+FLOOR: dict[torch.dtype, float] = {
+    torch.float32: 32 * torch.finfo(torch.float32).eps,  # 3.8e-6
+    torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps,  # 3.1e-2
+    torch.float16: 4 * torch.finfo(torch.float16).eps,  # 3.9e-3
 }
 
 
@@ -33,30 +50,64 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale
 
 
-def assert_rel_close(
-    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str
-) -> float:
+def assert_exact(actual: torch.Tensor, expected: torch.Tensor, what: str) -> float:
+    """float64: ``actual`` equals ``expected`` up to reassociation; returns the error."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = rel_error(actual, expected)
-    assert err <= RTOL[dtype], f"{what}: relative error {err:.3e} > {RTOL[dtype]:.0e}"
+    assert err <= RTOL_FLOAT64, f"{what}: relative error {err:.3e} > {RTOL_FLOAT64:.0e}"
     return err
 
 
 @dataclass(frozen=True)
+class Judged:
+    """One tensor in low precision, judged against a float64 reference."""
+
+    streamed: float  # relative error of the streamed result vs float64
+    conventional: float  # relative error of the conventional result vs float64
+    bound: float  # what the streamed error may be
+
+
+def assert_as_accurate(
+    streamed: torch.Tensor,
+    conventional: torch.Tensor,
+    reference: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+) -> Judged:
+    """Low precision: ``streamed`` is about as close to the float64 ``reference`` as the
+    conventional result is."""
+    for t in (streamed, conventional):
+        assert t.shape == reference.shape, f"{what}: shape {t.shape} != {reference.shape}"
+    e_s, e_c = rel_error(streamed, reference), rel_error(conventional, reference)
+    bound = ERROR_FACTOR * e_c + FLOOR[dtype]
+    assert e_s <= bound, (
+        f"{what}: streamed error {e_s:.3e} vs float64 exceeds {ERROR_FACTOR:g} x the "
+        f"conventional error {e_c:.3e} + {FLOOR[dtype]:.1e}"
+    )
+    return Judged(e_s, e_c, bound)
+
+
+@dataclass(frozen=True)
 class Comparison:
-    """Largest relative errors of one streaming-vs-conventional comparison."""
+    """Relative errors of one streaming-vs-conventional comparison, per tensor.
+
+    In float64 each value is the streamed error against conventional backprop; in lower
+    precision it is a ``Judged`` pair against the float64 reference.
+    """
 
     n_tiles: int
-    output: float
-    param_grads: dict[str, float]
-    input_grad: float | None
+    errors: dict[str, float | Judged]
 
     @property
     def worst(self) -> float:
-        errs = [self.output, *self.param_grads.values()]
-        if self.input_grad is not None:
-            errs.append(self.input_grad)
-        return max(errs)
+        """The largest streamed error (vs conventional in float64, vs float64 otherwise)."""
+        return max(e.streamed if isinstance(e, Judged) else e for e in self.errors.values())
+
+    @property
+    def worst_conventional(self) -> float | None:
+        """The largest conventional error vs float64 (None in float64)."""
+        judged = [e.conventional for e in self.errors.values() if isinstance(e, Judged)]
+        return max(judged) if judged else None
 
 
 def _head(out: torch.Tensor) -> torch.Tensor:
@@ -66,51 +117,102 @@ def _head(out: torch.Tensor) -> torch.Tensor:
     return (torch.tanh(out) * w).sum() + 0.5 * (out.float() ** 2).mean().to(out.dtype)
 
 
+@dataclass(frozen=True)
+class _Result:
+    output: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    input_grad: torch.Tensor | None
+
+
+def _autocast(trunk: nn.Module, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    device = next(trunk.parameters()).device.type
+    return torch.autocast(device, dtype=amp_dtype)
+
+
+def _grads(trunk: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, p in trunk.named_parameters():
+        if p.grad is not None:
+            yield name, p.grad.detach().clone()
+
+
+def _conventional(
+    trunk: nn.Module,
+    image: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    input_grad: bool,
+    amp_dtype: torch.dtype | None,
+) -> _Result:
+    trunk.zero_grad(set_to_none=True)
+    x = image.clone().requires_grad_(input_grad)
+    with _autocast(trunk, amp_dtype):
+        out = trunk(x)
+    head(out).backward()
+    return _Result(out.detach(), dict(_grads(trunk)), x.grad if input_grad else None)
+
+
+def _streamed(
+    trunk: nn.Module,
+    image: torch.Tensor,
+    tile_shape: int | Sequence[int],
+    head: Callable[[torch.Tensor], torch.Tensor],
+    input_grad: bool,
+    amp_dtype: torch.dtype | None,
+    streaming_kwargs: dict[str, object],
+) -> tuple[_Result, int]:
+    trunk.zero_grad(set_to_none=True)
+    scnn = StreamingCNN(
+        trunk, tile_shape, input_grad=input_grad, amp_dtype=amp_dtype, **streaming_kwargs
+    )
+    out = scnn.forward(image)
+    out.requires_grad_()
+    head(out).backward()
+    g = scnn.backward(image, out.grad)
+    return _Result(out.detach(), dict(_grads(trunk)), g), scnn.tile_grid(image.shape[2:]).n_tiles
+
+
 def compare_with_conventional(
     trunk: nn.Module,
     image: torch.Tensor,
     tile_shape: int | Sequence[int],
     *,
     dtype: torch.dtype = torch.float64,
+    amp_dtype: torch.dtype | None = None,
     head: Callable[[torch.Tensor], torch.Tensor] = _head,
     input_grad: bool = True,
     **streaming_kwargs: object,
 ) -> Comparison:
-    """Run ``trunk`` conventionally and streamed on ``image``; assert every tensor agrees."""
+    """Run ``trunk`` conventionally and streamed on ``image``; assert every tensor agrees.
+
+    Args:
+        dtype: parameters and image dtype (float64 or float32).
+        amp_dtype: run both passes under autocast with this dtype (parameters stay ``dtype``);
+            judged against float64 like float32.
+    """
     trunk = trunk.to(dtype)
     image = image.to(dtype)
-
-    # Conventional backprop: the oracle.
-    trunk.zero_grad(set_to_none=True)
-    x = image.clone().requires_grad_(input_grad)
-    ref = trunk(x)
-    head(ref).backward()
-    ref_grads = {n: p.grad.clone() for n, p in trunk.named_parameters() if p.grad is not None}
-    ref_input = x.grad.clone() if input_grad else None
-    ref = ref.detach()
-
-    # Streaming.
-    trunk.zero_grad(set_to_none=True)
-    scnn = StreamingCNN(trunk, tile_shape, input_grad=input_grad, **streaming_kwargs)
-    out = scnn.forward(image)
-    out.requires_grad_()
-    head(out).backward()
-    input_g = scnn.backward(image, out.grad)
-
-    errors = Comparison(
-        n_tiles=scnn.tile_grid(image.shape[2:]).n_tiles,
-        output=assert_rel_close(out, ref, dtype, "output"),
-        param_grads={
-            name: assert_rel_close(p.grad, ref_grads[name], dtype, f"grad of {name}")
-            for name, p in trunk.named_parameters()
-            if name in ref_grads
-        },
-        input_grad=(
-            assert_rel_close(input_g, ref_input, dtype, "input grad")
-            if ref_input is not None
-            else None
-        ),
+    conv = _conventional(trunk, image, head, input_grad, amp_dtype)
+    stream, n_tiles = _streamed(
+        trunk, image, tile_shape, head, input_grad, amp_dtype, streaming_kwargs
     )
-    missing = {n for n, p in trunk.named_parameters() if p.grad is None} & set(ref_grads)
+    missing = set(conv.grads) - set(stream.grads)
     assert not missing, f"streaming left no gradient for {sorted(missing)}"
-    return errors
+    pairs = {"output": (stream.output, conv.output)}
+    pairs |= {f"grad of {n}": (stream.grads[n], g) for n, g in conv.grads.items()}
+    if input_grad:
+        pairs["input grad"] = (stream.input_grad, conv.input_grad)
+
+    if dtype == torch.float64 and amp_dtype is None:
+        errors = {what: assert_exact(s, c, what) for what, (s, c) in pairs.items()}
+        return Comparison(n_tiles, errors)
+
+    reference = copy.deepcopy(trunk).double()
+    ref = _conventional(reference, image.double(), head, input_grad, None)
+    refs = {"output": ref.output, "input grad": ref.input_grad}
+    refs |= {f"grad of {n}": g for n, g in ref.grads.items()}
+    low = amp_dtype or dtype
+    errors = {
+        what: assert_as_accurate(s, c, refs[what], low, what) for what, (s, c) in pairs.items()
+    }
+    return Comparison(n_tiles, errors)
