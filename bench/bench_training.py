@@ -17,29 +17,29 @@ from pathlib import Path
 import torch
 
 from executor import save_plan
-from executor.data import load_csv, normalize_tile
-from executor.train import TrainConfig, Trainer
-from tileplan.cli import render_report
-from tileplan.model_file import load_model_file
-from tileplan.profile import ProfileRequest, profile
-from tileplan.training import measure_run_report
+from tileplan.planning.model_file import load_model_file
+from tileplan.planning.profile import ProfileRequest, profile
+from tileplan.run.data import load_csv
+from tileplan.run.report import measure_run_report
+from tileplan.run.trainer import Trainer
+from tileplan.settings import RunSpec
+from tileplan.text import render_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def conventional_epoch(model_file: Path, data, order: list[int], config: TrainConfig) -> float:  # type: ignore[no-untyped-def]
+def conventional_epoch(model_file: Path, data, order: list[int], spec: RunSpec) -> float:  # type: ignore[no-untyped-def]
     """Seconds per image of a conventional epoch over ``order``."""
-    torch.manual_seed(config.seed)
+    torch.manual_seed(spec.seed)
     model = load_model_file(model_file).model.float().eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    mean, std = torch.tensor(config.mean), torch.tensor(config.std)
+    optimizer = spec.make_optimizer(model.parameters())
     start = time.perf_counter()
-    for i in range(0, len(order), config.batch):
+    for i in range(0, len(order), spec.batch):
         optimizer.zero_grad(set_to_none=True)
-        batch = order[i : i + config.batch]
+        batch = order[i : i + spec.batch]
         for index in batch:
             image, label = data[index]
-            x = normalize_tile(image.unsqueeze(0), mean, std, torch.float32)
+            x = spec.normalization.apply(image.unsqueeze(0))
             loss = torch.nn.functional.cross_entropy(model(x), label.reshape(1).long())
             (loss / len(batch)).backward()
         optimizer.step()
@@ -53,10 +53,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "examples" / "resnet18.py")
     parser.add_argument("--budget", default=None, help="e.g. 2GiB: force smaller tiles")
     args = parser.parse_args()
-    from executor.demo_data import write_demo_dataset
+    from tileplan.run.demo_data import write_demo_dataset
     from tileplan.units import parse_bytes
 
-    config = TrainConfig(epochs=1, lr=1e-4, batch=4, num_workers=0, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_demo_dataset(root / "demo", n=args.n, size=args.size, seed=0)
@@ -64,15 +63,16 @@ def main() -> None:
         plan = profile(ProfileRequest(model_file=args.model, image_shape=(args.size, args.size),
                                       budget_bytes=budget, verify=False))  # fmt: skip
         save_plan(plan, root / "plan.yaml")
+        spec = RunSpec.from_plan(plan, epochs=1, lr=1e-4, batch=4, num_workers=0, seed=0)
         data = load_csv(root / "demo" / "train.csv", target_shape=plan.image_shape_px)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(spec.seed)
         loaded = load_model_file(args.model)
         trainer = Trainer(model=loaded.model, trunk=loaded.trunk, head=loaded.head, plan=plan,
-                          train_data=data, val_data=None, config=config, out_dir=root / "run",
+                          spec=spec, train_data=data, val_data=None, out_dir=root / "run",
                           device=torch.device("cpu"))  # fmt: skip
         history = trainer.fit(progress=False)
-        streamed = history[-1]["seconds_per_image"]
-        conventional = conventional_epoch(args.model, data, trainer._order(0), config)
+        streamed = history[-1].seconds_per_image
+        conventional = conventional_epoch(args.model, data, trainer.order(0), spec)
         report = measure_run_report(run="bench", plan=plan, model_file=args.model, device="cpu",
                                     time_per_image_s=streamed)  # fmt: skip
     tiles = trainer.scnn.tile_grid(plan.image_shape_px)

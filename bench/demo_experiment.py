@@ -21,25 +21,25 @@ from pathlib import Path
 import torch
 
 from executor import load_plan
-from executor.data import load_csv, normalize_tile
-from executor.demo_data import write_demo_dataset
-from executor.train import TrainConfig, Trainer, binary_auc
-from tileplan.model_file import load_model_file
-from tileplan.profile import ProfileRequest, profile
+from tileplan.planning.model_file import load_model_file
+from tileplan.planning.profile import ProfileRequest, profile
+from tileplan.run.data import load_csv
+from tileplan.run.demo_data import write_demo_dataset
+from tileplan.run.trainer import Trainer, binary_auc
+from tileplan.settings import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "small_cnn.py"
 
 
-def downsampled_run(train, val, config: TrainConfig, factor: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def downsampled_run(train, val, config: RunSpec, factor: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """Conventional training on images average-pooled by ``factor``; (val AUC, s/epoch)."""
     torch.manual_seed(config.seed)
     model = load_model_file(MODEL).model.float().eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    mean, std = torch.tensor(config.mean), torch.tensor(config.std)
+    optimizer = config.make_optimizer(model.parameters())
 
     def small(image: torch.Tensor) -> torch.Tensor:
-        x = normalize_tile(image.unsqueeze(0), mean, std, torch.float32)
+        x = config.normalization.apply(image.unsqueeze(0))
         return torch.nn.functional.avg_pool2d(x, factor)
 
     gen = torch.Generator().manual_seed(config.seed)
@@ -68,7 +68,6 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--factor", type=int, default=16)
     args = parser.parse_args()
-    config = TrainConfig(epochs=args.epochs, lr=1e-3, batch=4, num_workers=0, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_demo_dataset(root / "demo", n=args.n, size=args.size, seed=0)
@@ -79,16 +78,18 @@ def main() -> None:
 
         save_plan(plan, root / "plan.yaml")
         plan = load_plan(root / "plan.yaml")
+        config = RunSpec.from_plan(plan, epochs=args.epochs, lr=1e-3, batch=4, num_workers=0,
+                                   seed=0)  # fmt: skip
         train = load_csv(root / "demo" / "train.csv", target_shape=plan.image_shape_px)
         val = load_csv(root / "demo" / "val.csv", target_shape=plan.image_shape_px)
         torch.manual_seed(config.seed)
         loaded = load_model_file(MODEL)
         trainer = Trainer(model=loaded.model, trunk=loaded.trunk, head=loaded.head, plan=plan,
-                          train_data=train, val_data=val, config=config, out_dir=root / "run",
+                          spec=config, train_data=train, val_data=val, out_dir=root / "run",
                           device=torch.device("cpu"))  # fmt: skip
         history = trainer.fit(progress=False)
-        full_auc = history[-1]["val_auc"]
-        full_s = sum(h["seconds"] for h in history) / len(history)
+        full_auc = history[-1].val_auc
+        full_s = sum(h.seconds for h in history) / len(history)
         low_auc, low_s = downsampled_run(train, val, config, args.factor)
     tiles = trainer.scnn.tile_grid(plan.image_shape_px).n_tiles
     print(f"{args.n} images of {args.size}² px, {args.epochs} epochs, {len(val)} validation")
@@ -96,7 +97,7 @@ def main() -> None:
           f"{full_s:.1f} s/epoch")  # fmt: skip
     print(f"downsampled {args.factor}x to {args.size // args.factor}² px, conventional: "
           f"val AUC {low_auc:.3f}, {low_s:.1f} s/epoch")  # fmt: skip
-    print("loss per epoch (streamed):", [round(h["train_loss"], 3) for h in history])
+    print("loss per epoch (streamed):", [round(h.train_loss, 3) for h in history])
 
 
 if __name__ == "__main__":

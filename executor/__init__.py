@@ -1,48 +1,84 @@
-"""executor: the streaming engine of tileplan.
+"""executor: the streaming engine of tileplan, and the plan contract it runs.
 
-Public API::
+Everything outside this package uses only the names exported here::
 
-    from executor import StreamingCNN, analyze_trunk
+    from executor import StreamingCNN, analyze_trunk, load_plan
 """
 
-from executor.errors import GeometryError, StreamingError, UnsupportedLayerError
-from executor.geometry import AxisGeometry, AxisTile, Tile, TileGrid, TrunkGeometry
+from executor.errors import ContractError, GeometryError, StreamingError, UnsupportedLayerError
+from executor.fileio import atomic_write
+from executor.geometry import (
+    AxisGeometry,
+    AxisTile,
+    Tile,
+    TileGrid,
+    TrunkGeometry,
+    analyze_trunk,
+    build_tile_grid,
+)
 from executor.plan import (
+    OPTIMIZER_NAMES,
     SCHEMA_VERSION,
     Candidate,
+    LayerMemory,
     MemoryBreakdown,
+    ModelIdentity,
+    OptimizerName,
     Plan,
     PlanError,
+    Provenance,
+    TimeFit,
+    TimeSample,
+    Verification,
+    VerifyStatus,
     check_plan_matches,
-    dtype_of,
     load_plan,
     save_plan,
     trunk_fingerprint,
 )
+from executor.precision import DTYPE_NAMES, DtypeName, Precision
+from executor.serde import from_data, to_data, to_yaml
 from executor.steps import streaming_step
-from executor.streaming import StreamingCNN, analyze_trunk, spatial_tile_shape
+from executor.streaming import StreamingCNN, spatial_tile_shape
 
 __all__ = [
+    "DTYPE_NAMES",
+    "OPTIMIZER_NAMES",
     "SCHEMA_VERSION",
     "AxisGeometry",
     "AxisTile",
     "Candidate",
+    "ContractError",
+    "DtypeName",
+    "GeometryError",
+    "LayerMemory",
     "MemoryBreakdown",
+    "ModelIdentity",
+    "OptimizerName",
     "Plan",
     "PlanError",
-    "check_plan_matches",
-    "dtype_of",
-    "load_plan",
-    "save_plan",
-    "trunk_fingerprint",
-    "GeometryError",
+    "Precision",
+    "Provenance",
     "StreamingCNN",
     "StreamingError",
     "Tile",
     "TileGrid",
+    "TimeFit",
+    "TimeSample",
     "TrunkGeometry",
     "UnsupportedLayerError",
+    "Verification",
+    "VerifyStatus",
     "analyze_trunk",
+    "atomic_write",
+    "build_tile_grid",
+    "check_plan_matches",
+    "from_data",
+    "load_plan",
+    "save_plan",
     "spatial_tile_shape",
     "streaming_step",
+    "to_data",
+    "to_yaml",
+    "trunk_fingerprint",
 ]

@@ -6,7 +6,7 @@ Every error names what is wrong and how to fix it in one line, so that the CLI c
 
 from __future__ import annotations
 
-__all__ = ["GeometryError", "StreamingError", "UnsupportedLayerError"]
+__all__ = ["ContractError", "GeometryError", "StreamingError", "UnsupportedLayerError"]
 
 
 class StreamingError(Exception):
@@ -31,3 +31,11 @@ class UnsupportedLayerError(StreamingError):
 
 class GeometryError(StreamingError):
     """The tile or image shape does not fit the trunk's geometry."""
+
+
+class ContractError(StreamingError, ValueError):
+    """A typed record (plan, report, checkpoint metadata) is malformed or breaks an invariant.
+
+    Raised when a record is built in code and when one is read from a file, naming the key
+    path and what is wrong.
+    """

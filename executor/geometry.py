@@ -29,10 +29,15 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from executor.errors import GeometryError, UnsupportedLayerError
-from executor.graph import SpatialGraph
+from torch import nn
 
-__all__ = ["AxisGeometry", "AxisTile", "Tile", "TileGrid", "TrunkGeometry"]
+from executor.errors import GeometryError, UnsupportedLayerError
+from executor.graph import SpatialGraph, trace_trunk
+
+__all__ = [
+    "AxisGeometry", "AxisTile", "Tile", "TileGrid", "TrunkGeometry", "analyze_trunk",
+    "build_tile_grid",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,26 +335,11 @@ class TrunkGeometry:
         """
         self._check_rank(image_shape)
         self._check_rank(tile_shape)
-        out_shape = self.output_shape(image_shape)
-        axes, aligned = [], []
-        for axis, (n, t) in enumerate(zip(image_shape, tile_shape, strict=True)):
-            if out_shape[axis] < 1:
-                raise GeometryError(
-                    f"an image of {n} px along axis {axis} gives an empty output; the trunk "
-                    f"needs at least {self.receptive_field[axis]} px"
-                )
-            geometry = self.axis(axis)
-            t_aligned = geometry.aligned_tile(n, t)
-            try:
-                tiles = geometry.tiles(n, out_shape[axis], t_aligned)
-            except GeometryError as err:
-                raise GeometryError(f"along axis {axis}: {err}") from None
+        axes = tuple(self.axis(ax) for ax in range(self.n_axes))
+        grid = build_tile_grid(axes, image_shape, self.output_shape(image_shape), tile_shape)
+        for axis, (n, tiles) in enumerate(zip(image_shape, grid.axes, strict=True)):
             self._check_crops(axis, n, tiles)
-            axes.append(tiles)
-            aligned.append(t_aligned)
-        return TileGrid(
-            tuple(image_shape), out_shape, tuple(aligned), tuple(axes), self.output_stride
-        )
+        return grid
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -370,6 +360,72 @@ class TrunkGeometry:
                     f"outputs, fewer than the {t.out_stop - t.in_start // s} it must own; "
                     "this trunk's padding is not supported for streaming"
                 )
+
+
+def analyze_trunk(trunk: nn.Module, n_axes: int = 2) -> TrunkGeometry:
+    """Trace ``trunk`` and derive its exact streaming geometry without running it.
+
+    Args:
+        trunk: the streamable part of the network (traced, never modified).
+        n_axes: spatial axes of its input: 2 for images, 3 for volumes.
+
+    Raises:
+        UnsupportedLayerError: the trunk holds an op that cannot be streamed exactly.
+
+    Example:
+        >>> geometry = analyze_trunk(trunk)
+        >>> geometry.tile_grid((8192, 8192), (2048, 2048)).n_tiles
+    """
+    return TrunkGeometry.from_graph(trace_trunk(trunk, n_axes))
+
+
+def build_tile_grid(
+    axes: Sequence[AxisGeometry],
+    image_shape: Sequence[int],
+    output_shape: Sequence[int],
+    tile_shape: Sequence[int],
+) -> TileGrid:
+    """The balanced tile grid from per-axis numbers alone (no model needed).
+
+    This is the one rule for tile grids: ``TrunkGeometry.tile_grid`` uses it with the trunk's
+    numbers, and a plan (``executor.Plan.tile_grid``) with the numbers it recorded, so both
+    give the tiles that the executor runs.
+
+    Args:
+        axes: the tiling numbers of each spatial axis.
+        image_shape: spatial shape of the image (px).
+        output_shape: the trunk's output shape for it (positions).
+        tile_shape: largest crop per axis (px), aligned down to each axis's ``align``.
+
+    Raises:
+        GeometryError: the output is empty, or a tile cannot own even one output position.
+    """
+    shapes = (image_shape, output_shape, tile_shape)
+    if any(len(s) != len(axes) for s in shapes):
+        raise GeometryError(
+            f"image {tuple(image_shape)}, output {tuple(output_shape)} and tile "
+            f"{tuple(tile_shape)} must each have {len(axes)} spatial sizes"
+        )
+    tiles, aligned = [], []
+    for axis, (geometry, n, n_out, t) in enumerate(
+        zip(axes, image_shape, output_shape, tile_shape, strict=True)
+    ):
+        if n_out < 1:
+            rf = geometry.halo_lo + geometry.halo_hi + 1
+            raise GeometryError(
+                f"an image of {n} px along axis {axis} gives an empty output; the trunk "
+                f"needs at least {rf} px"
+            )
+        t_aligned = geometry.aligned_tile(n, t)
+        try:
+            tiles.append(geometry.tiles(n, n_out, t_aligned))
+        except GeometryError as err:
+            raise GeometryError(f"along axis {axis}: {err}") from None
+        aligned.append(t_aligned)
+    return TileGrid(
+        tuple(image_shape), tuple(output_shape), tuple(aligned), tuple(tiles),
+        tuple(g.stride for g in axes),
+    )  # fmt: skip
 
 
 def _intervals(graph: SpatialGraph, axis: int, lo: int, hi: int) -> list[tuple[int, int]]:

@@ -5,45 +5,80 @@ was predicted (and measured) to cost. It records where it came from (tool, torch
 and a fingerprint of the trunk's architecture, so a plan made for another model, image shape or
 dtype is refused with a clear message rather than silently mis-used.
 
-Keys carry units (``_px``, ``_bytes``, ``_s``). ``save_plan`` writes atomically and
-``load_plan(save_plan(p))`` returns a plan equal to ``p``.
+Every record here is a frozen dataclass with typed fields whose keys carry units (``_px``,
+``_bytes``, ``_s``); each checks its invariants when it is built, in code or from a file (see
+``executor.serde``), so a plan whose numbers contradict each other cannot exist. The tile grids
+a plan states are re-derived from its own geometry when it is built, and from the model by
+``check_plan_matches`` (``tileplan validate``, ``StreamingCNN.from_plan``), so an edited or
+stale plan is refused.
+
+``save_plan`` writes atomically and ``load_plan(save_plan(p))`` returns a plan equal to ``p``.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-import torch
 import yaml
 from torch import nn
 
-from executor.errors import StreamingError
+from executor.errors import ContractError, GeometryError
 from executor.fileio import atomic_write
+from executor.geometry import (
+    AxisGeometry,
+    TileGrid,
+    TrunkGeometry,
+    analyze_trunk,
+    build_tile_grid,
+)
+from executor.precision import DtypeName, Precision
+from executor.serde import from_data, to_data, to_yaml
 
 __all__ = [
+    "OPTIMIZER_NAMES",
     "SCHEMA_VERSION",
     "Candidate",
+    "LayerMemory",
     "MemoryBreakdown",
+    "ModelIdentity",
+    "OptimizerName",
     "Plan",
     "PlanError",
+    "Provenance",
+    "TimeFit",
+    "TimeSample",
+    "Verification",
+    "VerifyStatus",
     "check_plan_matches",
-    "dtype_of",
     "load_plan",
     "save_plan",
     "trunk_fingerprint",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+OptimizerName = Literal["adam", "adamw", "sgd"]
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 
 
-class PlanError(StreamingError):
-    """A plan file is unreadable, malformed, or made for something else."""
+class PlanError(ContractError):
+    """A plan file is unreadable, malformed, inconsistent, or made for something else."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise PlanError(message)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(v) for v in shape)
 
 
 def trunk_fingerprint(trunk: nn.Module) -> str:
@@ -60,6 +95,37 @@ def trunk_fingerprint(trunk: nn.Module) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    """Where a plan came from."""
+
+    tool: str  # e.g. "tileplan 0.2.0"
+    torch: str  # torch version
+    device: str  # "cpu" or "cuda:N"
+    device_name: str
+    device_total_bytes: int  # 0 when planned for a device that was not present
+    created: str  # ISO 8601, UTC
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelIdentity:
+    """Which model and split a plan is for."""
+
+    file: str  # the model file as given to `tileplan profile`
+    entry: str  # "build_model()" or "model"
+    split: str  # where the trunk ends, in words
+    split_option: str  # the --split option ("auto" or a module name), to split it again
+    trunk_class: str
+    model_class: str
+    parameter_count: int
+    trunk_fingerprint: str  # see trunk_fingerprint()
+
+
 @dataclass(frozen=True, kw_only=True)
 class MemoryBreakdown:
     """Peak memory of one streaming step, by category (bytes)."""
@@ -67,89 +133,412 @@ class MemoryBreakdown:
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
-    image_bytes: int
+    image_bytes: int  # the whole image, when it lives in the device's memory (CPU)
     output_bytes: int  # the trunk's full output map ...
     output_grad_bytes: int  # ... and its gradient
     head_bytes: int  # the head's activations and transients
     tile_forward_bytes: int  # one no-grad forward tile's transient peak
     tile_backward_bytes: int  # one tile's forward-with-grad + backward peak
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _require(value >= 0, f"{f.name} is {value}; memory cannot be negative")
+
     @property
     def total_bytes(self) -> int:
         """Predicted peak: state and maps plus the larger of the two tile phases."""
-        fixed = (
-            self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.image_bytes
-            + self.output_bytes + self.output_grad_bytes + self.head_bytes
-        )  # fmt: skip
-        return fixed + max(self.tile_forward_bytes, self.tile_backward_bytes)
+        return sum(self.categories().values())
+
+    def categories(self) -> dict[str, int]:
+        """The peak by category, named for people, in display order; sums to the total."""
+        return {
+            "parameters": self.params_bytes,
+            "gradients": self.grads_bytes,
+            "optimizer state": self.optimizer_bytes,
+            "image": self.image_bytes,
+            "trunk output + gradient": self.output_bytes + self.output_grad_bytes,
+            "head": self.head_bytes,
+            "tile activations": max(self.tile_forward_bytes, self.tile_backward_bytes),
+        }
 
     def scaled(self, factor: float) -> MemoryBreakdown:
         """Tile activations scaled by a calibration ``factor`` (measured ÷ estimated)."""
-        return MemoryBreakdown(
-            **{
-                **asdict(self),
-                "tile_forward_bytes": round(self.tile_forward_bytes * factor),
-                "tile_backward_bytes": round(self.tile_backward_bytes * factor),
-            }
+        return replace(
+            self,
+            tile_forward_bytes=round(self.tile_forward_bytes * factor),
+            tile_backward_bytes=round(self.tile_backward_bytes * factor),
         )
 
 
 @dataclass(frozen=True, kw_only=True)
-class Candidate:
-    """One tile shape the planner considered."""
+class TimeSample:
+    """One timed crop: input pixels (batch included) and seconds per pass."""
 
-    tile_px: tuple[int, ...]
+    crop_px: int
+    forward_s: float  # no-grad forward
+    step_s: float  # forward with grad + backward
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeFit:
+    """Seconds per tile as ``a + b * pixels``, fitted to timings on the device.
+
+    ``forward``: a no-grad forward tile; ``step``: a backward-pass tile (forward with grad,
+    then backward).
+    """
+
+    device_name: str
+    forward_a_s: float
+    forward_b_s_per_px: float
+    step_a_s: float
+    step_b_s_per_px: float
+    samples: tuple[TimeSample, ...]
+
+    def __post_init__(self) -> None:
+        coefficients = (
+            self.forward_a_s, self.forward_b_s_per_px, self.step_a_s, self.step_b_s_per_px,
+        )  # fmt: skip
+        _require(min(coefficients) >= 0, "time fit coefficients must be >= 0")
+        _require(bool(self.samples), "a time fit needs at least one timed crop")
+
+    def forward_s(self, pixels: int) -> float:
+        return self.forward_a_s + self.forward_b_s_per_px * pixels
+
+    def step_s(self, pixels: int) -> float:
+        return self.step_a_s + self.step_b_s_per_px * pixels
+
+    def predict(self, forward: TileGrid, backward: TileGrid, batch: int = 1) -> float:
+        """Seconds per image: every forward tile, every backward tile (forward again with grad
+        + backward), less the forward of the last tile when its graph is cached (the
+        executor's ``cache_last_tile``: same grid in both passes)."""
+        f = [math.prod(t.input_shape) * batch for t in forward]
+        b = [math.prod(t.input_shape) * batch for t in backward]
+        total = sum(map(self.forward_s, f)) + sum(map(self.step_s, b))
+        if forward.tile_shape == backward.tile_shape:
+            total -= self.forward_s(f[-1])
+        return total
+
+
+class VerifyStatus(str, enum.Enum):
+    """How the chosen plan was checked on the device."""
+
+    VERIFIED = "verified"  # one real training step ran within the usable budget
+    TOO_SLOW = "too_slow"  # not run: predicted to take longer than the verify limit
+    OFF = "off"  # not run: turned off (--no-verify, or --no-measure)
+    FAILED = "failed"  # candidates failed their real step; this one was not checked
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verification:
+    """The outcome of verifying the chosen plan with a real step.
+
+    Attributes:
+        status: what happened.
+        device: where the step ran (VERIFIED).
+        peak_bytes: the step's measured peak (VERIFIED).
+        step_s: the step's time (VERIFIED).
+        limit_s: the verify limit that a predicted step exceeded (TOO_SLOW).
+        error: why the last tried candidate failed (FAILED).
+    """
+
+    status: VerifyStatus
+    device: str | None = None
+    peak_bytes: int | None = None
+    step_s: float | None = None
+    limit_s: float | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        needs = {
+            VerifyStatus.VERIFIED: ("device", "peak_bytes", "step_s"),
+            VerifyStatus.TOO_SLOW: ("limit_s",),
+            VerifyStatus.FAILED: ("error",),
+            VerifyStatus.OFF: (),
+        }[self.status]
+        for name in needs:
+            _require(
+                getattr(self, name) is not None, f"verification '{self.status.value}' needs {name}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One tile shape the planner considered (its forward pass uses the same tile)."""
+
+    tile_px: tuple[int, ...]  # aligned tile, px per axis
     grid: tuple[int, ...]  # tiles per axis
     n_tiles: int
-    overlap_factor: float  # pixels processed ÷ image pixels, per pass
+    overlap_factor: float  # pixels processed ÷ image pixels, per pass (4 decimals)
     memory: MemoryBreakdown  # estimate (calibrated when a calibration was measured)
-    estimated_peak_bytes: int
+    estimated_peak_bytes: int  # == memory.total_bytes
     measured_peak_bytes: int | None = None  # a whole real streaming step
     measured_tile_bytes: int | None = None  # one real backward tile (activations)
-    predicted_time_s: float
-    fits: bool
+    predicted_time_s: float | None  # None when no time fit was measured
+    fits: bool  # predicted (or measured) peak within the usable budget, and not failed
+
+    def __post_init__(self) -> None:
+        label = _shape_text(self.tile_px)
+        _require(len(self.grid) == len(self.tile_px), f"candidate {label}: grid rank differs")
+        _require(
+            self.n_tiles == math.prod(self.grid),
+            f"candidate {label}: n_tiles {self.n_tiles} != product of grid "
+            f"{_shape_text(self.grid)}",
+        )
+        _require(
+            self.estimated_peak_bytes == self.memory.total_bytes,
+            f"candidate {label}: estimated_peak_bytes {self.estimated_peak_bytes} != the "
+            f"sum of its memory categories {self.memory.total_bytes}",
+        )
+        _require(
+            self.overlap_factor >= 1.0,
+            f"candidate {label}: overlap_factor {self.overlap_factor} < 1",
+        )
+
+    @property
+    def peak_bytes(self) -> int:
+        """The peak to plan with: measured when a real step was measured, else estimated."""
+        if self.measured_peak_bytes is not None:
+            return self.measured_peak_bytes
+        return self.estimated_peak_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerMemory:
+    """One trunk layer's output memory: for the whole image and for one tile."""
+
+    name: str
+    channels: int
+    full_bytes: int
+    tile_bytes: int
 
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """A streaming plan for one model, image shape and dtype."""
+    """A streaming plan for one model, image shape and dtype.
+
+    Geometry (``output_stride_px``, halos, ``align_px``, ``output_shape``) is the trunk's, as
+    ``executor.analyze_trunk`` derives it; ``tile_grid`` rebuilds any of its grids from these
+    numbers alone.
+    """
 
     schema_version: int = SCHEMA_VERSION
-    provenance: dict[str, Any]
-    model: dict[str, Any]  # file, split, trunk class, parameter_count, trunk_fingerprint
+    provenance: Provenance
+    model: ModelIdentity
     image_shape_px: tuple[int, ...]
     channels: int
     batch: int = 1
-    dtype: str
-    optimizer: str
+    dtype: DtypeName
+    optimizer: OptimizerName
     output_stride_px: tuple[int, ...]
     halo_lo_px: tuple[int, ...]
     halo_hi_px: tuple[int, ...]
-    align_px: tuple[int, ...] = ()  # crop origins are multiples of this (default: the stride)
-    output_shape: tuple[int, ...]
+    align_px: tuple[int, ...]  # crop origins are multiples of this
+    output_shape: tuple[int, ...]  # the trunk's output for the image, positions per axis
     budget_bytes: int
-    margin: float
-    tile_px: tuple[int, ...]
-    forward_tile_px: tuple[int, ...]
-    predicted_peak_bytes: int
-    predicted_time_s: float
-    measured_peak_bytes: int | None = None
-    verified: str = "no"  # how the chosen plan was checked on the device, in words
-    calibration_factor: float | None = None  # measured ÷ estimated tile activations
-    time_source: str = ""  # where predicted times come from
+    margin: float  # fraction of the budget kept free
+    tile_px: tuple[int, ...]  # backward-pass tile (aligned)
+    forward_tile_px: tuple[int, ...]  # no-grad forward-pass tile (aligned)
+    predicted_peak_bytes: int  # the chosen candidate's estimated peak
+    predicted_time_s: float | None  # None when no time fit was measured
+    measured_peak_bytes: int | None = None  # the chosen candidate's measured step peak
+    verification: Verification
+    calibration_factor: float | None = None  # measured ÷ estimated tile activations, >= 1
+    time_fit: TimeFit | None = None
     conventional_peak_bytes: int
     conventional_measured: bool = False
     candidates: tuple[Candidate, ...] = field(default_factory=tuple)
-    # Per layer of the trunk: name, channels, output bytes at the full image and at one tile.
-    layers: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    layers: tuple[LayerMemory, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.schema_version == SCHEMA_VERSION,
+            f"schema_version {self.schema_version} is not {SCHEMA_VERSION}",
+        )
+        self._check_shapes()
+        _require(self.budget_bytes > 0, "budget_bytes must be positive")
+        _require(0.0 <= self.margin < 1.0, f"margin {self.margin} must be in [0, 1)")
+        _require(self.conventional_peak_bytes > 0, "conventional_peak_bytes must be positive")
+        _require(
+            self.calibration_factor is None or self.calibration_factor >= 1.0,
+            "calibration_factor must be >= 1 (estimates count every live tensor)",
+        )
+        timed = [c.predicted_time_s is not None for c in self.candidates]
+        timed.append(self.predicted_time_s is not None)
+        _require(
+            all(t == (self.time_fit is not None) for t in timed),
+            "predicted times need a time_fit, and a time_fit needs predicted times",
+        )
+        self._check_candidates()
+        self._check_chosen()
+
+    # -- invariants ---------------------------------------------------------------------------
+
+    def _check_shapes(self) -> None:
+        n = len(self.image_shape_px)
+        _require(n >= 1, "image_shape_px is empty")
+        per_axis = (
+            "image_shape_px", "output_stride_px", "halo_lo_px", "halo_hi_px", "align_px",
+            "output_shape", "tile_px", "forward_tile_px",
+        )  # fmt: skip
+        for name in per_axis:
+            value = getattr(self, name)
+            _require(len(value) == n, f"{name} has {len(value)} axes, image_shape_px {n}")
+            low = 0 if name.startswith("halo") else 1
+            _require(min(value) >= low, f"{name} {list(value)} must be >= {low}")
+        _require(self.channels >= 1 and self.batch >= 1, "channels and batch must be >= 1")
+        for stride, align in zip(self.output_stride_px, self.align_px, strict=True):
+            _require(align % stride == 0, f"align_px {align} is not a multiple of the stride")
+
+    def _check_candidates(self) -> None:
+        usable = self.usable_bytes
+        for c in self.candidates:
+            label = _shape_text(c.tile_px)
+            _require(len(c.tile_px) == len(self.image_shape_px), f"candidate {label}: rank")
+            try:
+                grid = self.tile_grid(c.tile_px)
+            except GeometryError as err:
+                raise PlanError(f"candidate {label}: {err}") from None
+            _require(
+                grid.tile_shape == c.tile_px,
+                f"candidate {label} is not aligned (the grid's tile is "
+                f"{_shape_text(grid.tile_shape)})",
+            )
+            _require(
+                grid.counts == c.grid,
+                f"candidate {label} states {_shape_text(c.grid)} tiles, its geometry gives "
+                f"{_shape_text(grid.counts)}",
+            )
+            _require(
+                round(grid.overlap_factor, 4) == c.overlap_factor,
+                f"candidate {label} states overlap {c.overlap_factor}, its geometry gives "
+                f"{round(grid.overlap_factor, 4)}",
+            )
+            _require(
+                not c.fits or c.peak_bytes <= usable,
+                f"candidate {label} is marked as fitting but its peak {c.peak_bytes} "
+                f"exceeds the usable {usable} bytes",
+            )
+
+    def _check_chosen(self) -> None:
+        try:
+            self.tile_grid(self.tile_px)
+            self.tile_grid(self.forward_tile_px, forward=True)
+        except GeometryError as err:
+            raise PlanError(f"the chosen tiles do not fit the geometry: {err}") from None
+        chosen = self.chosen
+        if self.candidates:
+            _require(
+                chosen is not None,
+                f"tile_px {_shape_text(self.tile_px)} is not one of the candidates",
+            )
+            assert chosen is not None
+            _require(chosen.fits, f"the chosen tile {_shape_text(self.tile_px)} does not fit")
+            _require(
+                self.predicted_peak_bytes == chosen.estimated_peak_bytes,
+                f"predicted_peak_bytes {self.predicted_peak_bytes} != the chosen "
+                f"candidate's estimate {chosen.estimated_peak_bytes}",
+            )
+            _require(
+                self.measured_peak_bytes == chosen.measured_peak_bytes,
+                "measured_peak_bytes differs from the chosen candidate's",
+            )
+        if self.verification.status == VerifyStatus.VERIFIED:
+            _require(
+                self.measured_peak_bytes == self.verification.peak_bytes,
+                "a verified plan's measured_peak_bytes is the verification's peak",
+            )
+
+    # -- derived values -----------------------------------------------------------------------
+
+    @property
+    def n_axes(self) -> int:
+        return len(self.image_shape_px)
 
     @property
     def usable_bytes(self) -> int:
+        """The budget less the margin: what a plan's peak must stay under."""
         return math.floor(self.budget_bytes * (1.0 - self.margin))
 
+    @property
+    def precision(self) -> Precision:
+        return Precision.of(self.dtype)
+
+    @property
+    def chosen(self) -> Candidate | None:
+        """The candidate of the chosen tile (None for a plan without candidates)."""
+        return next((c for c in self.candidates if c.tile_px == self.tile_px), None)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The chosen plan's peak: measured when verified, else the (calibrated) estimate."""
+        if self.measured_peak_bytes is not None:
+            return self.measured_peak_bytes
+        return self.predicted_peak_bytes
+
+    def axes(self) -> tuple[AxisGeometry, ...]:
+        """The recorded tiling numbers per axis."""
+        numbers = zip(
+            self.output_stride_px, self.halo_lo_px, self.halo_hi_px, self.align_px, strict=True
+        )
+        return tuple(AxisGeometry(s, lo, hi, a) for s, lo, hi, a in numbers)
+
+    def tile_grid(self, tile: Sequence[int] | None = None, *, forward: bool = False) -> TileGrid:
+        """A tile grid over the plan's image from its recorded geometry (no model needed).
+
+        Args:
+            tile: the tile (px); default the plan's backward tile, or its forward tile with
+                ``forward=True``.
+
+        Raises:
+            GeometryError: the tile does not fit the geometry.
+        """
+        if tile is None:
+            tile = self.forward_tile_px if forward else self.tile_px
+        return build_tile_grid(self.axes(), self.image_shape_px, self.output_shape, tile)
+
+    def check_geometry(self, geometry: TrunkGeometry) -> None:
+        """Refuse a plan whose geometry is not the trunk's (an edited or stale plan).
+
+        Re-derives the output stride, halos, alignment and output shape from the trunk; the
+        candidates' grids and overlaps were checked against those numbers when the plan was
+        built, so they follow.
+
+        Raises:
+            PlanError: one line naming the first number that differs.
+        """
+        try:
+            output_shape = geometry.output_shape(self.image_shape_px)
+        except GeometryError as err:
+            raise PlanError(f"the plan's image does not fit this trunk: {err}") from None
+        derived = {
+            "output_stride_px": geometry.output_stride,
+            "halo_lo_px": geometry.halo_lo,
+            "halo_hi_px": geometry.halo_hi,
+            "align_px": geometry.align,
+            "output_shape": output_shape,
+        }
+        for name, value in derived.items():
+            stated = getattr(self, name)
+            if tuple(stated) != tuple(value):
+                raise PlanError(
+                    f"the plan states {name} {list(stated)} but the model gives {list(value)} "
+                    f"for {_shape_text(self.image_shape_px)} px; the plan is stale or edited: "
+                    "re-run `tileplan profile`"
+                )
+        for tile in (self.tile_px, self.forward_tile_px):
+            try:
+                geometry.tile_grid(self.image_shape_px, tile)
+            except GeometryError as err:
+                raise PlanError(
+                    f"tile {_shape_text(tile)} does not fit this trunk: {err}"
+                ) from None
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-able dict (tuples as lists), keys in a readable order."""
-        return _plain(asdict(self))
+        """Plain YAML-able dict, keys in field order."""
+        return to_data(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
@@ -163,53 +552,26 @@ class Plan:
                 "re-run `tileplan profile` to make a new plan"
             )
         try:
-            values = _typed(cls, data)
-            values["candidates"] = tuple(
-                Candidate(**{**_typed(Candidate, c), "memory": MemoryBreakdown(**c["memory"])})
-                for c in data.get("candidates", ())
-            )
-            return cls(**values)
-        except (KeyError, TypeError, ValueError) as err:
-            raise PlanError(f"plan file is malformed ({err}); re-run `tileplan profile`") from err
+            return from_data(cls, data, where="plan")
+        except ContractError as err:
+            raise PlanError(f"plan is invalid ({err}); re-run `tileplan profile`") from None
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    for kind in (bool, int, float, str):  # e.g. torch's TorchVersion is a str subclass
-        if isinstance(value, kind):
-            return kind(value)
-    return value
-
-
-def _typed(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    """Field values of ``cls`` from ``data``: lists back to tuples, unknown keys refused."""
-    names = {f.name for f in fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise KeyError(f"unknown keys {sorted(unknown)}")
-    out: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue  # dataclass defaults or a TypeError for required fields
-        value = data[f.name]
-        out[f.name] = tuple(value) if isinstance(value, list) and "tuple" in str(f.type) else value
-    return out
-
-
-def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
-    """Write ``plan`` as YAML atomically (a crash never leaves a half-written plan)."""
-    text = _HEADER + yaml.safe_dump(plan.to_dict(), sort_keys=False, width=100)
-    return atomic_write(path, lambda f: f.write(text.encode()))
-
+# --------------------------------------------------------------------------------------------
+# Files and matching
+# --------------------------------------------------------------------------------------------
 
 _HEADER = "# tileplan streaming plan: see `tileplan validate` and `tileplan view`\n"
 
 
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
+    """Write ``plan`` as YAML atomically (a crash never leaves a half-written plan)."""
+    text = to_yaml(plan.to_dict(), header=_HEADER)
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def load_plan(path: str | os.PathLike[str]) -> Plan:
-    """Read a plan file; every problem is a one-line ``PlanError``."""
+    """Read a plan file; every problem is a one-line ``PlanError`` naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -224,53 +586,42 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0]
         raise PlanError(f"plan file '{path}' is not valid YAML ({first})") from err
-    return Plan.from_dict(data)
-
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}  # fmt: skip
+    try:
+        return Plan.from_dict(data)
+    except PlanError as err:
+        raise PlanError(f"'{path}': {err}") from None
 
 
 def check_plan_matches(
     plan: Plan,
     trunk: nn.Module,
     *,
-    image_shape: tuple[int, ...] | None = None,
-    dtype: str | torch.dtype | None = None,
+    image_shape: Sequence[int] | None = None,
+    dtype: str | Any | None = None,
 ) -> None:
-    """Refuse a plan made for another trunk, image shape or dtype.
+    """Refuse a plan made for another trunk, geometry, image shape or dtype.
 
     Raises:
         PlanError: one line naming what differs and what to do.
+        UnsupportedLayerError: the trunk cannot be streamed at all.
     """
     fingerprint = trunk_fingerprint(trunk)
-    if plan.model.get("trunk_fingerprint") != fingerprint:
+    if plan.model.trunk_fingerprint != fingerprint:
         raise PlanError(
             f"plan was made for a different model (trunk fingerprint "
-            f"{plan.model.get('trunk_fingerprint')} != {fingerprint}); re-run `tileplan profile` "
+            f"{plan.model.trunk_fingerprint} != {fingerprint}); re-run `tileplan profile` "
             "for this model"
         )
+    plan.check_geometry(analyze_trunk(trunk, plan.n_axes))
     if image_shape is not None and tuple(image_shape) != tuple(plan.image_shape_px):
         raise PlanError(
-            f"plan was made for images of {_fmt(plan.image_shape_px)} px, not {_fmt(image_shape)}; "
-            "re-run `tileplan profile --image ...` for this size"
+            f"plan was made for images of {_shape_text(plan.image_shape_px)} px, not "
+            f"{_shape_text(image_shape)}; re-run `tileplan profile --image ...` for this size"
         )
     if dtype is not None:
-        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        name = Precision.of(dtype).name
         if name != plan.dtype:
             raise PlanError(
                 f"plan was made for dtype {plan.dtype}, not {name}; re-run `tileplan profile "
                 f"--dtype {name}`"
             )
-
-
-def dtype_of(name: str) -> torch.dtype:
-    """The torch dtype for a plan's dtype name."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise PlanError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
-
-
-def _fmt(shape: tuple[int, ...] | list[int]) -> str:
-    return "x".join(str(v) for v in shape)

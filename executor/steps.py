@@ -20,22 +20,29 @@ def streaming_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     loss_scale: float = 1.0,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward the image tile by tile, run the head and loss, backpropagate exactly.
 
     Gradients are added into ``.grad`` of the trunk's and the head's parameters (so several
     calls accumulate, e.g. over an effective batch); the optimizer step is the caller's.
 
+    The head and the loss run under the same autocast as the tiles (``scnn.autocast()``).
+
     Args:
         loss_scale: multiplies the loss before backward (``1 / accumulation steps``).
+        grad_scaler: a float16 loss scaler; the loss is scaled by it before backward, and
+            the caller steps the optimizer through it (``grad_scaler.step(optimizer)``).
 
     Returns:
         ``(loss, logits)``, both detached.
     """
     features = scnn.forward(image)  # (N, C, *out), no graph
     features.requires_grad_()
-    logits = head(features)
-    loss = loss_fn(logits, target.to(logits.device))
-    (loss * loss_scale).backward()
+    with scnn.autocast():  # the head sees the map as it would under whole-model autocast
+        logits = head(features)
+        loss = loss_fn(logits, target.to(logits.device))
+    scaled = grad_scaler.scale(loss) if grad_scaler is not None else loss
+    (scaled * loss_scale).backward()
     scnn.backward(image, features.grad)
     return loss.detach(), logits.detach()

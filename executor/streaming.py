@@ -30,31 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from executor.errors import GeometryError
-from executor.geometry import Tile, TileGrid, TrunkGeometry
-from executor.graph import trace_trunk
+from executor.geometry import Tile, TileGrid, analyze_trunk
 from executor.modes import check_modes, mode_signature
-from executor.plan import Plan, PlanError, check_plan_matches, dtype_of, load_plan
+from executor.plan import Plan, PlanError, check_plan_matches, load_plan
 
-__all__ = ["StreamingCNN", "analyze_trunk", "spatial_tile_shape"]
+__all__ = ["StreamingCNN", "spatial_tile_shape"]
 
 log = logging.getLogger(__name__)
-
-
-def analyze_trunk(trunk: nn.Module, n_axes: int = 2) -> TrunkGeometry:
-    """Trace ``trunk`` and derive its exact streaming geometry without running it.
-
-    Args:
-        trunk: the streamable part of the network (traced, never modified).
-        n_axes: spatial axes of its input: 2 for images, 3 for volumes.
-
-    Raises:
-        UnsupportedLayerError: the trunk holds an op that cannot be streamed exactly.
-
-    Example:
-        >>> geometry = analyze_trunk(trunk)
-        >>> geometry.tile_grid((8192, 8192), (2048, 2048)).n_tiles
-    """
-    return TrunkGeometry.from_graph(trace_trunk(trunk, n_axes))
 
 
 def spatial_tile_shape(tile_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -152,24 +134,31 @@ class StreamingCNN:
         cls,
         trunk: nn.Module,
         plan: Plan | str | os.PathLike[str],
-        *,
-        dtype: str | torch.dtype | None = None,
         **kwargs: Any,
     ) -> StreamingCNN:
         """Stream ``trunk`` with the tiles of a saved plan (``tileplan profile``).
 
         The plan is refused (``PlanError``) if it was made for another trunk architecture or
-        dtype; images of another shape are refused when a pass starts. A plan made for
-        bfloat16/float16 turns on autocast with that dtype.
+        its geometry is not the trunk's; images of another shape are refused when a pass
+        starts. The plan's dtype sets autocast (``executor.Precision``): a bfloat16/float16
+        plan runs its tiles under autocast with that dtype. The trunk's parameters must already
+        be in the plan's parameter dtype (``plan.precision.param_dtype``).
 
         Example:
             >>> scnn = StreamingCNN.from_plan(trunk, "plan.yaml")
         """
         if not isinstance(plan, Plan):
             plan = load_plan(plan)
-        check_plan_matches(plan, trunk, dtype=dtype)
-        amp = dtype_of(plan.dtype)
-        kwargs.setdefault("amp_dtype", amp if amp in (torch.bfloat16, torch.float16) else None)
+        check_plan_matches(plan, trunk)
+        precision = plan.precision
+        params = {p.dtype for p in trunk.parameters() if p.is_floating_point()}
+        if params and params != {precision.param_dtype}:
+            raise PlanError(
+                f"the trunk's parameters are {', '.join(sorted(map(str, params)))} but a "
+                f"{plan.dtype} plan needs {precision.param_dtype}; convert the model with "
+                f".to({precision.param_dtype})"
+            )
+        kwargs.setdefault("amp_dtype", precision.amp_dtype)
         scnn = cls(trunk, plan.tile_px, forward_tile_shape=plan.forward_tile_px, **kwargs)
         scnn.plan = plan
         return scnn
@@ -202,7 +191,7 @@ class StreamingCNN:
         out: torch.Tensor | None = None
         for k, tile in enumerate(self._tiles(grid, "forward")):
             keep = keep_last and k == grid.n_tiles - 1
-            with torch.set_grad_enabled(keep), self._autocast():
+            with torch.set_grad_enabled(keep), self.autocast():
                 crop = self._crop(image, tile, requires_grad=keep and self.input_grad)
                 y = self.trunk(crop)  # (N, C_out, *crop_out)
             if out is None:
@@ -252,7 +241,7 @@ class StreamingCNN:
                 if cache is not None and cache.tile == tile:
                     crop, y, cache = cache.crop, cache.output, None
                 else:
-                    with torch.enable_grad(), self._autocast():
+                    with torch.enable_grad(), self.autocast():
                         crop = self._crop(image, tile, requires_grad=self.input_grad)
                         y = self.trunk(crop)
                 owned = y[(..., *tile.local_output_slices())]
@@ -308,7 +297,12 @@ class StreamingCNN:
             return image.dtype
         return torch.float32
 
-    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """The autocast context the tiles run under (a no-op without ``amp_dtype``).
+
+        Run the head under it too, so that it sees the trunk's output as the whole model
+        under autocast would (e.g. a bfloat16 map into a float32 Linear).
+        """
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         device = self.device or torch.device("cpu")

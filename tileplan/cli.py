@@ -1,48 +1,68 @@
-"""The ``tileplan`` command line. It parses and presents; the library computes."""
+"""The ``tileplan`` command line. It parses and presents; the library computes.
+
+Every command turns the library's errors (``StreamingError``, bad values, unreadable files)
+into one line on stderr and exit status 1; click's own usage errors exit with 2.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from executor import Plan, StreamingError, check_plan_matches, load_plan, save_plan
-from tileplan.units import format_bytes, parse_bytes, parse_shape
+from executor import DTYPE_NAMES, OPTIMIZER_NAMES, StreamingError, atomic_write
+from tileplan.units import format_shape, parse_bytes, parse_shape
 
 __all__ = ["cli", "main"]
 
 _PATH = click.Path(dir_okay=False, path_type=Path)
+_FOLDER = click.Path(file_okay=False, path_type=Path)
 
 
-class _Shape(click.ParamType):
-    name = "SIZE"
+class _Parsed(click.ParamType):
+    """A value parsed from text by ``parse``, whose ValueError becomes click's usage error."""
+
+    def __init__(self, name: str, parse: Callable[[str], object]) -> None:
+        self.name = name
+        self.parse = parse
 
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
+    ) -> object:
+        if not isinstance(value, str):
+            return value  # a default, already parsed
         try:
-            return parse_shape(str(value))
+            return self.parse(value)
         except ValueError as err:
             self.fail(str(err), param, ctx)
 
 
-class _Bytes(click.ParamType):
-    name = "SIZE"
+def _floats(text: str) -> tuple[float, ...]:
+    """``0.485,0.456,0.406`` -> a tuple of floats (one per channel)."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"'{text}' is not a comma-separated list of numbers") from None
 
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_bytes(str(value))
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
+
+_SIZE = _Parsed("SIZE", parse_shape)
+_BYTES = _Parsed("SIZE", parse_bytes)
+_FLOATS = _Parsed("V[,V...]", _floats)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """The library's errors as one line and exit status 1."""
+    try:
+        yield
+    except (StreamingError, ValueError, OSError) as err:
+        text = str(err).strip()
+        raise click.ClickException(text.splitlines()[0] if text else type(err).__name__) from err
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,21 +73,21 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-from tileplan.view_cmd import view  # noqa: E402  (the group must exist first)
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="tileplan")
 
-cli.add_command(view)
 
-
-def _fail(err: Exception) -> None:
-    raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__)
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
 
 
 @cli.command(epilog="Example: tileplan profile examples/resnet34.py --image 8192 --budget 24GiB")
 @click.argument("model_file", type=_PATH)
 @click.option(
     "--image",
-    "image",
-    type=_Shape(),
+    type=_SIZE,
     required=True,
     help="Image size in px: 8192 (square) or 6000x9000 (H x W).",
 )
@@ -77,7 +97,7 @@ def _fail(err: Exception) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option(
     "--budget",
-    type=_Bytes(),
+    type=_BYTES,
     default=None,
     help="Memory budget, e.g. 10GiB (default: GPU total memory, CPU available RAM).",
 )
@@ -90,14 +110,14 @@ def _fail(err: Exception) -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
+    type=click.Choice(DTYPE_NAMES),
     default="float32",
     show_default=True,
-    help="Compute dtype (bf16/fp16: autocast).",
+    help="Compute dtype (bfloat16/float16: float32 weights under autocast).",
 )
 @click.option(
     "--tile",
-    type=_Shape(),
+    type=_SIZE,
     default=None,
     help="Evaluate only this tile (2048 or 2048x1536) instead of searching.",
 )
@@ -109,7 +129,7 @@ def _fail(err: Exception) -> None:
 )
 @click.option(
     "--optimizer",
-    type=click.Choice(["adam", "adamw", "sgd"]),
+    type=click.Choice(OPTIMIZER_NAMES),
     default="adam",
     show_default=True,
     help="Optimizer whose state is counted.",
@@ -128,7 +148,7 @@ def _fail(err: Exception) -> None:
 )
 @click.option(
     "--verify-limit",
-    type=float,
+    type=click.FloatRange(min=0),
     default=60.0,
     show_default=True,
     help="Seconds a verification step may take by default.",
@@ -150,28 +170,31 @@ def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str
     MODEL_FILE defines build_model() (or a module-level `model`) and may define
     split(model) -> (trunk, head).
     """
-    from tileplan.profile import NoFeasiblePlanError, ProfileRequest, summary
-    from tileplan.profile import profile as run_profile
+    from executor import save_plan
+    from tileplan.planning.profile import NoFeasiblePlanError, ProfileRequest
+    from tileplan.planning.profile import profile as run_profile
+    from tileplan.text import describe_verification, render_table, summary
 
     try:
-        request = ProfileRequest(
-            model_file=model_file, image_shape=image, channels=channels, device=device,
-            budget_bytes=budget, margin=margin, dtype=dtype, tile=tile, split=split,
-            optimizer=optimizer, measure=measure, verify=verify, verify_limit_s=verify_limit,
-        )  # fmt: skip
-        plan = run_profile(request, progress=sys.stderr.isatty())
-    except NoFeasiblePlanError as err:
-        click.echo(render_table(err.plan, chosen=False), err=True)
-        _fail(err)
-    except (StreamingError, ValueError, OSError) as err:
-        _fail(err)
-    save_plan(plan, out)
+        with _one_line_errors():
+            request = ProfileRequest(
+                model_file=model_file, image_shape=image, channels=channels, device=device,
+                budget_bytes=budget, margin=margin, dtype=dtype, tile=tile, split=split,
+                optimizer=optimizer, measure=measure, verify=verify, verify_limit_s=verify_limit,
+            )  # fmt: skip
+            plan = run_profile(request, progress=sys.stderr.isatty())
+            save_plan(plan, out)
+    except click.ClickException as err:
+        if isinstance(err.__cause__, NoFeasiblePlanError):
+            click.echo(render_table(err.__cause__.candidates), err=True)
+        raise
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=1))
         return
-    click.echo(render_table(plan))
+    click.echo(f"trunk: {plan.model.split}, output stride {format_shape(plan.output_stride_px)}")
+    click.echo(render_table(plan.candidates, plan.tile_px))
     click.echo(summary(plan))
-    click.echo(f"verification: {plan.verified}")
+    click.echo(describe_verification(plan))
     click.echo(f"plan written to {out}")
 
 
@@ -185,42 +208,23 @@ def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str
     help="Check the plan against this model file (default: the plan's own).",
 )
 def validate(plan_file: Path, model_file: Path | None) -> None:
-    """Check that PLAN_FILE is a valid plan for its model (exit 1 with the reason if not)."""
-    from tileplan.model_file import load_model_file
+    """Check PLAN_FILE: its own consistency, and every geometry number it states against the
+    model (exit 1 with the reason if anything differs)."""
+    from executor import check_plan_matches, load_plan
+    from tileplan.planning.model_file import load_model_file
 
-    try:
+    with _one_line_errors():
         plan = load_plan(plan_file)
-        path = model_file or Path(plan.model["file"])
-        loaded = load_model_file(path, plan.model.get("split_option", "auto"))
+        path = model_file or Path(plan.model.file)
+        loaded = load_model_file(path, plan.model.split_option)
         check_plan_matches(plan, loaded.trunk)
-    except (StreamingError, OSError) as err:
-        _fail(err)
-    tile = "x".join(map(str, plan.tile_px))
-    click.echo(f"{plan_file}: valid plan for {path} at {'x'.join(map(str, plan.image_shape_px))}"
-               f" px, {plan.dtype}, tile {tile}")  # fmt: skip
+    click.echo(f"{plan_file}: valid plan for {path} at {format_shape(plan.image_shape_px)} px, "
+               f"{plan.dtype}, tile {format_shape(plan.tile_px)}")  # fmt: skip
 
 
-def render_table(plan: Plan, *, chosen: bool = True) -> str:
-    """The candidates as a fixed-width table, the chosen row marked with '>'."""
-    unit = "s/image" if "measured" in plan.time_source else "rel.time"
-    head = (f"  {'tile':>11} {'tiles':>7} {'overlap':>7} {'est. peak':>10} {'meas. tile':>10} "
-            f"{'meas. step':>10} {unit:>9} {'fits':>4}")  # fmt: skip
-    lines = [head]
-    for c in plan.candidates:
-        mark = ">" if chosen and c.tile_px == plan.tile_px else " "
-        grid = "x".join(map(str, c.grid))
-        lines.append(
-            f"{mark} {'x'.join(map(str, c.tile_px)):>11} {grid:>7} {c.overlap_factor:>7.2f} "
-            f"{format_bytes(c.estimated_peak_bytes):>10} {format_bytes(c.measured_tile_bytes):>10} "
-            f"{format_bytes(c.measured_peak_bytes):>10} {c.predicted_time_s:>9.1f} "
-            f"{'yes' if c.fits else 'no':>4}"
-        )
-    return "\n".join(lines)
-
-
-def main() -> None:
-    """Console entry point."""
-    cli(prog_name="tileplan")
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
 
 
 @cli.command(epilog="Example: tileplan train examples/small_cnn.py --plan plan.yaml "
@@ -233,14 +237,17 @@ def main() -> None:
 @click.option("--val", type=_PATH, default=None, help="Validation CSV (same columns).")
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=_FOLDER,
     required=True,
     help="Run folder: checkpoints, metrics.jsonl, report.yaml.",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option(
-    "--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True
+    "--optimizer",
+    type=click.Choice(OPTIMIZER_NAMES),
+    default=None,
+    help="Optimizer (default: the one the plan counted).",
 )
 @click.option(
     "--batch",
@@ -249,7 +256,25 @@ def main() -> None:
     show_default=True,
     help="Effective batch (gradients accumulated over this many images).",
 )
-@click.option("--amp", is_flag=True, help="Autocast with the plan's dtype (bfloat16/float16 plan).")
+@click.option(
+    "--mean",
+    type=_FLOATS,
+    default=None,
+    help="Per-channel mean on the [0, 1] scale (default: ImageNet's for 3 channels, "
+    "0.5 otherwise).",
+)
+@click.option(
+    "--std",
+    type=_FLOATS,
+    default=None,
+    help="Per-channel std (default: ImageNet's for 3 channels, 0.5 otherwise).",
+)
+@click.option(
+    "--amp",
+    is_flag=True,
+    help="Check that the plan is mixed precision (bfloat16/float16); the plan's dtype "
+    "decides how the run computes.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -267,31 +292,30 @@ def main() -> None:
     help="Measure the memory-savings report at the end.",
 )
 def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: Path,
-          epochs: int, lr: float, optimizer: str, batch: int, amp: bool, resume: bool, seed: int,
-          num_workers: int, device: str, report: bool) -> None:  # fmt: skip
+          epochs: int, lr: float, optimizer: str | None, batch: int,
+          mean: tuple[float, ...] | None, std: tuple[float, ...] | None, amp: bool, resume: bool,
+          seed: int, num_workers: int, device: str, report: bool) -> None:  # fmt: skip
     """Train MODEL_FILE with the trunk streamed as PLAN says, on images listed in a CSV.
 
     Data parallel: torchrun --nproc-per-node N -m tileplan train ...
     """
-    from executor.train import TrainConfig
-    from tileplan.training import TrainRequest, run_training
+    from tileplan.run.launch import TrainRequest, run_training
+    from tileplan.text import render_report
 
-    try:
-        config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, batch=batch, amp=amp,
-                             seed=seed, num_workers=num_workers)  # fmt: skip
+    with _one_line_errors():
+        options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
+                   "epochs": epochs, "seed": seed, "num_workers": num_workers}  # fmt: skip
         request = TrainRequest(model_file=model_file, plan_file=plan_file, data=data, val=val,
-                               out=out, config=config, resume=resume, device=device,
-                               report=report)  # fmt: skip
+                               out=out, options=options, resume=resume, device=device,
+                               report=report, require_mixed_precision=amp)  # fmt: skip
         history, run_report = run_training(request, progress=sys.stderr.isatty())
-    except (StreamingError, OSError) as err:
-        _fail(err)
     if not history:
         return
     last = history[-1]
     click.echo(
-        f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}"
-        + (f", val loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else "")
-        + (f", val AUC {last['val_auc']:.3f}" if last.get("val_auc") is not None else "")
+        f"epoch {last.epoch}: train loss {last.train_loss:.4f}"
+        + (f", val loss {last.val_loss:.4f}" if last.val_loss is not None else "")
+        + (f", val AUC {last.val_auc:.3f}" if last.val_auc is not None else "")
     )
     if run_report is not None:
         click.echo(render_report(run_report))
@@ -306,7 +330,7 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
 @click.option(
     "--saliency",
     "saliency_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=_FOLDER,
     default=None,
     help="Write exact saliency maps (PNG and .npy) to this folder.",
 )
@@ -317,25 +341,18 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
 def predict(model_file: Path, images: tuple[Path, ...], plan_file: Path, checkpoint: Path,
             saliency_dir: Path | None, out: Path | None, device: str) -> None:  # fmt: skip
     """Predict whole IMAGES by streaming them forward (no autograd memory)."""
-    from executor.fileio import atomic_write
-    from tileplan.training import predict_files, predictions_csv
+    from tileplan.run.predict import predict_files, predictions_csv
 
-    try:
-        results = predict_files(
-            model_file=model_file,
-            plan_file=plan_file,
-            checkpoint=checkpoint,
-            images=images,
-            saliency_dir=saliency_dir,
-            device=device,
-        )
-    except (StreamingError, OSError) as err:
-        _fail(err)
-    text = predictions_csv(results)
+    with _one_line_errors():
+        results = predict_files(model_file=model_file, plan_file=plan_file,
+                                checkpoint=checkpoint, images=images, saliency_dir=saliency_dir,
+                                device=device)  # fmt: skip
+        text = predictions_csv(results)
+        if out is not None:
+            atomic_write(out, lambda f: f.write(text.encode()))
     if out is None:
         click.echo(text, nl=False)
     else:
-        atomic_write(out, lambda f: f.write(text.encode()))
         click.echo(f"{len(results)} predictions written to {out}")
 
 
@@ -343,16 +360,15 @@ def predict(model_file: Path, images: tuple[Path, ...], plan_file: Path, checkpo
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def report(run_dir: Path) -> None:
     """Show the memory-savings report of a training run."""
-    from executor.report import load_report
+    from tileplan.run.report import load_report
+    from tileplan.text import render_report
 
-    try:
+    with _one_line_errors():
         click.echo(render_report(load_report(run_dir)))
-    except StreamingError as err:
-        _fail(err)
 
 
 @cli.command("demo-data", epilog="Example: tileplan demo-data demo --n 64 --size 2048")
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir", type=_FOLDER)
 @click.option(
     "--n", type=click.IntRange(min=4), default=64, show_default=True, help="Number of images."
 )
@@ -362,34 +378,43 @@ def report(run_dir: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_data(out_dir: Path, n: int, size: int, seed: int) -> None:
     """Write a synthetic dataset whose labels need full resolution (train.csv, val.csv)."""
-    from executor.demo_data import write_demo_dataset
+    from tileplan.run.demo_data import write_demo_dataset
 
-    try:
+    with _one_line_errors():
         path = write_demo_dataset(out_dir, n=n, size=size, seed=seed)
-    except (StreamingError, OSError, ValueError) as err:
-        _fail(err)
     click.echo(f"wrote {n} images of {size}x{size} px with train.csv and val.csv to {path}")
 
 
-def render_report(r: object) -> str:
-    """The memory-savings report as text."""
-    from executor.report import RunReport
+# --------------------------------------------------------------------------------------------
+# Looking at it
+# --------------------------------------------------------------------------------------------
 
-    assert isinstance(r, RunReport)
-    kind = "measured" if r.conventional_measured else "estimated"
-    lines = [
-        f"run {r.run} on {r.device}: image {'x'.join(map(str, r.image_shape_px))} px, tile "
-        f"{'x'.join(map(str, r.tile_px))} ({r.n_tiles} tiles)",
-        f"  streaming step peak    {format_bytes(r.streaming_peak_bytes):>10}  (measured: "
-        f"{r.measurement})",
-        f"  conventional step peak {format_bytes(r.conventional_peak_bytes):>10}  ({kind})",
-        f"  saved per image        {format_bytes(r.saved_bytes):>10}  (streaming = {r.ratio:.1%} "
-        "of conventional)",
-        f"  time per image         {r.streaming_time_per_image_s:>8.2f} s"
-        + (f" (conventional step {r.conventional_time_per_image_s:.2f} s)"
-           if r.conventional_time_per_image_s else ""),
-        "  breakdown of the streaming step (estimate):",
-    ]  # fmt: skip
-    for key, value in r.breakdown_bytes.items():
-        lines.append(f"    {key.removesuffix('_bytes'):<22} {format_bytes(value):>10}")
-    return "\n".join(lines)
+
+@cli.command(epilog="Example: tileplan view plan.yaml   or   tileplan view runs/demo")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=_PATH,
+    default=None,
+    help="HTML file to write (default: plan.html beside the plan, or RUN_DIR/report.html).",
+)
+@click.option(
+    "--open/--no-open",
+    "open_browser",
+    default=True,
+    show_default=True,
+    help="Open the page in a browser when one is available.",
+)
+def view(source: Path, out: Path | None, open_browser: bool) -> None:
+    """Interactive memory charts of a plan file or a run folder, as one offline HTML page.
+
+    SOURCE is a plan (PLAN.yaml) or a run folder (RUN_DIR with plan.yaml, report.yaml and
+    metrics.jsonl).
+    """
+    from tileplan.view.page import open_in_browser, write_page
+
+    with _one_line_errors():
+        written = write_page(source, out)
+    click.echo(f"charts written to {written}")
+    if open_browser and not open_in_browser(written):
+        click.echo(f"open {written.resolve().as_uri()} in a browser to see them")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
-__all__ = ["GIB", "MIB", "format_bytes", "parse_bytes", "parse_shape"]
+__all__ = ["GIB", "MIB", "format_bytes", "format_shape", "parse_bytes", "parse_shape"]
 
 MIB = 1024**2
 GIB = 1024**3  # bytes per GiB
@@ -54,3 +55,8 @@ def parse_shape(text: str | int, n_axes: int = 2) -> tuple[int, ...]:
     if len(values) != n_axes or min(values) < 1:
         raise ValueError(f"'{text}' is not a {n_axes}-axis size of positive integers")
     return values
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    """``(6000, 9000)`` -> ``'6000x9000'`` (H x W, px or positions)."""
+    return "x".join(str(v) for v in shape)

@@ -2,8 +2,9 @@
 
     python tools/make_profiles.py            # ResNet-18/34/50 x 4096/8192/16384 x 16-80 GiB
 
-Plans are made without a GPU (``--no-measure``): memory from meta-tensor estimates, time in
-relative units (pixels processed). Their ``verified`` and ``time_source`` fields say so.
+Plans are made without a GPU (``--no-measure``): memory from meta-tensor estimates, no
+predicted times (``predicted_time_s: null``, ``time_fit: null``; the tile is chosen by pixels
+processed), and ``verification: {status: off}``. A budget that no tile fits writes no file.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import logging
 from pathlib import Path
 
 from executor import save_plan
-from tileplan.profile import NoFeasiblePlanError, ProfileRequest, profile
-from tileplan.units import GIB
+from tileplan.planning.profile import NoFeasiblePlanError, ProfileRequest, profile
+from tileplan.units import GIB, format_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("make_profiles")
@@ -33,10 +34,11 @@ def main() -> None:
                 try:
                     plan = profile(request)
                 except NoFeasiblePlanError as err:
-                    plan = err.plan
-                    log.info("%s: %s", name, err)
+                    (out / name).unlink(missing_ok=True)
+                    log.info("%s: not written: %s", name, err)
+                    continue
                 save_plan(plan, out / name)
-                log.info("%s: tile %s", name, "x".join(map(str, plan.tile_px)))
+                log.info("%s: tile %s", name, format_shape(plan.tile_px))
 
 
 if __name__ == "__main__":

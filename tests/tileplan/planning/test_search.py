@@ -1,0 +1,84 @@
+"""Candidate tiles from geometry, and the choice with injected memory and time models."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from executor import analyze_trunk
+from tileplan.planning.search import Scored, candidate_tiles, choose, search
+
+
+def _geometry() -> object:
+    # stride 4, halo 9 px per side (see tests/executor/test_geometry.py)
+    return analyze_trunk(
+        nn.Sequential(nn.Conv2d(3, 4, 7, 2, 3), nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, 3, 1, 1))
+    )
+
+
+def test_candidates_are_the_smallest_tiles_per_tile_count() -> None:
+    g = _geometry()
+    image = (512, 384)
+    tiles = candidate_tiles(g, image)
+    counts = [max(g.tile_grid(image, t).counts) for t in tiles]
+    # Growing tiles, strictly falling tile counts, down to a single tile.
+    assert all(a[0] < b[0] for a, b in zip(tiles, tiles[1:], strict=False))
+    assert all(a > b for a, b in zip(counts, counts[1:], strict=False))
+    assert counts[-1] == 1
+    assert tiles[-1] == (512, 384)  # the whole image, capped per axis
+    for t, k in zip(tiles, counts, strict=True):
+        assert t[0] % 4 == 0
+        # Minimal: one alignment step smaller needs more tiles (or is below the minimum).
+        smaller = t[0] - 4
+        if smaller >= g.min_tile(0):
+            assert max(g.tile_grid(image, (smaller, smaller)).counts) > k
+    assert tiles[0][0] == -(-g.min_tile(0) // 4) * 4
+
+
+def test_image_smaller_than_minimum_tile_gives_one_candidate() -> None:
+    g = _geometry()
+    assert candidate_tiles(g, (20, 20)) == [(20, 20)]
+
+
+def test_choose_fastest_that_fits() -> None:
+    scored = [
+        Scored((64, 64), peak_bytes=100, cost=9.0),
+        Scored((128, 128), peak_bytes=300, cost=4.0),
+        Scored((256, 256), peak_bytes=900, cost=2.0),
+        Scored((512, 512), peak_bytes=3000, cost=1.0),
+    ]
+    assert choose(scored, usable_bytes=1000) == 2
+    assert choose(scored, usable_bytes=300) == 1  # the limit is inclusive
+    assert choose(scored, usable_bytes=99) is None
+    tie = [Scored((1,), 500, 1.0), Scored((2,), 400, 1.0)]
+    assert choose(tie, 1000) == 1  # equal time: the smaller peak
+
+
+def test_search_with_injected_models_picks_exact_tile() -> None:
+    g = _geometry()
+    image = (1024, 1024)
+    tiles = candidate_tiles(g, image)
+    # Memory grows with tile area; time falls with the overlap (halo recompute).
+    probes: list[tuple[int, ...]] = []
+
+    def peak(tile: tuple[int, ...]) -> int:
+        probes.append(tile)
+        return 1000 + tile[0] * tile[1]
+
+    def time(tile: tuple[int, ...]) -> float:
+        return g.tile_grid(image, tile).overlap_factor
+
+    budget = 1000 + 300 * 300
+    scored, index = search(tiles, peak, time, budget)
+    assert probes == tiles  # every candidate probed once, in order
+    fitting = [t for t in tiles if t[0] * t[1] <= 300 * 300]
+    assert scored[index].tile == max(fitting)  # largest fitting tile is the fastest here
+    assert index == len(fitting) - 1
+
+
+@pytest.mark.parametrize("budget", [0, 10])
+def test_search_reports_no_fit(budget: int) -> None:
+    g = _geometry()
+    tiles = candidate_tiles(g, (256, 256))
+    _, index = search(tiles, lambda t: 100 + t[0], lambda t: 1.0, budget)
+    assert index is None

@@ -1,0 +1,821 @@
+"""Data layer: a CSV of whole images and labels, validated up front, read lazily.
+
+The CSV
+    A UTF-8 text file with a header line ``image,label`` (in either order, no other columns) and
+    one row per image. ``image`` is a path, relative to the CSV file's folder (or absolute);
+    ``label`` is a number. Blank lines are ignored. Rows are numbered from 1 for the first line
+    after the header, so ``row N`` is line ``N + 1`` of the file.
+
+Validation
+    :func:`load_csv` checks every row before any training starts and reads only file headers
+    (TIFF tags, PNG/JPEG headers, ``.npy`` headers) plus, for a compressed TIFF, its first
+    tile or strip, so that it stays cheap for thousands of gigapixel images. Every problem
+    (missing file or column, empty CSV, non-numeric label, unreadable or corrupt image, mixed
+    channel counts) raises :class:`DataError` with one line that names the CSV, the row and the
+    fix, e.g. ``train.csv row 3: cannot read 'img3.tif': not a TIFF file; fix or remove the row``.
+
+Image formats and layout
+    - TIFF (``.tif``/``.tiff``; classic and BigTIFF; strips or tiles) through ``tifffile``: the
+      first page (the full-resolution level of a pyramid). Uncompressed contiguous data is
+      memory-mapped, and only the part kept by :func:`fit_to_shape` is copied into RAM;
+      compressed data (zlib, and whatever ``imagecodecs`` provides when installed) is decoded.
+    - PNG and JPEG (``.png``, ``.jpg``, ``.jpeg``) through Pillow, without its
+      decompression-bomb limit (large images are the point). EXIF orientation is not applied.
+    - NumPy ``.npy`` through ``numpy.load(mmap_mode="r")``: a 2-D array is ``(H, W)``; a 3-D
+      array is channel-last ``(H, W, C)`` when ``C = shape[-1] <= 4 < shape[0]``, else
+      channel-first ``(C, H, W)``. All channels of an ``.npy`` array are kept.
+
+    Images come back as channel-first ``(C, H, W)`` tensors: grayscale has ``C = 1``; an alpha
+    channel (RGBA, gray+alpha, TIFF extra samples) is dropped; palette/CMYK/YCbCr images are
+    converted to RGB. Pixel types: ``uint8`` stays ``uint8`` (4x less RAM than float; convert
+    per tile on the compute device with ``tileplan.settings.Normalization``); floating-point
+    ``.npy``/TIFF
+    becomes ``float32``. Other types (``uint16``, signed integers, 1-bit) are refused with a
+    message asking for 8-bit or float32 data, rather than rescaled silently.
+
+Shape policy (:func:`fit_to_shape`)
+    When a plan fixes the image shape ``(H, W)`` and an image differs, each spatial axis is
+    handled on its own: an axis that is too long is **center-cropped** (start offset
+    ``(size - target) // 2``, so an odd surplus loses one pixel more at the bottom/right); an
+    axis that is too short is **zero-padded on both sides, centered** (``(target - size) // 2``
+    before, the rest after). Nothing is resized or interpolated. :func:`load_csv` logs how
+    many images will be cropped or padded, so the policy is never applied silently.
+
+Labels and tasks
+    Labels are floats. :func:`infer_task` calls integer labels in ``{0, 1}`` ``"binary"``,
+    small non-negative integers with more than two classes ``"multiclass"``, and anything else
+    ``"regression"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+
+from executor import StreamingError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DataError",
+    "Dataset",
+    "ImageInfo",
+    "Task",
+    "Sample",
+    "fit_to_shape",
+    "infer_task",
+    "load_csv",
+    "probe_image",
+    "read_image",
+]
+
+log = logging.getLogger(__name__)
+
+Task = Literal["binary", "multiclass", "regression"]
+
+#: Recognised file name suffixes (lower case) and the reader used for each.
+IMAGE_SUFFIXES: dict[str, str] = {
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".png": "pil",
+    ".jpg": "pil",
+    ".jpeg": "pil",
+    ".npy": "npy",
+}
+
+_COLUMNS = ("image", "label")
+_FIX_ROW = "fix or remove the row"
+_DTYPE_HINT = "store 8-bit (uint8) or float32 images"
+
+# Pillow modes that read as one channel, and those we cannot represent without rescaling.
+_PIL_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
+_PIL_REFUSED_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_PIL_LOCK = threading.Lock()
+
+_PHOTOMETRIC_MINISWHITE = int(tifffile.PHOTOMETRIC.MINISWHITE)
+_PHOTOMETRIC_RGB = int(tifffile.PHOTOMETRIC.RGB)
+_PHOTOMETRIC_YCBCR = int(tifffile.PHOTOMETRIC.YCBCR)  # JPEG-compressed slides (SVS, ...)
+_PHOTOMETRIC_GRAY = int(tifffile.PHOTOMETRIC.MINISBLACK)
+_PHOTOMETRIC_SUPPORTED = frozenset(
+    {_PHOTOMETRIC_MINISWHITE, _PHOTOMETRIC_GRAY, _PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR}
+)
+
+
+class DataError(StreamingError):
+    """A data file (the CSV or an image it lists) cannot be used.
+
+    The message is one line naming the file (and the CSV row) and the fix, ready for the CLI.
+
+    Attributes:
+        csv_path: the CSV being read, when the problem was found through one.
+        row: the 1-based data row of the CSV, when the problem belongs to a row.
+    """
+
+    def __init__(self, message: str, *, csv_path: Path | None = None, row: int | None = None):
+        self.csv_path = csv_path
+        self.row = row
+        super().__init__(message)
+
+
+class _BadImageError(Exception):
+    """Internal: why an image cannot be read (turned into a DataError with context)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row of a dataset CSV.
+
+    Attributes:
+        path: absolute path of the image file.
+        label: the label as a float.
+        row: 1-based data row in the CSV (for error messages).
+    """
+
+    path: Path
+    label: float
+    row: int
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header of an image says, as it will be returned by :func:`read_image`.
+
+    Attributes:
+        channels: channels after layout normalisation (alpha dropped, gray = 1).
+        height: rows of pixels.
+        width: columns of pixels.
+        dtype: ``"uint8"`` or ``"float32"``.
+        reader: ``"tiff"``, ``"pil"`` or ``"npy"``.
+    """
+
+    channels: int
+    height: int
+    width: int
+    dtype: Literal["uint8", "float32"]
+    reader: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the tensor :func:`read_image` returns."""
+        return (self.channels, self.height, self.width)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of the tensor :func:`read_image` returns."""
+        return torch.uint8 if self.dtype == "uint8" else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Shape policy
+# --------------------------------------------------------------------------------------------
+
+
+def _axis_plan(size: int, target: int) -> tuple[int, int, int]:
+    """Return ``(src_start, dst_start, length)`` mapping one axis onto ``target`` (centered)."""
+    if size >= target:
+        return (size - target) // 2, 0, target
+    return 0, (target - size) // 2, size
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
+    if len(shape) != 2 or any(int(s) != s or s < 1 for s in shape):
+        raise ValueError(f"target shape must be two positive integers (H, W), got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def fit_to_shape(image: torch.Tensor, shape: Sequence[int], fill: float = 0) -> torch.Tensor:
+    """Center-crop and/or center-pad the last two axes of ``image`` to ``shape``.
+
+    Each spatial axis is treated on its own: a longer axis is cropped to the middle ``target``
+    pixels (start ``(size - target) // 2``); a shorter axis is padded with ``fill`` on both
+    sides, ``(target - size) // 2`` before and the rest after. No resampling.
+
+    Args:
+        image: tensor ``(..., H, W)`` of any dtype, e.g. ``(C, H, W)``.
+        shape: target ``(H, W)``.
+        fill: value of padded pixels (0 = black for uint8 images).
+
+    Returns:
+        ``image`` itself when it already has the shape, else a new contiguous tensor
+        ``(..., shape[0], shape[1])`` with ``image``'s dtype and device.
+
+    Raises:
+        ValueError: if ``shape`` is not two positive integers or ``image`` has fewer than two
+            dimensions.
+    """
+    th, tw = _check_shape(shape)
+    if image.dim() < 2:
+        raise ValueError(f"image must have at least 2 dimensions (H, W), got {tuple(image.shape)}")
+    h, w = image.shape[-2], image.shape[-1]
+    if (h, w) == (th, tw):
+        return image
+    sy, dy, ly = _axis_plan(h, th)
+    sx, dx, lx = _axis_plan(w, tw)
+    crop = image[..., sy : sy + ly, sx : sx + lx]
+    if ly == th and lx == tw:
+        return crop.contiguous()
+    out = torch.full((*image.shape[:-2], th, tw), fill, dtype=image.dtype, device=image.device)
+    out[..., dy : dy + ly, dx : dx + lx] = crop
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+
+def infer_task(labels: Iterable[float], max_classes: int = 100) -> Task:
+    """Tell the task type from the labels.
+
+    Args:
+        labels: the labels (floats).
+        max_classes: the largest number of classes ``max(label) + 1`` still taken as
+            classification.
+
+    Returns:
+        ``"binary"`` when every label is 0 or 1; ``"multiclass"`` when every label is a
+        non-negative integer and ``2 < max(label) + 1 <= max_classes``; otherwise
+        ``"regression"``.
+
+    Raises:
+        ValueError: if there are no labels or one is not finite.
+    """
+    values = [float(v) for v in labels]
+    if not values:
+        raise ValueError("no labels: cannot infer the task")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("labels must be finite numbers")
+    if all(v in (0.0, 1.0) for v in values):
+        return "binary"
+    if all(v >= 0 and v.is_integer() for v in values) and max(values) + 1 <= max_classes:
+        return "multiclass"
+    return "regression"
+
+
+# --------------------------------------------------------------------------------------------
+# Image readers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a raw array maps to (C, H, W): ``kind`` in {"hw", "hwc", "chw"}, keep ``channels``."""
+
+    kind: str
+    channels: int
+    invert: bool = False
+
+
+def _reader_for(path: Path) -> str:
+    reader = IMAGE_SUFFIXES.get(path.suffix.lower())
+    if reader is None:
+        known = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise _BadImageError(
+            f"unsupported file type '{path.suffix or path.name}' (use one of {known})"
+        )
+    return reader
+
+
+def _out_dtype(dtype: np.dtype) -> Literal["uint8", "float32"]:
+    if dtype == np.uint8:
+        return "uint8"
+    if dtype.kind == "f":
+        return "float32"
+    raise _BadImageError(f"pixel type {dtype.name} is not supported; {_DTYPE_HINT}")
+
+
+def _npy_layout(shape: tuple[int, ...]) -> tuple[_Layout, int, int]:
+    if len(shape) == 2:
+        return _Layout("hw", 1), shape[0], shape[1]
+    if len(shape) == 3:
+        if shape[-1] <= 4 < shape[0]:
+            return _Layout("hwc", shape[2]), shape[0], shape[1]
+        return _Layout("chw", shape[0]), shape[1], shape[2]
+    raise _BadImageError(
+        f"array of shape {shape} is not an image; expected (H, W), (H, W, C) or (C, H, W)"
+    )
+
+
+def _tiff_layout(page: Any) -> tuple[_Layout, int, int]:
+    axes, shape = page.axes, tuple(page.shape)
+    photometric = int(page.photometric)
+    if photometric not in _PHOTOMETRIC_SUPPORTED:
+        name = getattr(page.photometric, "name", photometric)
+        raise _BadImageError(
+            f"TIFF colour space {name} is not supported; convert it to RGB or grayscale"
+        )
+    if axes == "YX":
+        return _Layout("hw", 1, photometric == _PHOTOMETRIC_MINISWHITE), shape[0], shape[1]
+    if axes not in ("YXS", "SYX"):
+        raise _BadImageError(
+            f"TIFF layout '{axes}' {shape} is not a 2-D image; expected YX, YXS or SYX"
+        )
+    samples = int(page.samplesperpixel)
+    keep = samples - len(page.extrasamples)  # extra samples (alpha, ...) are dropped
+    if photometric in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR):
+        keep = 3
+    keep = max(1, min(keep, samples))
+    invert = photometric == _PHOTOMETRIC_MINISWHITE
+    if axes == "YXS":
+        return _Layout("hwc", keep, invert), shape[0], shape[1]
+    return _Layout("chw", keep, invert), shape[1], shape[2]
+
+
+def _check_tiff_extent(page: Any, file_size: int) -> None:
+    ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
+    if not ends and page.shape and min(page.shape) > 0:
+        raise _BadImageError("TIFF page has no image data")
+    if ends and max(ends) > file_size:
+        raise _BadImageError(
+            f"file is truncated: image data runs to byte {max(ends)} but the file has "
+            f"{file_size} bytes"
+        )
+
+
+def _decode_first_segment(tif: Any, page: Any) -> None:
+    """Decode one tile/strip: catches missing codecs and garbage data cheaply."""
+    index = next((i for i, c in enumerate(page.databytecounts) if c), None)
+    if index is None:
+        return
+    fh = tif.filehandle
+    fh.seek(page.dataoffsets[index])
+    data = fh.read(page.databytecounts[index])
+    page.decode(data, index, jpegtables=page.jpegtables)
+
+
+@contextlib.contextmanager
+def _open_tiff(path: Path) -> Iterator[tuple[Any, Any]]:
+    with tifffile.TiffFile(path) as tif:
+        if not len(tif.pages):
+            raise _BadImageError("TIFF file has no pages")
+        yield tif, tif.pages[0]
+
+
+def _probe_tiff(path: Path) -> ImageInfo:
+    with _open_tiff(path) as (tif, page):
+        layout, h, w = _tiff_layout(page)
+        dtype = _out_dtype(np.dtype(page.dtype))
+        _check_tiff_extent(page, path.stat().st_size)
+        if not page.is_memmappable:
+            _decode_first_segment(tif, page)
+        if len(tif.series) and len(tif.series[0].pages) > 1:
+            log.warning(
+                "%s: the first series has %d pages; only page 0 is used",
+                path,
+                len(tif.series[0].pages),
+            )
+    return ImageInfo(layout.channels, h, w, dtype, "tiff")
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, _Layout]:
+    with _open_tiff(path) as (_tif, page):
+        layout, _, _ = _tiff_layout(page)
+        _out_dtype(np.dtype(page.dtype))
+        # A memmap outlives the TiffFile; only the cropped part is copied later.
+        array = page.asarray(out="memmap") if page.is_memmappable else page.asarray()
+    return array, layout
+
+
+@contextlib.contextmanager
+def _open_pil(path: Path) -> Iterator[Any]:
+    with _PIL_LOCK:  # whole-slide images exceed Pillow's decompression-bomb limit by design
+        old_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+    with image:
+        yield image
+
+
+def _pil_layout(mode: str) -> _Layout:
+    if mode in _PIL_REFUSED_MODES:
+        raise _BadImageError(f"{mode} (16/32-bit) PNG/JPEG is not supported; {_DTYPE_HINT}")
+    return _Layout("hw", 1) if mode in _PIL_GRAY_MODES else _Layout("hwc", 3)
+
+
+def _probe_pil(path: Path) -> ImageInfo:
+    with _open_pil(path) as image:
+        layout = _pil_layout(image.mode)
+        width, height = image.size
+    return ImageInfo(layout.channels, height, width, "uint8", "pil")
+
+
+def _read_pil(path: Path) -> tuple[np.ndarray, _Layout]:
+    with _open_pil(path) as image:
+        layout = _pil_layout(image.mode)
+        target_mode = "L" if layout.kind == "hw" else "RGB"
+        converted = image if image.mode == target_mode else image.convert(target_mode)
+        array = np.asarray(converted)
+    return array, layout
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if not isinstance(array, np.ndarray):
+        raise _BadImageError("not a single .npy array")
+    return array
+
+
+def _probe_npy(path: Path) -> ImageInfo:
+    array = _load_npy(path)
+    layout, h, w = _npy_layout(array.shape)
+    return ImageInfo(layout.channels, h, w, _out_dtype(array.dtype), "npy")
+
+
+def _read_npy(path: Path) -> tuple[np.ndarray, _Layout]:
+    array = _load_npy(path)
+    layout, _, _ = _npy_layout(array.shape)
+    _out_dtype(array.dtype)
+    return array, layout
+
+
+_PROBERS = {"tiff": _probe_tiff, "pil": _probe_pil, "npy": _probe_npy}
+_READERS = {"tiff": _read_tiff, "pil": _read_pil, "npy": _read_npy}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, _BadImageError):
+        text = str(exc)
+    elif isinstance(exc, FileNotFoundError):
+        text = "file not found"
+    elif isinstance(exc, (IsADirectoryError, PermissionError)):
+        text = exc.strerror or type(exc).__name__
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return " ".join(text.split())  # one line
+
+
+def _probe(path: Path) -> ImageInfo:
+    reader = _reader_for(path)
+    if not path.is_file():
+        raise _BadImageError("file not found" if not path.exists() else "not a regular file")
+    info = _PROBERS[reader](path)
+    if info.height < 1 or info.width < 1 or info.channels < 1:
+        raise _BadImageError(f"empty image of shape {info.shape}")
+    return info
+
+
+def _to_tensor(array: np.ndarray, layout: _Layout, shape: tuple[int, int] | None) -> torch.Tensor:
+    if layout.kind == "hw":
+        chw = array[None]
+    elif layout.kind == "hwc":
+        chw = array.transpose(2, 0, 1)
+    else:
+        chw = array
+    chw = chw[: layout.channels]
+    if shape is not None:  # crop before copying, so a memory-mapped file is read only in part
+        sy, _, ly = _axis_plan(chw.shape[1], shape[0])
+        sx, _, lx = _axis_plan(chw.shape[2], shape[1])
+        chw = chw[:, sy : sy + ly, sx : sx + lx]
+    dtype = np.uint8 if _out_dtype(array.dtype) == "uint8" else np.float32
+    data = np.array(chw, dtype=dtype, order="C", copy=True)  # native order, writable, in RAM
+    if layout.invert and dtype == np.uint8:
+        np.subtract(255, data, out=data)
+    tensor = torch.from_numpy(data)
+    return tensor if shape is None else fit_to_shape(tensor, shape)
+
+
+def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
+    """Read an image's header: channels, size and pixel type, without decoding the pixels.
+
+    For a compressed TIFF the first tile/strip is decoded too (a missing codec or garbage data
+    is found now rather than during training).
+
+    Args:
+        path: image file (.tif/.tiff, .png, .jpg/.jpeg, .npy).
+
+    Returns:
+        The :class:`ImageInfo` of the tensor :func:`read_image` would return.
+
+    Raises:
+        DataError: the file is missing, of an unsupported type, corrupt or not an image.
+    """
+    path = Path(path)
+    try:
+        return _probe(path)
+    except Exception as exc:  # any reader failure becomes one clear line
+        raise DataError(f"cannot read '{path}': {_describe(exc)}") from exc
+
+
+def read_image(path: str | os.PathLike[str], shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Read a whole image as a channel-first tensor, optionally fitted to ``shape``.
+
+    Args:
+        path: image file (.tif/.tiff, .png, .jpg/.jpeg, .npy).
+        shape: target ``(H, W)``; the image is center-cropped/padded to it (see
+            :func:`fit_to_shape`). For memory-mapped files (uncompressed TIFF, .npy) only the
+            kept region is read from disk.
+
+    Returns:
+        ``(C, H, W)`` tensor, ``uint8`` for 8-bit images and ``float32`` for floating-point
+        ones, in (writable) host memory.
+
+    Raises:
+        DataError: the file is missing, of an unsupported type, corrupt or not an image.
+    """
+    path = Path(path)
+    target = None if shape is None else _check_shape(shape)
+    try:
+        array, layout = _READERS[_reader_for(path)](path)
+        return _to_tensor(array, layout, target)
+    except Exception as exc:  # any reader failure becomes one clear line
+        raise DataError(f"cannot read '{path}': {_describe(exc)}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+
+
+class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Whole images and labels listed in a validated CSV (see :func:`load_csv`).
+
+    ``dataset[i]`` reads image ``i`` from disk (as described in the module docstring), fits it
+    to ``target_shape`` when one is set, and returns ``(image, label)``: ``image`` is
+    ``(C, H, W)`` ``uint8`` (or ``float32``), ``label`` a 0-d ``float32`` tensor. No file
+    handles are kept open, so the dataset can be sent to DataLoader worker processes.
+
+    Attributes:
+        samples: the rows, in CSV order.
+        infos: header information of each sample's image (same order).
+        target_shape: ``(H, W)`` every image is fitted to, or None to return images as stored.
+        csv_path: the CSV the samples came from, if any.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        infos: Sequence[ImageInfo],
+        target_shape: Sequence[int] | None = None,
+        csv_path: Path | None = None,
+    ) -> None:
+        if len(samples) != len(infos):
+            raise ValueError(f"{len(samples)} samples but {len(infos)} image infos")
+        self.samples: tuple[Sample, ...] = tuple(samples)
+        self.infos: tuple[ImageInfo, ...] = tuple(infos)
+        self.target_shape: tuple[int, int] | None = (
+            None if target_shape is None else _check_shape(target_shape)
+        )
+        self.csv_path = csv_path
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[index]  # IndexError ends iteration as usual
+        try:
+            image = read_image(sample.path, self.target_shape)
+        except DataError as exc:
+            where = self.csv_path if self.csv_path is not None else "dataset"
+            raise DataError(
+                f"{where} row {sample.row}: {exc}; {_FIX_ROW}",
+                csv_path=self.csv_path,
+                row=sample.row,
+            ) from exc
+        return image, torch.tensor(sample.label, dtype=torch.float32)
+
+    @property
+    def labels(self) -> list[float]:
+        """The labels, in sample order."""
+        return [s.label for s in self.samples]
+
+    @property
+    def task(self) -> Task:
+        """The task type the labels imply (see :func:`infer_task`)."""
+        return infer_task(self.labels)
+
+    @property
+    def channels(self) -> int:
+        """Channels of every image (validated to be equal)."""
+        return self.infos[0].channels if self.infos else 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Pixel dtype of every image: ``torch.uint8`` or ``torch.float32``."""
+        return self.infos[0].torch_dtype if self.infos else torch.uint8
+
+    def image_shape(self, index: int) -> tuple[int, int, int]:
+        """``(C, H, W)`` of ``self[index][0]`` without reading the image."""
+        info = self.infos[index]
+        if self.target_shape is None:
+            return info.shape
+        return (info.channels, *self.target_shape)
+
+    def with_target_shape(self, shape: Sequence[int] | None) -> Dataset:
+        """The same samples, fitted to another ``(H, W)`` (or as stored, for None)."""
+        return Dataset(self.samples, self.infos, shape, self.csv_path)
+
+
+# --------------------------------------------------------------------------------------------
+# CSV loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+class _RowError(Exception):
+    def __init__(self, row: int, reason: str) -> None:
+        self.row = row
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _read_rows(csv_path: Path, shown: str) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
+    """Return the column index of each name and ``(row, fields)`` for each non-blank data row."""
+    if not csv_path.exists():
+        raise DataError(f"{shown}: file not found", csv_path=csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{shown}: not a regular file", csv_path=csv_path)
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            records = list(_numbered(csv.reader(fh)))
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{shown}: not a UTF-8 text file ({exc.reason})", csv_path=csv_path
+        ) from exc
+    except (OSError, csv.Error) as exc:
+        raise DataError(f"{shown}: cannot read: {_describe(exc)}", csv_path=csv_path) from exc
+    if not records:
+        raise DataError(
+            f"{shown}: the file is empty; expected a header line 'image,label' and one row per "
+            "image",
+            csv_path=csv_path,
+        )
+    header_line, header = records[0]
+    columns = _check_header(header, shown, csv_path)
+    rows = [(line - header_line, fields) for line, fields in records[1:]]
+    if not rows:
+        raise DataError(
+            f"{shown}: no data rows after the header; add one 'image,label' row per image",
+            csv_path=csv_path,
+        )
+    return columns, rows
+
+
+def _numbered(reader: Any) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line number, fields)`` of each non-blank record of a ``csv.reader``."""
+    for fields in reader:
+        if any(f.strip() for f in fields):
+            yield reader.line_num, fields
+
+
+def _check_header(header: list[str], shown: str, csv_path: Path) -> dict[str, int]:
+    names = [h.strip().lower() for h in header]
+    missing = [c for c in _COLUMNS if c not in names]
+    extra = [h for h in names if h not in _COLUMNS]
+    dupes = sorted({h for h in names if names.count(h) > 1})
+    problems = []
+    if missing:
+        problems.append("missing column(s) " + ", ".join(repr(c) for c in missing))
+    if extra:
+        problems.append("unexpected column(s) " + ", ".join(repr(c) for c in extra))
+    if dupes:
+        problems.append("repeated column(s) " + ", ".join(repr(c) for c in dupes))
+    if problems:
+        raise DataError(
+            f"{shown}: {'; '.join(problems)} in header {','.join(header)!r}; "
+            "the header must be exactly 'image,label'",
+            csv_path=csv_path,
+        )
+    return {name: names.index(name) for name in _COLUMNS}
+
+
+def _parse_label(text: str, row: int) -> float:
+    try:
+        label = float(text)
+    except ValueError:
+        raise _RowError(row, f"label {text.strip()!r} is not a number") from None
+    if not math.isfinite(label):
+        raise _RowError(row, f"label {text.strip()!r} is not a finite number")
+    return label
+
+
+def _parse_row(
+    row: int, fields: list[str], columns: dict[str, int], base: Path
+) -> tuple[Sample, ImageInfo]:
+    if len(fields) != len(columns):
+        raise _RowError(row, f"expected 2 fields (image,label), got {len(fields)}")
+    name = fields[columns["image"]].strip()
+    if not name:
+        raise _RowError(row, "the image path is empty")
+    label = _parse_label(fields[columns["label"]], row)
+    path = Path(name).expanduser()
+    path = (path if path.is_absolute() else base / path).resolve()
+    if not path.exists():
+        raise _RowError(row, f"image {name!r} not found (looked for {path})")
+    try:
+        info = _probe(path)
+    except Exception as exc:  # any reader failure becomes one clear line
+        raise _RowError(row, f"cannot read {name!r}: {_describe(exc)}") from exc
+    return Sample(path=path, label=label, row=row), info
+
+
+def _check_consistent(samples: Sequence[Sample], infos: Sequence[ImageInfo]) -> None:
+    first = infos[0]
+    for sample, info in zip(samples, infos, strict=True):
+        if info.channels != first.channels:
+            raise _RowError(
+                sample.row,
+                f"image has {info.channels} channel(s) but row {samples[0].row} has "
+                f"{first.channels}; all images must have the same channels",
+            )
+        if info.dtype != first.dtype:
+            raise _RowError(
+                sample.row,
+                f"image is {info.dtype} but row {samples[0].row} is {first.dtype}; all images "
+                "must have the same pixel type",
+            )
+
+
+def _log_summary(shown: str, dataset: Dataset) -> None:
+    sizes = {(i.height, i.width) for i in dataset.infos}
+    log.info(
+        "%s: %d images, %d channel(s) %s, %d distinct size(s), task %s",
+        shown,
+        len(dataset),
+        dataset.channels,
+        dataset.infos[0].dtype,
+        len(sizes),
+        dataset.task,
+    )
+    target = dataset.target_shape
+    if target is None:
+        return
+    crop = sum(1 for i in dataset.infos if i.height > target[0] or i.width > target[1])
+    pad = sum(1 for i in dataset.infos if i.height < target[0] or i.width < target[1])
+    if crop or pad:
+        log.warning(
+            "%s: %d image(s) will be center-cropped and %d zero-padded to %dx%d (see "
+            "tileplan.run.data.fit_to_shape)",
+            shown,
+            crop,
+            pad,
+            target[0],
+            target[1],
+        )
+
+
+def load_csv(path: str | os.PathLike[str], target_shape: Sequence[int] | None = None) -> Dataset:
+    """Read and validate a dataset CSV (columns ``image,label``) before any training starts.
+
+    Every row is checked: the label must be a finite number, the image must exist and its
+    header must be readable and supported (see the module docstring). Only headers are read.
+    All rows are checked; the first problem is raised, and every problem is logged.
+
+    Args:
+        path: the CSV file; image paths in it are relative to its folder.
+        target_shape: ``(H, W)`` the plan expects; images of another size are fitted with
+            :func:`fit_to_shape` when read (and counted in a log warning now).
+
+    Returns:
+        The validated :class:`Dataset`.
+
+    Raises:
+        DataError: one line naming the CSV, the 1-based data row and the fix, e.g.
+            ``train.csv row 3: cannot read 'img3.tif': ...; fix or remove the row``.
+    """
+    shown = os.fspath(path)
+    csv_path = Path(path)
+    columns, rows = _read_rows(csv_path, shown)
+    base = csv_path.absolute().parent
+    samples: list[Sample] = []
+    infos: list[ImageInfo] = []
+    errors: list[_RowError] = []
+    for row, fields in rows:
+        try:
+            sample, info = _parse_row(row, fields, columns, base)
+        except _RowError as exc:
+            errors.append(exc)
+            continue
+        samples.append(sample)
+        infos.append(info)
+    if not errors:
+        try:
+            _check_consistent(samples, infos)
+        except _RowError as exc:
+            errors.append(exc)
+    if errors:
+        for err in errors:
+            log.error("%s row %d: %s", shown, err.row, err.reason)
+        more = f" ({len(errors) - 1} more bad row(s) logged)" if len(errors) > 1 else ""
+        first = errors[0]
+        raise DataError(
+            f"{shown} row {first.row}: {first.reason}; {_FIX_ROW}{more}",
+            csv_path=csv_path,
+            row=first.row,
+        )
+    dataset = Dataset(samples, infos, target_shape, csv_path)
+    _log_summary(shown, dataset)
+    return dataset

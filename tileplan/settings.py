@@ -1,0 +1,247 @@
+"""Run settings, each rule written once: optimizers, image normalisation, and the run spec.
+
+* ``OPTIMIZERS``: every optimizer tileplan knows, by the plan contract's names
+  (``executor.OPTIMIZER_NAMES``): how to build it and how much state it keeps. The CLI's
+  choices, the planner's estimates and measurements and the training loop all read it.
+* ``Normalization``: per-channel mean and std applied to each crop on the compute device
+  (uint8 pixels are scaled by 1/255 first). The default is ImageNet's statistics for 3-channel
+  images (what torchvision and timm weights expect) and mean 0.5, std 0.5 per channel (pixels
+  to [-1, 1]) for any other channel count; ``tileplan train --mean/--std`` sets it. The values
+  used are recorded in the checkpoint, so prediction normalises exactly as training did.
+* ``RunSpec``: a training run's settings, built from a plan and the user's options. Its
+  precision comes from the plan's dtype through ``executor.Precision`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import get_args
+
+import torch
+
+from executor import OPTIMIZER_NAMES, DtypeName, OptimizerName, Plan, Precision
+
+__all__ = [
+    "OPTIMIZERS", "Normalization", "OptimizerSpec", "RunSpec", "SettingsError", "resolve_device",
+]  # fmt: skip
+
+
+class SettingsError(ValueError):
+    """An option is out of range; the message names it and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer tileplan can train with.
+
+    Attributes:
+        name: its name in plans and on the command line.
+        state_factor: bytes of optimizer state per byte of trainable parameters (Adam keeps
+            two moments, SGD with momentum one buffer).
+        build: ``build(params, lr)`` makes it.
+    """
+
+    name: OptimizerName
+    state_factor: int
+    build: Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adam": OptimizerSpec("adam", 2, lambda params, lr: torch.optim.Adam(params, lr=lr)),
+    "adamw": OptimizerSpec("adamw", 2, lambda params, lr: torch.optim.AdamW(params, lr=lr)),
+    "sgd": OptimizerSpec("sgd", 1, lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)),
+}
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES, "OPTIMIZERS must follow executor.OPTIMIZER_NAMES"
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Normalization:
+    """Per-channel ``(x - mean) / std`` on the [0, 1] scale of uint8 images.
+
+    Float images (float ``.npy``/TIFF) are taken to be in the units of ``mean``/``std``
+    already and are not scaled by 1/255.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.mean or len(self.mean) != len(self.std):
+            raise SettingsError(
+                f"--mean has {len(self.mean)} values and --std {len(self.std)}; give one per "
+                "channel"
+            )
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise SettingsError("--mean and --std must be finite numbers")
+        if min(self.std) <= 0:
+            raise SettingsError(f"--std {list(self.std)} must be > 0 for every channel")
+
+    @classmethod
+    def default(cls, channels: int) -> Normalization:
+        """ImageNet's statistics for 3 channels; mean 0.5, std 0.5 otherwise."""
+        if channels == 3:
+            return cls(mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
+        return cls(mean=(0.5,) * channels, std=(0.5,) * channels)
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def apply(self, tile: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A crop ``(C, *spatial)`` or ``(N, C, *spatial)``, uint8 or float, as normalised
+        ``dtype`` on its own device; the input is not modified.
+
+        Raises:
+            SettingsError: the crop's channels differ from the normalisation's, or its dtype is
+                neither uint8 nor floating point.
+        """
+        if not dtype.is_floating_point:
+            raise SettingsError(f"normalised tiles must be floating point, not {dtype}")
+        if tile.dim() < 3:
+            raise SettingsError(
+                f"a tile is (C, *spatial) or (N, C, *spatial), got {tuple(tile.shape)}"
+            )
+        channel_dim = 1 if tile.dim() >= 4 else 0
+        if tile.shape[channel_dim] != self.channels:
+            raise SettingsError(
+                f"the image has {tile.shape[channel_dim]} channels but the normalisation "
+                f"{self.channels}; give --mean/--std with one value per channel"
+            )
+        if tile.dtype == torch.uint8:
+            scale = 1.0 / 255.0
+        elif tile.dtype.is_floating_point:
+            scale = 1.0
+        else:
+            raise SettingsError(f"tiles must be uint8 or floating point, not {tile.dtype}")
+        view = (-1,) + (1,) * (tile.dim() - channel_dim - 1)
+        mean = torch.tensor(self.mean, dtype=torch.float64, device=tile.device).view(view)
+        std = torch.tensor(self.std, dtype=torch.float64, device=tile.device).view(view)
+        # (x * scale - mean) / std == x * (scale / std) - mean / std: one multiply-add.
+        return torch.addcmul((-mean / std).to(dtype), tile.to(dtype), (scale / std).to(dtype))
+
+
+def _floats(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
+# --------------------------------------------------------------------------------------------
+# The run spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """Everything a training run computes with, derived once (and saved in checkpoints).
+
+    Attributes:
+        dtype: the plan's dtype; ``precision`` says what it means.
+        optimizer: the optimizer (default: the one the plan counted).
+        lr: learning rate per optimizer step.
+        epochs: epochs to train.
+        batch: effective batch: gradients accumulated over this many images per step.
+        seed: the initial weights and the image order derive from it.
+        num_workers: image-reading worker processes.
+        normalization: per-channel normalisation of each crop.
+    """
+
+    dtype: DtypeName
+    optimizer: OptimizerName = "adam"
+    lr: float = 1e-4
+    epochs: int = 10
+    batch: int = 16
+    seed: int = 0
+    num_workers: int = 2
+    normalization: Normalization = field(default_factory=lambda: Normalization.default(3))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in get_args(DtypeName):
+            raise SettingsError(f"unknown dtype {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(
+                f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.epochs < 1 or self.batch < 1 or not self.lr > 0 or self.num_workers < 0:
+            raise SettingsError("epochs, batch and lr must be positive and num-workers >= 0")
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: Plan,
+        *,
+        optimizer: str | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        **options: object,
+    ) -> RunSpec:
+        """The run settings for ``plan``: its dtype, its optimizer unless another is asked
+        for, and the default normalisation for its channel count unless ``mean``/``std``."""
+        normalization = Normalization.default(plan.channels)
+        if mean is not None or std is not None:
+            normalization = Normalization(
+                mean=_floats(mean) or normalization.mean, std=_floats(std) or normalization.std
+            )
+        if normalization.channels != plan.channels:
+            raise SettingsError(
+                f"--mean/--std have {normalization.channels} values but the plan's images have "
+                f"{plan.channels} channels; give one value per channel"
+            )
+        return cls(dtype=plan.dtype, optimizer=optimizer or plan.optimizer,
+                   normalization=normalization, **options)  # type: ignore[arg-type]  # fmt: skip
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.of(self.dtype)
+
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return OPTIMIZERS[self.optimizer].build(params, self.lr)
+
+    def preprocess(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Per-crop normalisation into the parameter dtype (the executor's ``preprocess``)."""
+        dtype = self.precision.param_dtype
+        return lambda crop: self.normalization.apply(crop, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: this process's GPU when CUDA is available (``LOCAL_RANK`` under torchrun),
+    else the CPU; ``cuda`` is ``cuda:0``; anything else as given.
+
+    Raises:
+        SettingsError: CUDA asked for but not available, or not a device name.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        return torch.device("cpu")
+    try:
+        device = torch.device("cuda:0" if name == "cuda" else name)
+    except RuntimeError:
+        raise SettingsError(f"--device {name}: unknown device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(
+            f"--device {name}: CUDA is not available here; use --device cpu (or plan for a GPU "
+            "from estimates with `tileplan profile --no-measure --budget SIZE`)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise SettingsError(f"--device {name}: unsupported device; use auto, cpu or cuda[:N]")
+    return device

@@ -1,0 +1,111 @@
+"""Plans, verification and run reports in words: what the CLI prints and the HTML page states.
+
+Pure formatting of typed records; nothing here computes a number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from executor import Candidate, Plan, VerifyStatus
+from tileplan.run.report import RunReport
+from tileplan.units import format_bytes, format_shape
+
+__all__ = [
+    "describe_time",
+    "describe_verification",
+    "render_report",
+    "render_table",
+    "summary",
+]
+
+
+def render_table(candidates: Sequence[Candidate], chosen: Sequence[int] | None = None) -> str:
+    """The candidates as a fixed-width table, the chosen tile's row marked with '>'.
+
+    The time column is seconds per image when tiles were timed on the device, else '-'.
+    """
+    head = (f"  {'tile':>11} {'tiles':>7} {'overlap':>7} {'est. peak':>10} {'meas. tile':>10} "
+            f"{'meas. step':>10} {'s/image':>9} {'fits':>4}")  # fmt: skip
+    lines = [head]
+    for c in candidates:
+        mark = ">" if chosen is not None and tuple(c.tile_px) == tuple(chosen) else " "
+        seconds = "-" if c.predicted_time_s is None else f"{c.predicted_time_s:.1f}"
+        lines.append(
+            f"{mark} {format_shape(c.tile_px):>11} {format_shape(c.grid):>7} "
+            f"{c.overlap_factor:>7.2f} {format_bytes(c.estimated_peak_bytes):>10} "
+            f"{format_bytes(c.measured_tile_bytes):>10} {format_bytes(c.measured_peak_bytes):>10} "
+            f"{seconds:>9} {'yes' if c.fits else 'no':>4}"
+        )
+    return "\n".join(lines)
+
+
+def describe_time(plan: Plan) -> str:
+    """The predicted time per image and where it comes from."""
+    if plan.predicted_time_s is None or plan.time_fit is None:
+        return "not predicted (tiles were not timed: --no-measure)"
+    fit = plan.time_fit
+    return (
+        f"{plan.predicted_time_s:.3g} s (tile timings on {fit.device_name}: "
+        f"{len(fit.samples)} crop sizes, a + b*px fit)"
+    )
+
+
+def describe_verification(plan: Plan) -> str:
+    """How the chosen plan was checked, in one line."""
+    v = plan.verification
+    if v.status == VerifyStatus.VERIFIED:
+        assert v.peak_bytes is not None
+        assert v.step_s is not None
+        delta = v.peak_bytes / plan.predicted_peak_bytes - 1.0
+        return (
+            f"verified: one real streaming step on {v.device} peaked at "
+            f"{format_bytes(v.peak_bytes)} (predicted {format_bytes(plan.predicted_peak_bytes)}, "
+            f"{delta:+.0%}) in {v.step_s:.1f} s"
+        )
+    if v.status == VerifyStatus.TOO_SLOW:
+        return (
+            f"not verified: a step is predicted to take longer than --verify-limit "
+            f"{v.limit_s:.0f} s; run with --verify to check it"
+        )
+    if v.status == VerifyStatus.FAILED:
+        return f"not verified: candidates failed their real step ({v.error}); run with --verify"
+    return "not verified (turned off); run with --verify to check it"
+
+
+def summary(plan: Plan) -> str:
+    """One line: the chosen tile, its peak, and what conventional backprop would need."""
+    chosen = plan.chosen
+    n = chosen.n_tiles if chosen else plan.tile_grid().n_tiles
+    kind = "measured" if plan.measured_peak_bytes is not None else "predicted"
+    forward = ""
+    if plan.forward_tile_px != plan.tile_px:
+        forward = f" (forward pass {format_shape(plan.forward_tile_px)})"
+    conventional = "measured" if plan.conventional_measured else "estimate"
+    return (
+        f"tile {format_shape(plan.tile_px)}{forward}, {n} tiles, {kind} peak "
+        f"{format_bytes(plan.peak_bytes)} of {format_bytes(plan.budget_bytes)}, conventional "
+        f"would need {format_bytes(plan.conventional_peak_bytes)} ({conventional})"
+    )
+
+
+def render_report(r: RunReport) -> str:
+    """The memory-savings report as text."""
+    kind = "measured" if r.conventional_measured else "estimated"
+    lines = [
+        f"run {r.run} on {r.device}: image {format_shape(r.image_shape_px)} px, tile "
+        f"{format_shape(r.tile_px)} ({r.n_tiles} tiles)",
+        f"  streaming step peak    {format_bytes(r.streaming_peak_bytes):>10}  (measured: "
+        f"{r.describe_measurement()})",
+        f"  conventional step peak {format_bytes(r.conventional_peak_bytes):>10}  ({kind})",
+        f"  saved per image        {format_bytes(r.saved_bytes):>10}  (streaming = {r.ratio:.1%} "
+        "of conventional)",
+        f"  time per image         {r.streaming_time_per_image_s:>8.2f} s"
+        + (f" (conventional step {r.conventional_time_per_image_s:.2f} s)"
+           if r.conventional_time_per_image_s else ""),
+    ]  # fmt: skip
+    if r.breakdown is not None:
+        lines.append("  breakdown of the streaming step (the plan's estimate):")
+        for name, value in r.breakdown.categories().items():
+            lines.append(f"    {name:<24} {format_bytes(value):>10}")
+    return "\n".join(lines)
