@@ -40,6 +40,7 @@ from executor.precision import DTYPE_NAMES, DtypeName, Precision
 from executor.serde import from_data, to_data, to_yaml
 from executor.steps import streaming_step
 from executor.streaming import StreamingCNN, spatial_tile_shape
+from executor.trace import trace
 
 __all__ = [
     "DTYPE_NAMES",
@@ -80,5 +81,6 @@ __all__ = [
     "streaming_step",
     "to_data",
     "to_yaml",
+    "trace",
     "trunk_fingerprint",
 ]

@@ -20,12 +20,15 @@ class UnsupportedLayerError(StreamingError):
         where: qualified name of the module (or the operation) that was refused.
         reason: why streaming it would not be exact.
         fix: what the user can do about it.
+        node: the name of the refused node in the traced graph, when there is one (what an
+            automatic split looks for).
     """
 
-    def __init__(self, where: str, reason: str, fix: str) -> None:
+    def __init__(self, where: str, reason: str, fix: str, node: str | None = None) -> None:
         self.where = where
         self.reason = reason
         self.fix = fix
+        self.node = node
         super().__init__(f"cannot stream '{where}': {reason}; {fix}")
 
 

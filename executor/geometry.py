@@ -24,6 +24,7 @@ Note: [Alignment]
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -31,8 +32,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from executor.classify import trace_trunk
 from executor.errors import GeometryError, UnsupportedLayerError
-from executor.graph import SpatialGraph, trace_trunk
+from executor.graph import SpatialGraph
 
 __all__ = [
     "AxisGeometry", "AxisTile", "Tile", "TileGrid", "TrunkGeometry", "analyze_trunk",
@@ -259,6 +261,7 @@ class TrunkGeometry:
             strides.append(stride)
         out_stride = strides[graph.output]
         align = tuple(math.lcm(*(s[ax] for s in strides)) for ax in range(graph.n_axes))
+        graph = _settle_same_padding(graph, align)
         lo, hi = [], []
         for axis in range(graph.n_axes):
             first, last = _input_interval(graph, axis, 0, 0)
@@ -293,7 +296,13 @@ class TrunkGeometry:
                     f"{self.output_stride[axis]}"
                 )
             (n,) = incoming
-            lengths.append(node.windows[axis].out_len(n) if node.windows is not None else n)
+            if node.windows is None:
+                lengths.append(n)
+                continue
+            try:
+                lengths.append(node.windows[axis].out_len(n))
+            except GeometryError as err:
+                raise GeometryError(f"at '{node.where}' along axis {axis}: {err}") from None
         return lengths
 
     def output_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
@@ -339,6 +348,8 @@ class TrunkGeometry:
         grid = build_tile_grid(axes, image_shape, self.output_shape(image_shape), tile_shape)
         for axis, (n, tiles) in enumerate(zip(image_shape, grid.axes, strict=True)):
             self._check_crops(axis, n, tiles)
+            if len(tiles) > 1:
+                self._check_same_padding(axis, n)
         return grid
 
     # -- internals ----------------------------------------------------------------------------
@@ -348,6 +359,44 @@ class TrunkGeometry:
             raise GeometryError(
                 f"expected {self.n_axes} spatial sizes, got {tuple(shape)}; pass one per axis"
             )
+
+    def _check_same_padding(self, axis: int, n: int) -> None:
+        """Dynamic 'same' padding must pad the image as it pads every crop (see
+        [Dynamic same padding] in ``executor.graph``)."""
+        bad = self._same_padding_mismatch(axis, n)
+        if bad is None:
+            return
+        sizes = [m for m in range(max(1, n - 4 * self.align[axis]), n + 4 * self.align[axis] + 1)
+                 if self._fits_same_padding(axis, m)]  # fmt: skip
+        below = max((m for m in sizes if m < n), default=None)
+        above = min((m for m in sizes if m > n), default=None)
+        nearest = " or ".join(str(m) for m in (below, above) if m is not None)
+        fix = f"use an image size of {nearest} px along that axis" if nearest else (
+            "use another image size along that axis"
+        )  # fmt: skip
+        raise GeometryError(
+            f"'{bad}' pads 'same' dynamically (TensorFlow style): an image of {n} px along axis "
+            f"{axis} is padded unlike its tiles, which would not line up; {fix}, or one tile "
+            "along it"
+        )
+
+    def _same_padding_mismatch(self, axis: int, n: int) -> str | None:
+        """The first dynamic 'same' padding that pads an image of ``n`` px unlike its crops."""
+        lengths = self.node_lengths(axis, n)
+        for node in self.graph.nodes:
+            window = node.windows[axis] if node.windows is not None else None
+            same = window is not None and window.same is not None
+            if same and window.padding(lengths[node.inputs[0]])[0] != window.pad_lo:
+                return node.where
+        return None
+
+    def _fits_same_padding(self, axis: int, n: int) -> bool:
+        try:
+            return (
+                self.node_lengths(axis, n)[-1] > 0 and self._same_padding_mismatch(axis, n) is None
+            )
+        except GeometryError:
+            return False
 
     def _check_crops(self, axis: int, n: int, tiles: Sequence[AxisTile]) -> None:
         """Every crop must produce the positions it owns (exact, from the size formulas)."""
@@ -426,6 +475,36 @@ def build_tile_grid(
         tuple(image_shape), tuple(output_shape), tuple(aligned), tuple(tiles),
         tuple(g.stride for g in axes),
     )  # fmt: skip
+
+
+def _settle_same_padding(graph: SpatialGraph, align: tuple[int, ...]) -> SpatialGraph:
+    """Give every dynamic 'same' padding the padding its crops get.
+
+    Note: [Dynamic same padding] For any input that is a multiple of ``align``, the length of
+    every map is ``k * align / stride + c`` for a constant ``c`` (each window divides exactly by
+    its stride), so every crop but the last one, whose length the image's residue decides,
+    sees the same residue at each 'same' padding and so the same padding. The geometry uses
+    that padding; ``TrunkGeometry.tile_grid`` checks that the image gets it too.
+    """
+    if not any(w.same for node in graph.nodes for w in node.windows or ()):
+        return graph
+    nodes = list(graph.nodes)
+    for axis in range(graph.n_axes):
+        lengths: list[int] = []
+        for i, node in enumerate(nodes):
+            if not node.inputs:
+                lengths.append(64 * align[axis])  # any multiple of align: the same residues
+                continue
+            n = lengths[node.inputs[0]]
+            window = node.windows[axis] if node.windows is not None else None
+            if window is not None and window.same is not None:
+                lo, hi = window.padding(n)
+                windows = list(node.windows)
+                windows[axis] = dataclasses.replace(window, pad_lo=lo, pad_hi=hi)
+                nodes[i] = node = dataclasses.replace(node, windows=tuple(windows))
+            out = node.windows[axis].out_len(n, check=False) if node.windows is not None else n
+            lengths.append(out)
+    return SpatialGraph(tuple(nodes), graph.n_axes)
 
 
 def _intervals(graph: SpatialGraph, axis: int, lo: int, hi: int) -> list[tuple[int, int]]:

@@ -41,6 +41,13 @@ def check_modes(trunk: nn.Module) -> None:
                 f"{type(module).__name__} is active and would drop different units per tile",
                 "call eval() on it or set p=0 inside the trunk",
             )
+        if type(module).__name__ == "_SpectralNorm" and module.training:
+            raise UnsupportedLayerError(
+                where,
+                "spectral norm in train mode updates its power iteration at every call, so each "
+                "tile would see another weight",
+                "call eval() on the trunk",
+            )
         p = getattr(module, "p", 0.0)
         if type(module).__name__ == "StochasticDepth" and module.training and p > 0:
             raise UnsupportedLayerError(

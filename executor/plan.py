@@ -124,6 +124,7 @@ class ModelIdentity:
     model_class: str
     parameter_count: int
     trunk_fingerprint: str  # see trunk_fingerprint()
+    stopped_by: str | None = None  # why an automatic split ends there (the refused layer after)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,6 +348,9 @@ class Plan:
     time_fit: TimeFit | None = None
     conventional_peak_bytes: int
     conventional_measured: bool = False
+    # A conventional step's activation memory, whole image: the trunk's and the head's.
+    trunk_activation_bytes: int = 0
+    head_activation_bytes: int = 0
     candidates: tuple[Candidate, ...] = field(default_factory=tuple)
     layers: tuple[LayerMemory, ...] = field(default_factory=tuple)
 
@@ -463,6 +467,13 @@ class Plan:
     @property
     def precision(self) -> Precision:
         return Precision.of(self.dtype)
+
+    @property
+    def trunk_share(self) -> float | None:
+        """The trunk's share of a conventional step's activation memory (what streaming can
+        save at best), or None when it was not estimated."""
+        total = self.trunk_activation_bytes + self.head_activation_bytes
+        return self.trunk_activation_bytes / total if total else None
 
     @property
     def chosen(self) -> Candidate | None:

@@ -173,7 +173,7 @@ def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str
     from executor import save_plan
     from tileplan.planning.profile import NoFeasiblePlanError, ProfileRequest
     from tileplan.planning.profile import profile as run_profile
-    from tileplan.text import describe_verification, render_table, summary
+    from tileplan.text import describe_trunk, describe_verification, render_table, summary
 
     try:
         with _one_line_errors():
@@ -191,7 +191,8 @@ def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=1))
         return
-    click.echo(f"trunk: {plan.model.split}, output stride {format_shape(plan.output_stride_px)}")
+    for line in describe_trunk(plan):
+        click.echo(line)
     click.echo(render_table(plan.candidates, plan.tile_px))
     click.echo(summary(plan))
     click.echo(describe_verification(plan))

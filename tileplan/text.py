@@ -13,6 +13,8 @@ from tileplan.units import format_bytes, format_shape
 
 __all__ = [
     "describe_time",
+    "describe_trunk",
+    "shallow_trunk_note",
     "describe_verification",
     "render_report",
     "render_table",
@@ -38,6 +40,45 @@ def render_table(candidates: Sequence[Candidate], chosen: Sequence[int] | None =
             f"{seconds:>9} {'yes' if c.fits else 'no':>4}"
         )
     return "\n".join(lines)
+
+
+# A trunk is shallow below this share of a conventional step's activation memory, or below
+# this output stride when the head holds a noticeable share too (a small network whose whole
+# body streams is not shallow, whatever its stride).
+SHALLOW_SHARE = 0.5
+SHALLOW_STRIDE = 8
+NOTICEABLE_HEAD = 0.25
+
+
+def shallow_trunk_note(
+    *, split: str, stride: Sequence[int], stopped_by: str | None, trunk_bytes: int,
+    head_bytes: int,
+) -> str | None:  # fmt: skip
+    """One line saying that little of the model streams and why, or None when the trunk is
+    deep enough to matter."""
+    total = trunk_bytes + head_bytes
+    share = trunk_bytes / total if total else 1.0
+    strided = min(stride) >= SHALLOW_STRIDE or share >= 1.0 - NOTICEABLE_HEAD
+    if strided and share >= SHALLOW_SHARE:
+        return None
+    why = f", stopped by {stopped_by}" if stopped_by else ""
+    return (
+        f"only a shallow part of the model streams: {split} (output stride "
+        f"{format_shape(stride)}){why}. The trunk holds {share:.0%} of a conventional step's "
+        f"activation memory ({format_bytes(trunk_bytes)} of {format_bytes(total)}): that is the "
+        "most streaming can save"
+    )
+
+
+def describe_trunk(plan: Plan) -> list[str]:
+    """Where the trunk ends and its output stride, and first a warning when it is shallow."""
+    note = shallow_trunk_note(
+        split=plan.model.split, stride=plan.output_stride_px, stopped_by=plan.model.stopped_by,
+        trunk_bytes=plan.trunk_activation_bytes, head_bytes=plan.head_activation_bytes,
+    )  # fmt: skip
+    lines = [f"warning: {note}"] if note else []
+    lines.append(f"trunk: {plan.model.split}, output stride {format_shape(plan.output_stride_px)}")
+    return lines
 
 
 def describe_time(plan: Plan) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from hypothesis import strategies as st
 from torch import nn
 
@@ -13,9 +14,10 @@ Spec = tuple[tuple[Any, ...], ...]
 
 @st.composite
 def layer(draw: st.DrawFn, *, nonlinear: bool = True) -> tuple[Any, ...]:
-    kinds = ["conv", "conv", "avgpool", "residual", "concat"]
+    kinds = ["conv", "conv", "avgpool", "residual", "concat", "split", "shuffle", "pad",
+             "same", "unshuffle"]  # fmt: skip
     if nonlinear:
-        kinds += ["act", "maxpool"]
+        kinds += ["act", "maxpool", "channel_gate", "channels_last_norm"]
     kind = draw(st.sampled_from(kinds))
     k = draw(st.integers(1, 5))
     s = draw(st.integers(1, 3))
@@ -31,6 +33,15 @@ def layer(draw: st.DrawFn, *, nonlinear: bool = True) -> tuple[Any, ...]:
         return ("residual", draw(st.sampled_from([1, 3, 5])), draw(st.integers(1, 2)))
     if kind == "concat":
         return ("concat", draw(st.sampled_from([1, 3])))
+    if kind == "split":
+        return ("split", draw(st.sampled_from([1, 3])), draw(st.sampled_from([3, 5])))
+    if kind == "pad":
+        pads = draw(st.tuples(*[st.integers(0, 2)] * 4))
+        return ("pad", pads, draw(st.sampled_from(["constant", "reflect", "replicate"])))
+    if kind == "same":
+        return ("same", draw(st.integers(1, 5)), s, draw(st.integers(1, 2)))
+    if kind in ("shuffle", "unshuffle", "channel_gate", "channels_last_norm"):
+        return (kind,)
     return ("act", draw(st.sampled_from(["relu", "tanh", "gelu"])))
 
 
@@ -52,23 +63,111 @@ class Branchy(nn.Module):
         return torch.cat([self.main(x), self.side(x)], dim=1)
 
 
+class ChannelSplit(nn.Module):
+    """Res2Net/MixConv style: split the channels, convolve each part differently, concat."""
+
+    def __init__(self, c: int, k1: int, k2: int) -> None:
+        super().__init__()
+        self.first = c // 2
+        self.a = nn.Conv2d(self.first, self.first, k1, padding=k1 // 2)
+        self.b = nn.Conv2d(c - self.first, c - self.first, k2, padding=k2 // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(x, [self.first, x.shape[1] - self.first], dim=1)
+        assert a.ndim == 4, "shape checks are traced, not refused"
+        return torch.cat([self.a(a), self.b(b)], dim=1)
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle: a reshape of the channel dims only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous()
+        return x.view(n, c, h, w)
+
+
+class Padded(nn.Module):
+    """F.pad by fixed amounts (any local mode), then an unpadded convolution."""
+
+    def __init__(self, c: int, pads: tuple[int, ...], mode: str) -> None:
+        super().__init__()
+        self.pads, self.mode = pads, mode
+        self.conv = nn.Conv2d(c, c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pads, mode=self.mode))
+
+
+class Unshuffle(nn.Module):
+    """Space to depth, then back to the channel count."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.mix = nn.Conv2d(4 * c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.unshuffle(x))
+
+
+class ChannelGate(nn.Module):
+    """CBAM-style spatial attention: statistics over channels at each position (local)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x.mean(1, keepdim=True) + x.amax(dim=1, keepdim=True))
+
+
+class ChannelsLastNorm(nn.Module):
+    """ConvNeXt style: LayerNorm over channels in channels-last layout."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _same_conv(c: int, k: int, s: int, d: int) -> nn.Module:
+    from timm.layers import Conv2dSame  # TensorFlow 'same' padding computed from the input size
+
+    return Conv2dSame(c, c, k, stride=s, dilation=d)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+# kind -> (module for the entry and the current channels, channels after it)
+_LAYERS: dict[str, Any] = {
+    "conv": lambda e, c: nn.Conv2d(c, c, e[1], stride=e[2], padding=e[3], dilation=e[4],
+                                   bias=e[5]),
+    "maxpool": lambda e, c: nn.MaxPool2d(e[1], e[2], e[3], ceil_mode=e[4]),
+    "avgpool": lambda e, c: nn.AvgPool2d(e[1], e[2], e[3], ceil_mode=e[4]),
+    "residual": lambda e, c: Branchy("residual", c, e[1], e[2]),
+    "concat": lambda e, c: Branchy("concat", c, e[1], 1),
+    "split": lambda e, c: ChannelSplit(c, e[1], e[2]),
+    "pad": lambda e, c: Padded(c, e[1], e[2]),
+    "same": lambda e, c: _same_conv(c, *e[1:]),
+    "unshuffle": lambda e, c: Unshuffle(c),
+    "channel_gate": lambda e, c: ChannelGate(),
+    "channels_last_norm": lambda e, c: ChannelsLastNorm(c),
+    "act": lambda e, c: _ACTIVATIONS[e[1]](),
+}  # fmt: skip
+
+
 def build(spec: Spec, channels: int = 2) -> nn.Module:
-    """Module for ``spec``: every conv keeps (or grows by one, for concat) the channels."""
+    """Module for ``spec``: layers keep the channels (concat grows them by one, a shuffle
+    makes them even)."""
     layers: list[nn.Module] = []
     c = channels
     for entry in spec:
         kind = entry[0]
-        if kind == "conv":
-            _, k, s, p, d, bias = entry
-            layers.append(nn.Conv2d(c, c, k, stride=s, padding=p, dilation=d, bias=bias))
-        elif kind == "maxpool":
-            layers.append(nn.MaxPool2d(entry[1], entry[2], entry[3], ceil_mode=entry[4]))
-        elif kind == "avgpool":
-            layers.append(nn.AvgPool2d(entry[1], entry[2], entry[3], ceil_mode=entry[4]))
-        elif kind in ("residual", "concat"):
-            stride = entry[2] if kind == "residual" else 1
-            layers.append(Branchy(kind, c, entry[1], stride))
-            c += kind == "concat"
-        else:
-            layers.append({"relu": nn.ReLU(), "tanh": nn.Tanh(), "gelu": nn.GELU()}[entry[1]])
+        if kind == "shuffle":
+            if c % 2:
+                layers.append(nn.Conv2d(c, c + 1, 1))
+                c += 1
+            layers.append(ChannelShuffle())
+            continue
+        layers.append(_LAYERS[kind](entry, c))
+        c += kind == "concat"
     return nn.Sequential(*layers).eval()

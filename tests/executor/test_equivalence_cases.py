@@ -204,3 +204,26 @@ def test_autocast_on_cpu_as_accurate_as_conventional(amp: torch.dtype) -> None:
     image = torch.randn(shape)
     result = compare_with_conventional(trunk, image, tile, dtype=torch.float32, amp_dtype=amp)
     assert result.n_tiles > 1
+
+
+class _StdConv(nn.Conv2d):
+    """Weight standardisation in forward (BiT): the weight is computed from parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "standardised"])
+def test_weights_computed_from_parameters(kind: str) -> None:
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    if kind == "standardised":
+        conv: nn.Module = _StdConv(3, 4, 3, stride=2, padding=1)
+    else:
+        conv = getattr(parametrizations, kind)(nn.Conv2d(3, 4, 3, stride=2, padding=1))
+    trunk = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    result = compare_with_conventional(trunk, torch.randn(1, 3, 45, 38), (20, 20))
+    assert result.n_tiles > 1

@@ -67,7 +67,11 @@ def test_tile_grid_invariants(spec: Spec, size: tuple[int, int], extra: tuple[in
         assume(False)
     assume(min(out_shape) >= 1)
     tile = tuple(g.min_tile(ax) + e for ax, e in enumerate(extra))
-    grid = g.tile_grid(size, tile)
+    try:
+        grid = g.tile_grid(size, tile)
+    except GeometryError as err:  # refused, never wrong: see [Dynamic same padding]
+        assert "pads 'same' dynamically" in str(err) or "space-to-depth" in str(err)  # noqa: PT017
+        assume(False)
     for ax, tiles in enumerate(grid.axes):
         # Ownership: the tiles partition the output positions, in order, without gaps.
         assert tiles[0].out_start == 0

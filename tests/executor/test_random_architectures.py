@@ -39,7 +39,15 @@ def test_random_trunk_streams_exactly(
         for ax, (f, n) in enumerate(zip(tile_frac, (height, width), strict=True))
     )
     image = torch.randn(1, 2, height, width)
-    compare_with_conventional(trunk, image, tile)
+    try:
+        compare_with_conventional(trunk, image, tile)
+        return
+    except GeometryError as err:
+        refused = str(err)
+    # Refused, never wrong: dynamic 'same' padding of an image size that pads unlike its
+    # tiles, or a space-to-depth step on crops of odd size.
+    assert any(w in refused for w in ("pads 'same'", "space-to-depth", "reflect")), refused
+    assume(False)
 
 
 def _receptive_hull(
@@ -67,11 +75,19 @@ def test_geometry_matches_empirical_receptive_field(spec: Spec, size: int, where
         assume(False)
     assume(min(out_shape) >= 1)
     assert tuple(trunk(torch.zeros(1, 2, size, size, dtype=torch.float64)).shape[2:]) == out_shape
+    try:  # a size that dynamic 'same' padding pads unlike its tiles is refused for streaming
+        geometry.tile_grid((size, size), (geometry.min_tile(0), geometry.min_tile(1)))
+    except GeometryError:
+        assume(False)
     # An output whose receptive field lies inside the image (at the border, dilation holes
     # make the clipped hull ambiguous).
-    s, lo, hi = geometry.output_stride[0], geometry.halo_lo[0], geometry.halo_hi[0]
-    inside = [j for j in range(out_shape[0]) if j * s - lo >= 0 and j * s + hi <= size - 1]
-    assume(inside)
-    j = inside[int(where * (len(inside) - 1))]
-    hull = _receptive_hull(trunk, (size, size), (j, j))
-    assert hull == [(j * s - lo, j * s + hi)] * 2
+    s, lo, hi = geometry.output_stride, geometry.halo_lo, geometry.halo_hi
+
+    def inside(ax: int) -> list[int]:
+        return [j for j in range(out_shape[ax]) if j * s[ax] - lo[ax] >= 0
+                and j * s[ax] + hi[ax] <= size - 1]  # fmt: skip
+
+    assume(inside(0) and inside(1))
+    j = tuple(inside(ax)[int(where * (len(inside(ax)) - 1))] for ax in range(2))
+    hull = _receptive_hull(trunk, (size, size), j)
+    assert hull == [(j[ax] * s[ax] - lo[ax], j[ax] * s[ax] + hi[ax]) for ax in range(2)]

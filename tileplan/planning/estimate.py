@@ -28,10 +28,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from executor import MemoryBreakdown
+from executor import MemoryBreakdown, StreamingError
 from tileplan.settings import OPTIMIZERS
 
 __all__ = [
+    "Conventional",
+    "EstimateError",
     "LiveBytes",
     "ModelState",
     "estimate_conventional",
@@ -92,6 +94,26 @@ def _meta_state(module: nn.Module, dtype: torch.dtype) -> Iterator[dict[str, tor
     yield state
 
 
+class EstimateError(StreamingError):
+    """The model's own code failed on the shapes being estimated (one line, with the shape)."""
+
+
+@contextmanager
+def _model_code(what: str, shape: tuple[int, ...]) -> Iterator[None]:
+    """Turn a failure of the user's code on a shape into a one-line EstimateError."""
+    try:
+        yield
+    except StreamingError:
+        raise
+    except Exception as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise EstimateError(
+            f"the {what} fails on an input of shape {tuple(shape)} ({type(err).__name__}"
+            f"{': ' + text if text else ''}); the model may need another image size (e.g. "
+            "one it was built for) or its own split(model)"
+        ) from err
+
+
 def pass_peak(
     module: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype, *, grad: bool
 ) -> tuple[int, tuple[int, ...]]:
@@ -106,8 +128,15 @@ def pass_peak(
 
     Returns:
         ``(peak_bytes, output_shape)``.
+
+    Raises:
+        EstimateError: the module's code fails on this shape.
     """
-    with _meta_state(module, dtype) as state, torch.set_grad_enabled(grad):
+    with (
+        _meta_state(module, dtype) as state,
+        torch.set_grad_enabled(grad),
+        _model_code("model's trunk" if grad else "model", input_shape),
+    ):
         counter = LiveBytes()
         with counter:
             x = torch.empty(input_shape, device="meta", dtype=dtype)
@@ -124,8 +153,11 @@ def head_peak(head: nn.Module, features_shape: tuple[int, ...], dtype: torch.dty
 
     The map and its gradient are counted separately (``output_bytes``, ``output_grad_bytes``),
     so they exist before counting starts.
+
+    Raises:
+        EstimateError: the head's code fails on this shape.
     """
-    with _meta_state(head, dtype) as state:
+    with _meta_state(head, dtype) as state, _model_code("model's head", features_shape):
         features = torch.empty(features_shape, device="meta", dtype=dtype, requires_grad=True)
         features.grad = torch.empty_like(features)
         counter = LiveBytes()
@@ -239,6 +271,20 @@ def _full_output_shape(
         return tuple(functional_call(trunk, state, (x,)).shape)
 
 
+@dataclass(frozen=True)
+class Conventional:
+    """A conventional training step on the whole image (estimate, bytes)."""
+
+    state_bytes: int  # parameters, gradients, optimizer state
+    trunk_bytes: int  # the trunk's pass: its input and everything saved for backward
+    head_bytes: int  # the head's pass on the trunk's output map
+
+    @property
+    def peak_bytes(self) -> int:
+        # The trunk's saved activations are alive while the head runs.
+        return self.state_bytes + self.trunk_bytes + self.head_bytes
+
+
 def estimate_conventional(
     *,
     trunk: nn.Module,
@@ -246,14 +292,12 @@ def estimate_conventional(
     state: ModelState,
     image_shape: tuple[int, ...],
     dtype: torch.dtype,
-) -> int:
-    """Peak bytes of a conventional training step on the whole image (estimate).
+) -> Conventional:
+    """A conventional training step on the whole image (estimate).
 
     The image is the trunk pass's input, so ``pass_peak`` already counts it once: on a GPU
     that is its device copy (the host copy is not device memory), on CPU the image itself.
     """
     trunk_peak, out_shape = pass_peak(trunk, image_shape, dtype, grad=True)
-    # The trunk's saved activations are alive while the head runs: the trunk pass peak
-    # dominates, plus the head on top of the map.
     fixed = state.params_bytes + state.grads_bytes + state.optimizer_bytes
-    return fixed + trunk_peak + head_peak(head, out_shape, dtype)
+    return Conventional(fixed, trunk_peak, head_peak(head, out_shape, dtype))

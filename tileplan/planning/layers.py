@@ -14,13 +14,13 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from executor import LayerMemory, TrunkGeometry
+from executor import LayerMemory, TrunkGeometry, trace
 
 __all__ = ["layer_memory"]
 
 
 def _shapes(trunk: nn.Module, channels: int, geometry: TrunkGeometry) -> dict[str, torch.Size]:
-    gm = torch.fx.symbolic_trace(trunk)
+    gm = trace(trunk)  # the same graph (and node names) the geometry was derived from
     device = next((p.device for p in trunk.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in trunk.parameters()), torch.float32)
     # Small first (most trunks pad); else the receptive field, which always gives an output.

@@ -20,15 +20,17 @@ import importlib.util
 import logging
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.fx
 from torch import nn
 
-from executor import StreamingError, UnsupportedLayerError, analyze_trunk
+from executor import StreamingError, UnsupportedLayerError, analyze_trunk, trace
 
-__all__ = ["LoadedModel", "ModelFileError", "load_model_file", "split_model"]
+__all__ = ["LoadedModel", "ModelFileError", "Split", "load_model_file", "split_model"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class LoadedModel:
         trunk: the streamed part; shares parameters with ``model``.
         head: the rest, applied to the trunk's output map.
         split: where the trunk ends, in words.
+        stopped_by: why an automatic split ends there (see ``Split.stopped_by``).
     """
 
     path: Path
@@ -56,6 +59,7 @@ class LoadedModel:
     trunk: nn.Module
     head: nn.Module
     split: str
+    stopped_by: str | None = None
 
     @property
     def parameter_count(self) -> int:
@@ -101,8 +105,8 @@ def load_model_file(path: str | Path, split: str = "auto") -> LoadedModel:
         trunk, head = parts
         analyze_trunk(trunk)  # refuse an unstreamable trunk now, naming the layer
         return LoadedModel(path, entry, model, trunk, head, "split(model) in the model file")
-    trunk, head, where = split_model(model, None if split == "auto" else split)
-    return LoadedModel(path, entry, model, trunk, head, where)
+    parts = split_model(model, None if split == "auto" else split)
+    return LoadedModel(path, entry, model, parts.trunk, parts.head, parts.where, parts.stopped_by)
 
 
 def _import(path: Path) -> object:
@@ -132,43 +136,109 @@ def _call(path: Path, fn: object, what: str) -> object:
 # --------------------------------------------------------------------------------------------
 
 
-def split_model(model: nn.Module, name: str | None = None) -> tuple[nn.Module, nn.Module, str]:
-    """Split ``model`` into (trunk, head) at a point where one feature map flows on.
+@dataclass(frozen=True)
+class Split:
+    """Where a model was cut into a streamed trunk and a head.
+
+    Attributes:
+        trunk, head: the two parts, sharing the model's parameters; ``head(trunk(x))`` is
+            ``model(x)``.
+        where: where the trunk ends, in words.
+        stopped_by: why the trunk ends there when it was chosen automatically: the refusal of
+            the first layer after it that cannot stream (None when all of the model streams up
+            to its last single-map point, or the user chose the end).
+    """
+
+    trunk: nn.Module
+    head: nn.Module
+    where: str
+    stopped_by: str | None = None
+
+
+class _ThenHead(nn.Module):
+    """The rest of the feature part, then the model's own ``forward_head`` (timm)."""
+
+    def __init__(self, rest: nn.Module, model: nn.Module) -> None:
+        super().__init__()
+        self.rest = rest
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.rest(features))
+
+
+class _FeaturePart(nn.Module):
+    """A model's ``forward_features`` (timm) as a module of its own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def _traced(model: nn.Module) -> tuple[torch.fx.GraphModule, Callable[[nn.Module], nn.Module]]:
+    """The model's graph, and how to finish a head made of its suffix.
+
+    When the model's own forward cannot be traced but it has timm's ``forward_features`` and
+    ``forward_head``, the graph is the feature part's and the head ends with ``forward_head``.
+    """
+    try:
+        return trace(model), lambda suffix: suffix
+    except UnsupportedLayerError as whole:
+        if not (callable(getattr(model, "forward_features", None))
+                and callable(getattr(model, "forward_head", None))):  # fmt: skip
+            raise ModelFileError(
+                f"cannot trace {type(model).__name__} with torch.fx to find the trunk "
+                f"({whole.reason}); define split(model) -> (trunk, head) in the model file"
+            ) from whole
+        try:
+            gm = trace(_FeaturePart(model))
+        except UnsupportedLayerError as err:
+            raise ModelFileError(
+                f"cannot trace {type(model).__name__} or its forward_features with torch.fx "
+                f"({err.reason}); define split(model) -> (trunk, head) in the model file"
+            ) from err
+        log.info("%s does not trace as a whole: splitting its forward_features", type(model))
+        return gm, lambda suffix: _ThenHead(suffix, model)
+
+
+def split_model(model: nn.Module, name: str | None = None) -> Split:
+    """Split ``model`` into a trunk and a head at a point where one feature map flows on.
 
     Args:
         model: the whole model.
         name: end the trunk after this module (qualified name) or graph node; ``None`` picks
             the largest streamable prefix.
 
-    Returns:
-        ``(trunk, head, description)``; both parts share the model's parameters.
-
     Raises:
         ModelFileError: the model cannot be traced, ``name`` is not a cut point, or no prefix
             of the model can be streamed.
     """
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as err:
-        raise ModelFileError(
-            f"cannot trace {type(model).__name__} with torch.fx to find the trunk "
-            f"({type(err).__name__}); define split(model) -> (trunk, head) in the model file"
-        ) from err
+    gm, finish = _traced(model)
     nodes = list(gm.graph.nodes)
     cuts = _single_value_cuts(nodes)
     if name is not None:
-        return _split_at_name(gm, nodes, cuts, name)
+        return _split_at_name(gm, nodes, cuts, name, finish)
+    position = {n.name: i for i, n in enumerate(nodes)}
     last_error: UnsupportedLayerError | None = None
+    limit = len(nodes)  # cuts at or after a refused node cannot stream
     for index in reversed(cuts):
+        if index >= limit:
+            continue
         trunk = _prefix(gm, nodes, index)
         try:
             analyze_trunk(trunk)
         except UnsupportedLayerError as err:
             last_error = err
+            limit = min(limit, position.get(err.node or "", limit))
             continue
         where = _describe(nodes[index])
         log.info("trunk ends after %s", where)
-        return trunk, _suffix(gm, nodes, index), f"auto: trunk ends after {where}"
+        stopped = None if last_error is None else str(last_error)
+        return Split(trunk, finish(_suffix(gm, nodes, index)), f"auto: trunk ends after {where}",
+                     stopped)  # fmt: skip
     raise ModelFileError(
         f"no part of {type(model).__name__} can be streamed ({last_error}); "
         "define split(model) in the model file"
@@ -176,13 +246,10 @@ def split_model(model: nn.Module, name: str | None = None) -> tuple[nn.Module, n
 
 
 def _split_at_name(
-    gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], cuts: list[int], name: str
-) -> tuple[nn.Module, nn.Module, str]:
-    owned = [
-        i for i, n in enumerate(nodes)
-        if n.name == name or (n.op == "call_module" and (
-            str(n.target) == name or str(n.target).startswith(name + ".")))
-    ]  # fmt: skip
+    gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], cuts: list[int], name: str,
+    finish: Callable[[nn.Module], nn.Module],
+) -> Split:  # fmt: skip
+    owned = [i for i, n in enumerate(nodes) if n.name == name or _inside(n, name)]
     if not owned:
         modules = [str(n.target) for n in nodes if n.op == "call_module"]
         raise ModelFileError(
@@ -197,7 +264,17 @@ def _split_at_name(
         )
     trunk = _prefix(gm, nodes, index)
     analyze_trunk(trunk)
-    return trunk, _suffix(gm, nodes, index), f"trunk ends after {_describe(nodes[index])}"
+    return Split(
+        trunk, finish(_suffix(gm, nodes, index)), f"trunk ends after {_describe(nodes[index])}"
+    )
+
+
+def _inside(node: torch.fx.Node, module: str) -> bool:
+    """Whether ``node`` is (part of) module ``module``: a call of it or of a submodule, or code
+    of its forward (fx records the module stack of every node)."""
+    paths = [str(node.target)] if node.op == "call_module" else []
+    paths += [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(p == module or p.startswith(module + ".") for p in paths)
 
 
 def _single_value_cuts(nodes: list[torch.fx.Node]) -> list[int]:

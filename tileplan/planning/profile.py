@@ -37,6 +37,7 @@ from executor import (
     trunk_fingerprint,
 )
 from tileplan.planning.estimate import (
+    Conventional,
     ModelState,
     estimate_conventional,
     estimate_fixed,
@@ -53,6 +54,7 @@ from tileplan.planning.measure import (
 from tileplan.planning.model_file import LoadedModel, load_model_file
 from tileplan.planning.search import Scored, candidate_tiles, choose, proxy_cost
 from tileplan.settings import OPTIMIZERS
+from tileplan.text import shallow_trunk_note
 from tileplan.units import format_bytes
 
 __all__ = ["NoFeasiblePlanError", "ProfileRequest", "profile"]
@@ -196,13 +198,17 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     bar.update()
 
     chosen = _choose(ctx, rows)
+    shallow = shallow_trunk_note(
+        split=loaded.split, stride=geometry.output_stride, stopped_by=loaded.stopped_by,
+        trunk_bytes=conventional.trunk_bytes, head_bytes=conventional.head_bytes,
+    )  # fmt: skip
     if chosen is None:
-        raise _no_fit(ctx, rows, state, budget)
+        raise _no_fit(ctx, rows, state, budget, shallow=shallow)
     forward = _forward_tile(ctx, rows, chosen)
     bar.update()
     chosen, forward, verification = _verify(ctx, rows, chosen, forward)
     if chosen is None:
-        raise _no_fit(ctx, rows, state, budget, verification.error)
+        raise _no_fit(ctx, rows, state, budget, verification.error, shallow=shallow)
     bar.update()
     bar.close()
     crop = (*image[:2], *chosen.grid.largest_crop)
@@ -240,14 +246,17 @@ def _choose(ctx: _Context, rows: Sequence[_Row]) -> _Row | None:
 
 
 def _no_fit(
-    ctx: _Context, rows: Sequence[_Row], state: ModelState, budget: int, why: str | None = None
-) -> NoFeasiblePlanError:
+    ctx: _Context, rows: Sequence[_Row], state: ModelState, budget: int, why: str | None = None,
+    *, shallow: str | None = None,
+) -> NoFeasiblePlanError:  # fmt: skip
+    """No tile fits; a shallow trunk is said first, since then the model is the problem."""
     smallest = min(rows, key=ctx.peak)
     fixed = state.params_bytes + state.grads_bytes + state.optimizer_bytes
     failed = f"; every verified candidate failed ({why})" if why else ""
     lower = " or --dtype bfloat16" if ctx.req.dtype in ("float32", "float64") else ""
+    first = f"{shallow}; so " if shallow else ""
     return NoFeasiblePlanError(
-        f"no tile fits in {format_bytes(ctx.usable)} ({format_bytes(budget)} budget less "
+        f"{first}no tile fits in {format_bytes(ctx.usable)} ({format_bytes(budget)} budget less "
         f"{ctx.req.margin:.0%} margin): the smallest needs {format_bytes(ctx.peak(smallest))} "
         f"(model and optimizer state {format_bytes(fixed)}){failed}; raise --budget, lower "
         f"--margin{lower}",
@@ -416,7 +425,7 @@ def _plan(
     forward: _Row,
     budget: int,
     verification: Verification,
-    conventional: int,
+    conventional: Conventional,
     layers: tuple[LayerMemory, ...],
 ) -> Plan:
     req, info = ctx.req, ctx.info
@@ -439,6 +448,7 @@ def _plan(
             model_class=type(loaded.model).__name__,
             parameter_count=loaded.parameter_count,
             trunk_fingerprint=trunk_fingerprint(loaded.trunk),
+            stopped_by=loaded.stopped_by,
         ),
         image_shape_px=tuple(req.image_shape),
         channels=req.channels,
@@ -460,8 +470,10 @@ def _plan(
         verification=verification,
         calibration_factor=ctx.factor,
         time_fit=ctx.time_fit,
-        conventional_peak_bytes=conventional,
+        conventional_peak_bytes=conventional.peak_bytes,
         conventional_measured=False,
+        trunk_activation_bytes=conventional.trunk_bytes,
+        head_activation_bytes=conventional.head_bytes,
         candidates=_candidates(ctx, rows),
         layers=layers,
     )

@@ -115,8 +115,9 @@ def test_conventional_counts_the_image_once() -> None:
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
     state = ModelState.of(nn.Sequential(trunk, head), "sgd")
     shape = (1, 3, 256, 256)
-    total = estimate_conventional(trunk=trunk, head=head, state=state, image_shape=shape,
-                                  dtype=torch.float32)  # fmt: skip
+    conventional = estimate_conventional(trunk=trunk, head=head, state=state, image_shape=shape,
+                                         dtype=torch.float32)  # fmt: skip
+    total = conventional.peak_bytes
     trunk_peak, out_shape = pass_peak(trunk, shape, torch.float32, grad=True)
     with_image, _ = pass_peak(nn.Identity(), shape, torch.float32, grad=False)
     assert with_image == 3 * 256 * 256 * 4  # the input alone: pass_peak counts it
@@ -124,6 +125,7 @@ def test_conventional_counts_the_image_once() -> None:
         state.params_bytes + state.grads_bytes + state.optimizer_bytes + trunk_peak
         + head_peak(head, out_shape, torch.float32)
     )  # fmt: skip
+    assert conventional.trunk_bytes == trunk_peak
 
 
 def test_model_state_counts_the_plans_parameter_dtype() -> None:

@@ -38,7 +38,8 @@ def test_auto_split_of_a_custom_model(tiny_model: Path) -> None:
 def test_auto_split_of_torchvision_models(name: str, expected: str) -> None:
     tv = pytest.importorskip("torchvision")
     model = getattr(tv.models, name)().eval()
-    trunk, head, where = split_model(model)
+    parts = split_model(model)
+    trunk, head, where = parts.trunk, parts.head, parts.where
     assert expected in where
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
@@ -108,3 +109,76 @@ def test_model_with_nothing_streamable_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ModelFileError, match="no part of Sequential can be streamed"):
         load_model_file(path)
+
+
+class _Gate(nn.Module):
+    """A block whose forward branches on data: it cannot be traced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
+
+
+class _WithOpaqueBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.gate = _Gate()
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(self.gate(self.stem(x)))).flatten(1)
+
+
+class _TimmLike(nn.Module):
+    """forward() branches on data (untraceable); forward_features/forward_head do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, stride=2, padding=1))  # fmt: skip
+        self.fc = nn.Linear(4, 2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.forward_head(self.forward_features(x))
+        return y if y.sum() > 0 else y * 1.0
+
+
+def test_an_untraceable_block_ends_the_trunk_by_name() -> None:
+    model = _WithOpaqueBlock().eval()
+    parts = split_model(model)
+    assert "'stem.1'" in parts.where
+    assert parts.stopped_by is not None
+    assert "'gate'" in parts.stopped_by
+    assert "cannot be traced" in parts.stopped_by
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(parts.head(parts.trunk(x)), model(x))
+
+
+def test_a_model_that_does_not_trace_is_split_in_its_forward_features() -> None:
+    model = _TimmLike().eval()
+    parts = split_model(model)
+    assert "features.2" in parts.where
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(
+            parts.head(parts.trunk(x)), model.forward_head(model.forward_features(x))
+        )
+    assert {id(p) for p in parts.trunk.parameters()} <= {id(p) for p in model.parameters()}
+
+
+def test_split_after_a_whole_block_with_a_skip_connection() -> None:
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet18().eval()
+    parts = split_model(model, "layer2")  # its last node is the block's residual add + relu
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert parts.trunk(x).shape == (1, 128, 8, 8)
+        assert torch.allclose(parts.head(parts.trunk(x)), model(x))

@@ -1,0 +1,775 @@
+"""Classify a trunk's traced code into a ``SpatialGraph``: what is local, what is not.
+
+The trunk is traced with ``torch.fx`` (``executor.trace``: real model code, asserts and all)
+and every traced value is classified. Tensors that carry the image's spatial extent become
+nodes of a ``SpatialGraph``, per spatial axis one of:
+
+* a *window* op (convolution, pooling, padding): output position ``j`` reads input positions
+  ``j*stride - pad_lo + dilation*t`` for ``t in range(kernel)``;
+* a *pointwise* op (activations, eval-mode norms, residual adds, channel concatenation, channel
+  splits and shuffles, permutes, channel-wise LayerNorm/Linear, reductions over channels):
+  output position ``j`` reads position ``j`` of every input.
+
+Everything else is tracked without becoming a node:
+
+* values computed from parameters, buffers and literals only (weight standardisation, a
+  layer scale) are evaluated for real: they are the same for every tile;
+* a map's metadata (``ndim``, ``dtype``, ``device``, its batch and channel sizes) is the same
+  for a tile as for the image, so it may be used freely;
+* a map's *spatial* size (``x.shape[-1]``) is not: a tile is smaller than the image. It may be
+  checked (asserts) and used to reshape a map without touching its spatial dims (channel
+  shuffle); anything else that computes with it is refused, because the tile would compute
+  with its own size instead of the image's.
+
+Anything that would make a tile's output depend on pixels outside its receptive field (global
+pooling, squeeze-excitation, reshapes over positions, attention, train-mode BatchNorm...) is
+refused here, before any work, with the module's qualified name and a fix.
+
+The graph is only used for geometry: the executor runs the user's own module on each tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import torch
+import torch.fx
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from executor.errors import UnsupportedLayerError
+from executor.graph import (
+    SpatialGraph,
+    SpatialNode,
+    Window,
+    conv_windows,
+    pool_windows,
+    same_pad_windows,
+)
+from executor.layout import GLOBAL, LayoutOps
+from executor.trace import SPACE_TO_DEPTH, Traced, same_padding_functions, trace_leaves
+from executor.values import (
+    Const,
+    Maps,
+    Meta,
+    NotConstantError,
+    SizeDep,
+    SpatialSize,
+    Value,
+    shape_of,
+)
+
+__all__ = ["trace_trunk"]
+
+
+# --------------------------------------------------------------------------------------------
+# Classification tables
+# --------------------------------------------------------------------------------------------
+
+_POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Identity, nn.Softmax2d,
+    nn.Hardshrink, nn.Softshrink, nn.RReLU,
+    # Norms with fixed statistics are per-position affine maps; their train mode is refused
+    # at run time by executor.modes.
+    nn.modules.batchnorm._BatchNorm,
+    # Dropout is only allowed when inactive (eval mode or p == 0), checked at run time.
+    nn.modules.dropout._DropoutNd,
+)  # fmt: skip
+
+_MOVE_SPLIT = "end the trunk before it (split the model there) so it runs in the head"
+
+_REFUSED_MODULES: tuple[tuple[type[nn.Module], str, str], ...] = (
+    (nn.modules.pooling._AdaptiveAvgPoolNd, f"adaptive/global pooling: {GLOBAL}", _MOVE_SPLIT),
+    (nn.modules.pooling._AdaptiveMaxPoolNd, f"adaptive/global pooling: {GLOBAL}", _MOVE_SPLIT),
+    (nn.GroupNorm, f"group norm normalises over all spatial positions: {GLOBAL}",
+     "replace it by a channel-wise norm or end the trunk before it"),
+    (nn.modules.instancenorm._InstanceNorm,
+     f"instance norm normalises over all spatial positions: {GLOBAL}",
+     "replace it by a channel-wise norm or end the trunk before it"),
+    (nn.Flatten, "flattening merges spatial positions", _MOVE_SPLIT),
+    (nn.MultiheadAttention, "attention mixes all positions", _MOVE_SPLIT),
+    (nn.modules.conv._ConvTransposeNd, "transposed convolutions are not supported yet",
+     "end the trunk before it"),
+    (nn.Upsample, "upsampling is not supported yet", "end the trunk before it"),
+    (nn.LocalResponseNorm, "LocalResponseNorm is not supported yet", "end the trunk before it"),
+)  # fmt: skip
+
+# Elementwise functions and tensor methods (in-place variants are the name plus '_').
+_ELEMENTWISE = frozenset(
+    {
+        "abs", "acos", "acosh", "add", "addcdiv", "addcmul", "asin", "asinh", "atan", "atan2",
+        "atanh", "ceil", "clamp", "clamp_max", "clamp_min", "clip", "cos", "cosh", "div",
+        "divide", "erf", "erfc", "erfinv", "exp", "exp2", "expm1", "float_power", "floor",
+        "floor_divide", "fmod", "frac", "hypot", "lerp", "log", "log10", "log1p", "log2",
+        "logaddexp", "logit", "maximum", "minimum", "mul", "multiply", "nan_to_num", "neg",
+        "negative", "pow", "reciprocal", "relu", "remainder", "round", "rsqrt", "sigmoid", "sign",
+        "sgn", "sin", "sinh", "sqrt", "square", "sub", "subtract", "tan", "tanh", "trunc",
+        "true_divide", "where", "xlogy", "masked_fill", "heaviside", "copysign", "fmax", "fmin",
+        "relu6", "leaky_relu", "gelu", "silu", "mish", "elu", "selu", "celu", "hardswish",
+        "hardsigmoid", "hardtanh", "softplus", "softsign", "logsigmoid", "tanhshrink",
+        "threshold", "hardshrink", "softshrink", "rrelu", "prelu",
+    }
+)  # fmt: skip
+_IDENTITY_METHODS = frozenset(
+    {
+        "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type", "type_as",
+        "detach", "requires_grad_", "cpu", "cuda",
+    }
+)  # fmt: skip
+_OPERATORS = frozenset(
+    {
+        operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+        operator.truediv, operator.itruediv, operator.floordiv, operator.neg, operator.pos,
+        operator.pow, operator.abs, operator.mod, operator.eq, operator.ne, operator.lt,
+        operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.xor,
+        operator.invert,
+    }
+)  # fmt: skip
+_REDUCTIONS = frozenset(
+    {
+        "mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
+        "median", "nansum", "nanmean", "argmax", "argmin", "all", "any", "std_mean", "var_mean",
+        "count_nonzero",
+    }
+)  # fmt: skip
+_RANDOM = frozenset(
+    {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
+     "bernoulli", "normal", "uniform", "multinomial", "poisson", "exponential",
+     "geometric", "cauchy", "log_normal", "random"}
+)  # fmt: skip
+_PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"})
+_SPLITS = frozenset({"split", "chunk", "tensor_split", "split_with_sizes", "unbind"})
+_METADATA = frozenset({"ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
+_REFUSED_FUNCTIONS = {
+    "interpolate": "upsampling/resizing is not supported yet",
+    "upsample": "upsampling/resizing is not supported yet",
+    "grid_sample": "sampling at computed positions is not local",
+    "unfold": "unfolding turns positions into channels",
+    "fold": "folding turns channels into positions",
+    "pixel_shuffle": "pixel shuffle (depth to space) is upsampling, not supported yet",
+    "roll": "rolling moves pixels across the whole map",
+    "flip": "flipping mirrors the whole map",
+    "scaled_dot_product_attention": "attention mixes all positions",
+    "group_norm": f"group norm normalises over all positions: {GLOBAL}",
+    "instance_norm": f"instance norm normalises over all positions: {GLOBAL}",
+    "adaptive_avg_pool1d": f"adaptive/global pooling: {GLOBAL}",
+    "adaptive_avg_pool2d": f"adaptive/global pooling: {GLOBAL}",
+    "adaptive_avg_pool3d": f"adaptive/global pooling: {GLOBAL}",
+    "adaptive_max_pool1d": f"adaptive/global pooling: {GLOBAL}",
+    "adaptive_max_pool2d": f"adaptive/global pooling: {GLOBAL}",
+    "adaptive_max_pool3d": f"adaptive/global pooling: {GLOBAL}",
+    "matmul": "matrix products over positions mix them",
+    "bmm": "matrix products over positions mix them",
+    "einsum": "einsum is not classified yet",
+    "cumsum": "cumulative sums run over the map",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The builder
+# --------------------------------------------------------------------------------------------
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", str(fn))
+
+
+class _Builder(LayoutOps):
+    """Walks an fx graph once and builds the SpatialGraph."""
+
+    def __init__(self, traced: Traced, n_axes: int) -> None:
+        self.gm = traced.gm
+        self.n_axes = n_axes
+        self.modules = dict(self.gm.named_modules())
+        self.opaque = traced.opaque
+        self.nodes: list[SpatialNode] = []
+        self.grids: list[int] = []  # per node: the node whose positions it has
+        self.env: dict[torch.fx.Node, Value] = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def where(node: torch.fx.Node) -> str:
+        if node.op == "call_module":
+            return str(node.target)
+        stack = node.meta.get("nn_module_stack")
+        target = _name(node.target)
+        if stack:
+            path = list(stack.values())[-1][0]
+            if path:
+                return f"{path} ({target})"
+        return f"{target} (at {node.name})"
+
+    def refuse(self, node: torch.fx.Node, reason: str, fix: str = _MOVE_SPLIT) -> NoReturn:
+        raise UnsupportedLayerError(self.where(node), reason, fix, node.name)
+
+    def values(self, node: torch.fx.Node) -> list[Value]:
+        """Abstract values of every fx node among the node's (nested) arguments."""
+        found: list[Value] = []
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(self.env[a]))
+        return found
+
+    def spatial_args(self, node: torch.fx.Node) -> list[int]:
+        return [v for v in self.values(node) if isinstance(v, int)]
+
+    def concrete(self, value: Any) -> Any:
+        """Replace fx nodes in a (nested) argument by their constant values."""
+        return torch.fx.node.map_arg(value, lambda a: self._const_value(a))
+
+    def _const_value(self, arg: torch.fx.Node) -> Any:
+        value = self.env[arg]
+        if isinstance(value, Const):
+            return value.value
+        raise NotConstantError
+
+    def add(self, node: torch.fx.Node, inputs: Sequence[int], windows: tuple[Window, ...] | None,
+            spatial_dims: tuple[int, ...], rank: int) -> int:  # fmt: skip
+        self.env[node] = len(self.nodes)
+        # The position grid: a window op (or the image) makes one, pointwise ops keep it.
+        self.grids.append(len(self.nodes) if windows is not None or not inputs
+                          else self.grids[inputs[0]])  # fmt: skip
+        self.nodes.append(
+            SpatialNode(node.name, self.where(node), tuple(inputs), windows, spatial_dims, rank)
+        )
+        return len(self.nodes) - 1
+
+    def standard_input(self, node: torch.fx.Node, inputs: list[int], what: str) -> int:
+        """The single spatial input of a window op, which must be in (N, C, *spatial) layout."""
+        if len(inputs) != 1:
+            self.refuse(node, f"{what} must read exactly one feature map")
+        src = self.nodes[inputs[0]]
+        expected = tuple(range(2, 2 + self.n_axes))
+        if src.spatial_dims != expected or src.rank != 2 + self.n_axes:
+            self.refuse(
+                node,
+                f"{what} reads a map whose spatial axes are at dims {src.spatial_dims} of "
+                f"{src.rank}, expected {expected} of {2 + self.n_axes}",
+                "permute back to (N, C, *spatial) before it",
+            )
+        return inputs[0]
+
+    def check_sizes(self, node: torch.fx.Node, allowed: Sequence[Any] = ()) -> None:
+        """Refuse a spatial op that computes with a map's spatial size (outside ``allowed``)."""
+        for value in self.values(node):
+            if isinstance(value, SizeDep) and value not in allowed:
+                self.refuse(
+                    node,
+                    "it computes with a map's spatial size (x.shape / x.size()), which a tile "
+                    "has smaller than the image",
+                    "compute it from the image size outside the trunk, or end the trunk before it",
+                )
+
+    # -- node kinds ---------------------------------------------------------------------------
+
+    def pointwise(self, node: torch.fx.Node, inputs: list[int]) -> None:
+        """Elementwise op: all spatial inputs aligned, constants may broadcast over channels."""
+        self.check_sizes(node)
+        first = self.nodes[inputs[0]]
+        for i in inputs[1:]:
+            other = self.nodes[i]
+            if (other.spatial_dims, other.rank) != (first.spatial_dims, first.rank):
+                self.refuse(node, "combines maps with different layouts", "permute them alike")
+        for value in self.values(node):
+            shape = shape_of(value)
+            if shape is None:
+                continue
+            # Broadcasting aligns trailing dims: a constant may vary along channels only.
+            offset = first.rank - len(shape)
+            for dim in first.spatial_dims:
+                if 0 <= dim - offset < len(shape) and shape[dim - offset] != 1:
+                    self.refuse(
+                        node,
+                        f"a constant of shape {tuple(shape)} varies along spatial dim {dim} "
+                        "(position-dependent, e.g. a positional embedding)",
+                    )
+        self.add(node, inputs, None, first.spatial_dims, first.rank)
+
+    def channel_op(self, node: torch.fx.Node, inputs: list[int], last_dims: int, what: str) -> None:
+        """LayerNorm/Linear acting on the last ``last_dims`` dims, which must not be spatial."""
+        if len(inputs) != 1:
+            self.refuse(node, f"{what} must read exactly one feature map")
+        src = self.nodes[inputs[0]]
+        if any(d >= src.rank - last_dims for d in src.spatial_dims):
+            self.refuse(
+                node,
+                f"{what} acts on spatial dims (only channel-wise use is local)",
+                "apply it over channels only, or end the trunk before it",
+            )
+        self.check_sizes(node)
+        self.add(node, inputs, None, src.spatial_dims, src.rank)
+
+    def window(self, node: torch.fx.Node, inputs: list[int], windows: tuple[Window, ...],
+               what: str) -> None:  # fmt: skip
+        src = self.standard_input(node, inputs, what)
+        if len(windows) != self.n_axes:
+            self.refuse(node, f"{what} has {len(windows)} spatial axes, the image {self.n_axes}")
+        self.check_sizes(node)
+        self.add(node, [src], windows, self.nodes[src].spatial_dims, self.nodes[src].rank)
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def call_module(self, node: torch.fx.Node, inputs: list[int]) -> None:
+        target = str(node.target)
+        module = self.modules[target]
+        if not inputs:
+            self.constant(node, lambda *a, **k: module(*a, **k))
+            return
+        if target in self.opaque:
+            self.refuse(
+                node,
+                f"{type(module).__name__}'s forward cannot be traced by torch.fx "
+                f"({self.opaque[target]}), so tileplan cannot check that it is local",
+                "end the trunk before it, or make its forward free of data-dependent control flow",
+            )
+        for kind, reason, fix in _REFUSED_MODULES:
+            if isinstance(module, kind):
+                self.refuse(node, f"{type(module).__name__}: {reason}", fix)
+        for kind, handler in self.module_handlers:
+            if isinstance(module, kind):
+                handler(node, inputs, module)
+                return
+        self.refuse(
+            node,
+            f"{type(module).__name__} is not a supported streaming layer",
+            "end the trunk before it, or open an issue to add it",
+        )
+
+    @functools.cached_property
+    def module_handlers(
+        self,
+    ) -> tuple[tuple[Any, Callable[[torch.fx.Node, list[int], Any], None]], ...]:
+        """Module types and their handlers, the first match wins."""
+        pads = nn.ZeroPad2d | nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d
+        return (
+            (nn.modules.conv._ConvNd, self.conv_module),
+            (nn.modules.pooling._MaxPoolNd, self.pool_module),
+            (nn.modules.pooling._AvgPoolNd, self.pool_module),
+            (nn.PixelUnshuffle, lambda node, inputs, m: self.space_to_depth(
+                node, inputs, m.downscale_factor)),
+            (SPACE_TO_DEPTH, lambda node, inputs, m: self.space_to_depth(node, inputs, m.bs)),
+            (pads, lambda node, inputs, m: self.padding(node, inputs, list(m.padding),
+                                                        "constant")),
+            (_POINTWISE_MODULES, lambda node, inputs, m: self.pointwise(node, inputs)),
+            (nn.LayerNorm, lambda node, inputs, m: self.channel_op(
+                node, inputs, len(m.normalized_shape), "LayerNorm")),
+            (nn.Linear, lambda node, inputs, m: self.channel_op(node, inputs, 1, "Linear")),
+            (nn.Softmax | nn.LogSoftmax, lambda node, inputs, m: self.softmax(node, inputs,
+                                                                              m.dim)),
+        )  # fmt: skip
+
+    def check_padding_mode(self, node: torch.fx.Node, mode: str) -> None:
+        """Constant, reflect and replicate padding read only pixels near the border, which
+        the border tile holds; circular padding reads the opposite border."""
+        if mode in ("circular",):
+            self.refuse(
+                node,
+                "circular padding wraps around to the opposite border, which another tile holds",
+                "use zero, reflect or replicate padding",
+            )
+        if mode not in ("constant", "zeros", "reflect", "replicate"):
+            self.refuse(node, f"padding mode '{mode}' is not classified", "use zero padding")
+
+    def conv_module(self, node: torch.fx.Node, inputs: list[int], module: Any) -> None:
+        self.check_padding_mode(node, module.padding_mode)
+        windows = conv_windows(module.kernel_size, module.stride, module.padding, module.dilation)
+        if module.padding_mode == "reflect":
+            windows = tuple(dataclasses.replace(w, reflect=True) for w in windows)
+        self.window(node, inputs, windows, type(module).__name__)
+
+    def space_to_depth(self, node: torch.fx.Node, inputs: list[int], block: int) -> None:
+        """Pixel unshuffle / space-to-depth: output position ``j`` holds the ``block`` input
+        pixels ``block*j ..`` as channels, a window of kernel and stride ``block``."""
+        block = int(block)
+        windows = tuple(Window(block, block, 0, 0, whole=True) for _ in range(self.n_axes))
+        self.window(node, inputs[:1], windows, "space to depth")
+
+    def pool_module(self, node: torch.fx.Node, inputs: list[int], module: Any) -> None:
+        if getattr(module, "return_indices", False):
+            self.refuse(node, "MaxPool with return_indices", "set return_indices=False")
+        windows = pool_windows(
+            module.kernel_size, module.stride, module.padding, getattr(module, "dilation", 1),
+            module.ceil_mode, self.n_axes,
+        )  # fmt: skip
+        self.window(node, inputs, windows, type(module).__name__)
+
+    def softmax(self, node: torch.fx.Node, inputs: list[int], dim: Any) -> None:
+        source = self.nodes[inputs[0]]
+        try:
+            dim = self.concrete(dim)
+        except NotConstantError:
+            self.refuse(node, "softmax over a dim computed at run time")
+        if dim is None or int(dim) % source.rank in source.spatial_dims:
+            self.refuse(node, f"softmax over dim {dim} mixes spatial positions")
+        self.pointwise(node, inputs)
+
+    def padding(self, node: torch.fx.Node, inputs: list[int], pad: Any, mode: Any) -> None:
+        """F.pad with amounts fixed in the code (not computed from the input's size)."""
+        try:
+            amounts = [int(p) for p in self.concrete(pad)]
+            mode = self.concrete(mode)
+        except NotConstantError:
+            self.refuse(node, "padding by amounts computed at run time (from the input size?)",
+                        "pad by fixed amounts, or use timm's pad_same")  # fmt: skip
+        self.check_padding_mode(node, mode)
+        source = self.nodes[self.standard_input(node, inputs, "pad")]
+        # F.pad lists (before, after) pairs from the last dim backwards.
+        pairs = {source.rank - 1 - i: (amounts[2 * i], amounts[2 * i + 1])
+                 for i in range(len(amounts) // 2)}  # fmt: skip
+        if any(d not in source.spatial_dims and pair != (0, 0) for d, pair in pairs.items()):
+            self.refuse(node, "padding along channel or batch dims", "pad spatial dims only")
+        if any(min(pair) < 0 for pair in pairs.values()):
+            self.refuse(node, "negative padding crops the map", "crop outside the trunk")
+        windows = tuple(
+            Window(1, 1, *pairs.get(d, (0, 0)), reflect=mode == "reflect")
+            for d in source.spatial_dims
+        )
+        self.window(node, inputs, windows, "pad")
+
+    def constant(self, node: torch.fx.Node, fn: Callable[..., Any]) -> None:
+        """A node without spatial inputs: evaluated when its inputs are constants."""
+        values = self.values(node)
+        if any(isinstance(v, SizeDep) for v in values):
+            self.env[node] = SizeDep()
+            return
+        if _name(node.target).rstrip("_") in _RANDOM:
+            self.refuse(node, "random values differ from one call (tile) to the next",
+                        "call eval() or make it deterministic")  # fmt: skip
+        try:
+            with torch.no_grad():
+                value = fn(*self.concrete(tuple(node.args)), **self.concrete(dict(node.kwargs)))
+        except NotConstantError:
+            self.env[node] = Meta()
+            return
+        except Exception as err:  # the user's code on constants failed: say so, do not guess
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.refuse(node, f"computing it from parameters failed ({first})")
+        self.env[node] = Const(value)
+
+    def metadata(self, node: torch.fx.Node, src: int, attr: str) -> None:
+        """getattr on a map: its shape, or metadata that tiles share with the image."""
+        source = self.nodes[src]
+        if attr == "shape":
+            self.env[node] = self.shape_of(src)
+        elif attr == "ndim":
+            self.env[node] = Const(source.rank)
+        elif attr in _METADATA:
+            self.env[node] = Meta()
+        else:
+            self.refuse(node, f"reading '.{attr}' of a feature map is not classified yet")
+
+    def shape_of(self, src: int) -> tuple[Value, ...]:
+        source = self.nodes[src]
+        return tuple(
+            SpatialSize(self.grids[src], source.spatial_dims.index(d))
+            if d in source.spatial_dims
+            else Meta()
+            for d in range(source.rank)
+        )
+
+    def getitem(self, node: torch.fx.Node, base: Value, key: Any) -> None:
+        if isinstance(base, Maps):
+            self.pointwise(node, [base.node])
+        elif isinstance(base, int):
+            self.index(node, base, key)
+        elif isinstance(base, tuple):
+            try:
+                self.env[node] = base[self.concrete(key)]
+            except NotConstantError:
+                self.env[node] = Meta()
+            if isinstance(self.env[node], tuple | list):
+                self.env[node] = tuple(self.env[node])
+        elif isinstance(base, SizeDep):
+            self.env[node] = SizeDep()
+        else:
+            self.constant(node, operator.getitem)
+
+    def call_function(self, node: torch.fx.Node, inputs: list[int]) -> None:
+        fn = node.target
+        args = node.args
+        arg = _Args(node, args)
+        if fn is torch._assert:
+            self.env[node] = Meta()  # a check; nothing flows on
+        elif fn is operator.getitem:
+            self.getitem(node, self.env[args[0]], args[1])
+        elif fn is getattr and isinstance(self.env.get(args[0]), int):
+            self.metadata(node, self.env[args[0]], str(args[1]))
+        elif not inputs:
+            if fn in same_padding_functions():
+                self.refuse(node, "'same' padding of a value that is not a feature map")
+            self.constant(node, fn)  # type: ignore[arg-type]
+        elif fn in same_padding_functions():  # pad_same(x, kernel, stride, dilation, value)
+            windows = same_pad_windows(
+                self.concrete(arg(1, "kernel_size", None)), self.concrete(arg(2, "stride", None)),
+                self.concrete(arg(3, "dilation", (1,) * self.n_axes)), self.n_axes,
+            )  # fmt: skip
+            self.window(node, inputs[:1], windows, "pad_same")
+        elif fn in self.functions:
+            self.functions[fn](node, inputs, arg)
+        elif _name(fn) == "stochastic_depth":  # torchvision.ops (fx-wrapped)
+            self.inactive(node, inputs, "stochastic depth", arg(3, "training", True),
+                          arg(1, "p", 0.0))  # fmt: skip
+        elif fn in _OPERATORS:
+            self.pointwise(node, inputs)
+        elif _is_torch(fn) and isinstance(self.env.get(args[0]), int):
+            # torch.f(x, *rest) is x.f(*rest): one table for both spellings.
+            self.tensor_op(node, _name(fn), self.env[args[0]], inputs, _Args(node, args[1:]))
+        else:
+            name = _name(fn)
+            why = _REFUSED_FUNCTIONS.get(name, "it is not a supported streaming operation")
+            self.refuse(node, f"the operation '{name}' is not allowed inside the trunk: {why}")
+
+    def call_method(self, node: torch.fx.Node, inputs: list[int]) -> None:
+        method = str(node.target)
+        receiver = self.env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
+        if isinstance(receiver, int):
+            self.tensor_op(node, method, receiver, inputs, _Args(node, node.args[1:]))
+        elif isinstance(receiver, SizeDep) or any(
+            isinstance(v, SizeDep) for v in self.values(node)
+        ):
+            self.env[node] = SizeDep()
+        elif inputs and method.rstrip("_") in _ELEMENTWISE:  # e.g. const.mul(x)
+            self.pointwise(node, inputs)
+        elif inputs:
+            self.refuse(node, f"the tensor method '.{method}()' of a constant with a feature "
+                        "map argument is not classified yet")  # fmt: skip
+        else:
+            self.constant(node, lambda obj, *a, **k: getattr(obj, method)(*a, **k))
+
+    def tensor_op(
+        self, node: torch.fx.Node, name: str, src: int, inputs: list[int], arg: _Args
+    ) -> None:
+        """``x.name(...)`` or ``torch.name(x, ...)`` on a map ``x`` (node ``src``)."""
+        handler = self.tensor_ops.get(name)
+        if handler is not None:
+            handler(node, name, src, inputs, arg)
+        elif name in _IDENTITY_METHODS or name.rstrip("_") in _ELEMENTWISE:
+            self.pointwise(node, inputs)
+        else:
+            why = _REFUSED_FUNCTIONS.get(name, "it is not a supported streaming operation")
+            self.refuse(node, f"the operation '{name}' is not allowed inside the trunk: {why}")
+
+    # -- tables of handlers -------------------------------------------------------------------
+
+    @functools.cached_property
+    def functions(self) -> dict[Any, Callable[[torch.fx.Node, list[int], _Args], None]]:
+        """Handlers of functions whose arguments are not ``(map, *rest)`` like a method's."""
+        table: dict[Any, Callable[[torch.fx.Node, list[int], _Args], None]] = {}
+        for fn in (F.conv1d, F.conv2d, F.conv3d):
+            table[fn] = self.functional_conv
+        for fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
+            table[fn] = self.functional_max_pool
+        for fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+            table[fn] = self.functional_avg_pool
+        for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+            table[fn] = lambda node, inputs, arg: self.inactive(
+                node, inputs, "dropout", arg(2, "training", True), arg(1, "p", 0.5)
+            )
+        table[F.batch_norm] = self.functional_batch_norm
+        table[F.pixel_unshuffle] = lambda node, inputs, arg: self.space_to_depth(
+            node, inputs, self.concrete(arg(1, "downscale_factor", None))
+        )
+        table[F.pad] = lambda node, inputs, arg: self.padding(
+            node, inputs[:1], arg(1, "pad", None), arg(2, "mode", "constant")
+        )
+        for fn in (torch.cat, torch.concat, torch.concatenate):
+            table[fn] = lambda node, inputs, arg: self.cat(node, inputs, arg(1, "dim", 0))
+        table[torch.stack] = lambda node, inputs, arg: self.cat(
+            node, inputs, arg(1, "dim", 0), stack=True
+        )
+        table[F.layer_norm] = lambda node, inputs, arg: self.channel_op(
+            node,
+            inputs[:1],
+            len(_as_tuple(self.concrete(arg(1, "normalized_shape", ())))),
+            "layer_norm",
+        )
+        table[F.linear] = lambda node, inputs, arg: self.channel_op(node, inputs[:1], 1, "linear")
+        for fn in (F.softmax, F.log_softmax):
+            table[fn] = lambda node, inputs, arg: self.softmax(node, inputs, arg(1, "dim", None))
+        return table  # fmt: skip
+
+    @functools.cached_property
+    def tensor_ops(self) -> dict[str, Callable[[torch.fx.Node, str, int, list[int], _Args], None]]:
+        """Handlers of ``x.name(...)`` / ``torch.name(x, ...)`` by name."""
+        table: dict[str, Callable[[torch.fx.Node, str, int, list[int], _Args], None]] = {
+            "size": self.size,
+            "dim": lambda node, name, src, inputs, arg: self.set_const(node, self.nodes[src].rank),
+            "narrow": lambda node, name, src, inputs, arg: self.narrow(node, src, arg(0, "dim", 0)),
+        }
+        table["ndimension"] = table["dim"]
+        for name in ("numel", "nelement", "tolist", "item"):
+            table[name] = lambda node, name, src, inputs, arg: self.refuse(
+                node, f"'.{name}()' reads the whole map or its size"
+            )
+        for name in _PERMUTES:
+            table[name] = lambda node, name, src, inputs, arg: self.permute(
+                node, src, name, arg.rest()
+            )
+        reshapes = {"view": self.reshape, "reshape": self.reshape, "flatten": self.flatten,
+                    "squeeze": self.squeeze, "unsqueeze": self.squeeze}  # fmt: skip
+        for name, handler in reshapes.items():
+            table[name] = lambda node, name, src, inputs, arg, h=handler: h(
+                node, src, name, arg.rest(), dict(node.kwargs)
+            )
+        for name in _SPLITS:
+            table[name] = lambda node, name, src, inputs, arg: self.split(
+                node, src, name, arg(0 if name == "unbind" else 1, "dim", 0)
+            )
+        for name in ("softmax", "log_softmax"):
+            table[name] = lambda node, name, src, inputs, arg: self.softmax(
+                node, inputs, arg(0, "dim", None)
+            )
+        for name in _REDUCTIONS:
+            table[name] = lambda node, name, src, inputs, arg: self.reduce(
+                node, src, name, arg(0, "dim", None), arg(1, "keepdim", False)
+            )
+        for name in ("expand_as", "view_as", "reshape_as"):
+            table[name] = self.as_other
+        return table  # fmt: skip
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    def set_const(self, node: torch.fx.Node, value: Any) -> None:
+        self.env[node] = Const(value)
+
+    def size(self, node: torch.fx.Node, name: str, src: int, inputs: list[int], arg: _Args) -> None:
+        dim = arg(0, "dim", None)
+        shape = self.shape_of(src)
+        self.env[node] = shape if dim is None else shape[int(self.concrete(dim))]
+
+    def as_other(self, node: torch.fx.Node, name: str, src: int, inputs: list[int],
+                 arg: _Args) -> None:  # fmt: skip
+        a, b = (self.nodes[i] for i in inputs[:2]) if len(inputs) > 1 else (None, None)
+        if a is None or b is None or (a.spatial_dims, a.rank) != (b.spatial_dims, b.rank):
+            self.refuse(node, f"'.{name}()' of a map to another layout")
+        self.pointwise(node, inputs)
+
+    def functional_conv(self, node: torch.fx.Node, inputs: list[int], arg: _Args) -> None:
+        weight = self.env[arg(1, "weight", None)]
+        if not isinstance(weight, Const) or not isinstance(weight.value, torch.Tensor):
+            self.refuse(node, "the convolution's weight is computed from the feature map")
+        windows = conv_windows(
+            tuple(weight.value.shape[2:]), self.concrete(arg(3, "stride", 1)),
+            self.concrete(arg(4, "padding", 0)), self.concrete(arg(5, "dilation", 1)),
+        )  # fmt: skip
+        self.window(node, inputs[:1], windows, _name(node.target))
+
+    def functional_max_pool(self, node: torch.fx.Node, inputs: list[int], arg: _Args) -> None:
+        if self.concrete(arg(6, "return_indices", False)):
+            self.refuse(node, "max_pool with return_indices", "set return_indices=False")
+        windows = pool_windows(
+            self.concrete(arg(1, "kernel_size", None)), self.concrete(arg(2, "stride", None)),
+            self.concrete(arg(3, "padding", 0)), self.concrete(arg(4, "dilation", 1)),
+            bool(self.concrete(arg(5, "ceil_mode", False))), self.n_axes,
+        )  # fmt: skip
+        self.window(node, inputs[:1], windows, _name(node.target))
+
+    def functional_avg_pool(self, node: torch.fx.Node, inputs: list[int], arg: _Args) -> None:
+        windows = pool_windows(
+            self.concrete(arg(1, "kernel_size", None)), self.concrete(arg(2, "stride", None)),
+            self.concrete(arg(3, "padding", 0)), 1,
+            bool(self.concrete(arg(4, "ceil_mode", False))), self.n_axes,
+        )  # fmt: skip
+        self.window(node, inputs[:1], windows, _name(node.target))
+
+    def functional_batch_norm(self, node: torch.fx.Node, inputs: list[int], arg: _Args) -> None:
+        if self.concrete(arg(5, "training", False)):
+            self.refuse(
+                node,
+                f"batch_norm with training=True normalises with statistics over all positions: "
+                f"{GLOBAL}",
+                "call trunk.eval() to freeze its statistics (its affine weights still train)",
+            )
+        # Per-channel statistics and affine weights (along dim 1): a per-position affine map.
+        self.check_sizes(node)
+        source = self.nodes[inputs[0]]
+        if 1 in source.spatial_dims:
+            self.refuse(node, "batch_norm along a spatial dim", "apply it in (N, C, ...) layout")
+        self.add(node, inputs[:1], None, source.spatial_dims, source.rank)
+
+    def inactive(self, node: torch.fx.Node, inputs: list[int], what: str, training: Any,
+                 p: Any) -> None:  # fmt: skip
+        """Dropout-like ops are the identity when inactive; active ones differ per tile."""
+        if self.concrete(training) and self.concrete(p) > 0:
+            self.refuse(node, f"active {what} differs per tile", "call trunk.eval()")
+        self.pointwise(node, inputs[:1])
+
+    def build(self) -> SpatialGraph:
+        output_seen = False
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                if self.nodes:
+                    self.refuse(node, "the trunk takes more than one input", "take one image")
+                n = 2 + self.n_axes
+                self.add(node, [], None, tuple(range(2, n)), n)
+            elif node.op == "get_attr":
+                self.env[node] = Const(operator.attrgetter(str(node.target))(self.gm))
+            elif node.op == "output":
+                self.finish(node)
+                output_seen = True
+            else:
+                inputs = self.spatial_args(node)
+                handler: Callable[[torch.fx.Node, list[int]], None] = getattr(self, node.op)
+                try:
+                    handler(node, inputs)
+                except NotConstantError:
+                    self.refuse(node, "an argument that must be fixed is computed at run time")
+        assert output_seen
+        return SpatialGraph(tuple(self.nodes), self.n_axes)
+
+    def finish(self, node: torch.fx.Node) -> None:
+        result = node.args[0]
+        value = self.env.get(result) if isinstance(result, torch.fx.Node) else None
+        if not isinstance(value, int):
+            self.refuse(node, "the trunk must return one feature map tensor", "return a tensor")
+        out = self.nodes[value]
+        if out.spatial_dims != tuple(range(2, 2 + self.n_axes)) or out.rank != 2 + self.n_axes:
+            self.refuse(node, "the trunk's output is not in (N, C, *spatial) layout",
+                        "permute back before returning")  # fmt: skip
+        if value != len(self.nodes) - 1:
+            # Keep the output last so that topological order ends at it; nodes after it
+            # (dead code) are dropped by re-adding the output as an alias.
+            self.add(node, [value], None, out.spatial_dims, out.rank)
+
+
+class _Args:
+    """Positional-or-keyword access to a call's arguments (those after the map, for methods)."""
+
+    def __init__(self, node: torch.fx.Node, args: Sequence[Any]) -> None:
+        self.kwargs = node.kwargs
+        self.args = tuple(args)
+
+    def __call__(self, index: int, key: str, default: Any) -> Any:
+        return self.kwargs.get(key, self.args[index] if len(self.args) > index else default)
+
+    def rest(self) -> tuple[Any, ...]:
+        return self.args
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, list | tuple | torch.Size) else (value,)
+
+
+def _is_torch(fn: Any) -> bool:
+    """A function of torch, torch.nn.functional or torch.Tensor (not the user's own)."""
+    module = getattr(fn, "__module__", None) or ""
+    return module.startswith("torch") or module == "" or getattr(fn, "__self__", None) is torch
+
+
+def trace_trunk(trunk: nn.Module, n_axes: int) -> SpatialGraph:
+    """Trace ``trunk`` and reduce it to a SpatialGraph over ``n_axes`` spatial axes.
+
+    Args:
+        trunk: the streamable part of the network. It is traced, never modified.
+        n_axes: number of spatial axes of its input (2 for images, 3 for volumes).
+
+    Raises:
+        UnsupportedLayerError: an op inside the trunk cannot be streamed, or the trunk cannot
+            be traced by torch.fx.
+    """
+    return _Builder(trace_leaves(trunk), n_axes).build()

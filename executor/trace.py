@@ -1,0 +1,196 @@
+"""Tracing real model code into a ``torch.fx`` graph that ``executor.graph`` can classify.
+
+Real CNN code is not always traceable as a whole: it asserts on shapes, computes 'same' padding
+from the input size, or branches on data. ``trace`` copes with it the way the code's authors
+meant it to be read:
+
+* ``assert`` statements become ``torch._assert`` nodes (``trace_asserts``), so shape checks
+  are kept and checked, not a reason to give up;
+* functions that compute padding from the input's size (timm's ``pad_same``, used by
+  ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``) are kept as single calls, so the
+  geometry can compute their padding exactly for the whole image;
+* modules known as a whole (timm's ``SpaceToDepth``, which reshapes with the input's size)
+  stay single calls;
+* a submodule whose forward cannot be traced (data-dependent control flow) becomes a leaf: one
+  opaque call. The graph still holds everything around it, and ``executor.graph`` refuses the
+  leaf by name if it ends up inside a trunk.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dis
+import functools
+import importlib
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from executor.errors import UnsupportedLayerError
+
+__all__ = ["SPACE_TO_DEPTH", "Traced", "same_padding_functions", "trace", "trace_leaves"]
+
+
+@functools.cache
+def same_padding_functions() -> tuple[Callable[..., Any], ...]:
+    """timm's dynamic 'same' padding helpers, when timm is installed."""
+    found = []
+    for module, name in (("timm.layers.padding", "pad_same"),):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _known_leaves() -> tuple[type[nn.Module], ...]:
+    """Modules that ``executor.classify`` knows as a whole (their code reshapes with the input's
+    size, which only the whole operation makes local): timm's SpaceToDepth."""
+    found = []
+    for module, name in (("timm.layers.space_to_depth", "SpaceToDepth"),):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+SPACE_TO_DEPTH: tuple[type[nn.Module], ...] = _known_leaves()
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer with asserts traced, padding helpers wrapped, and opaque leaves."""
+
+    def __init__(self, leaves: frozenset[type[nn.Module]]) -> None:
+        super().__init__(autowrap_functions=same_padding_functions())
+        self.trace_asserts = True
+        self.leaves = leaves
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        """``assert cond`` on a traced value: record ``torch._assert(cond)`` and go on.
+
+        fx's own ``trace_asserts`` looks for the bytecode of Python 3.10 and older; this
+        recognises the jump ops of 3.11 and later too. Any other use of a traced value as a
+        condition is data-dependent control flow, refused as before.
+        """
+        frame = inspect.currentframe()
+        caller = frame.f_back.f_back if frame and frame.f_back else None  # Proxy.__bool__'s
+        if caller is not None and _asserts(caller):
+            self.create_proxy("call_function", torch._assert, (obj, "assert in traced code"), {})
+            return True
+        return super().to_bool(obj)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            type(m) in self.leaves
+            or isinstance(m, SPACE_TO_DEPTH)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:  # fmt: skip
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as err:
+            # Remember the innermost module whose forward failed: it becomes a leaf.
+            if not hasattr(err, "_tileplan_untraceable"):
+                err._tileplan_untraceable = (type(m), str(err).strip())  # type: ignore[attr-defined]
+            raise
+
+
+def _asserts(frame: types.FrameType) -> bool:
+    """Whether ``frame`` is evaluating the condition of an ``assert`` statement."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    at = bisect.bisect_left(instructions, frame.f_lasti, key=lambda i: i.offset)
+    if at + 1 >= len(instructions):
+        return False
+    jump, after = instructions[at], instructions[at + 1]
+    return jump.opname in ("POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE") and (
+        after.opname == "LOAD_ASSERTION_ERROR"
+        or (after.opname == "LOAD_GLOBAL" and after.argval == "AssertionError")
+    )
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A traced module and the leaves that tracing could not see into.
+
+    Attributes:
+        gm: the graph module (sharing the traced module's parameters).
+        opaque: qualified name of each leaf whose forward cannot be traced -> why (one line).
+    """
+
+    gm: torch.fx.GraphModule
+    opaque: dict[str, str]
+
+
+def trace_leaves(module: nn.Module, *, max_leaves: int = 64) -> Traced:
+    """Trace ``module`` (never modified); see the module docstring.
+
+    A ``GraphModule`` (e.g. a trunk cut out of a traced model) is taken as it is: its graph is
+    its code.
+
+    Raises:
+        UnsupportedLayerError: the module's own forward cannot be traced.
+    """
+    if isinstance(module, torch.fx.GraphModule):
+        return Traced(module, _opaque_calls(module))
+    leaves: dict[type[nn.Module], str] = {}
+    for _ in range(max_leaves + 1):
+        tracer = _Tracer(frozenset(leaves))
+        try:
+            graph = tracer.trace(module)
+        except Exception as err:
+            failed = getattr(err, "_tileplan_untraceable", None)
+            if failed is None or failed[0] in leaves or failed[0] is type(module):
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UnsupportedLayerError(
+                    type(module).__name__,
+                    f"its forward cannot be traced by torch.fx ({first})",
+                    "make the forward free of data-dependent Python control flow, or define "
+                    "split(model) in the model file",
+                ) from err
+            leaves[failed[0]] = failed[1].splitlines()[0] if failed[1] else "untraceable"
+            continue
+        gm = torch.fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
+        opaque = {
+            str(node.target): leaves[type(gm.get_submodule(str(node.target)))]
+            for node in gm.graph.nodes
+            if node.op == "call_module" and type(gm.get_submodule(str(node.target))) in leaves
+        }
+        return Traced(gm, opaque)
+    raise UnsupportedLayerError(
+        type(module).__name__, f"more than {max_leaves} submodule types cannot be traced",
+        "define split(model) in the model file",
+    )  # fmt: skip
+
+
+def trace(module: nn.Module) -> torch.fx.GraphModule:
+    """Trace ``module`` into a GraphModule sharing its parameters (see ``trace_leaves``)."""
+    return trace_leaves(module).gm
+
+
+def _opaque_calls(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """The module calls of a graph whose forward cannot be traced: name -> why."""
+    opaque: dict[str, str] = {}
+    tracer = _Tracer(frozenset())
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        sub = gm.get_submodule(str(node.target))
+        if tracer.is_leaf_module(sub, str(node.target)):
+            continue
+        try:
+            _Tracer(frozenset()).trace(sub)
+        except Exception as err:
+            text = str(err).strip()
+            opaque[str(node.target)] = text.splitlines()[0] if text else type(err).__name__
+    return opaque

@@ -1,0 +1,68 @@
+"""Abstract values of a traced trunk's nodes that are not feature maps.
+
+``executor.classify`` walks the trunk's fx graph and gives every node a value: a spatial map
+(an index into the ``SpatialGraph``) or one of these. They say what a node's value depends on,
+which decides whether a tile computes it exactly as the image does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Const", "Maps", "Meta", "NotConstantError", "SizeDep", "SpatialSize", "Value", "as_list",
+    "shape_of",
+]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    """A value computed from parameters, buffers and literals only: the same for every tile."""
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """A map's metadata that a tile shares with the image (dtype, device, batch, channels)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SizeDep:
+    """A value computed from a map's spatial size: a tile's differs from the image's."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpatialSize(SizeDep):
+    """The size along spatial axis ``axis`` of the maps on position grid ``grid`` (the index
+    of the node that made the grid: the image or a window op; pointwise ops keep it)."""
+
+    grid: int
+    axis: int
+
+
+@dataclass(frozen=True, slots=True)
+class Maps:
+    """A tuple of maps (split, chunk, max with indices...): node ``node`` stands for each."""
+
+    node: int
+
+
+Value = int | Const | Meta | SizeDep | Maps | tuple
+
+
+class NotConstantError(Exception):
+    """An argument is not a constant known at trace time."""
+
+
+def as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def shape_of(value: Value) -> tuple[int, ...] | None:
+    if isinstance(value, Const) and isinstance(value.value, torch.Tensor):
+        return tuple(value.value.shape)
+    return None
