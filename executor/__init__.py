@@ -5,6 +5,7 @@ Everything outside this package uses only the names exported here::
     from executor import StreamingCNN, analyze_trunk, load_plan
 """
 
+from executor.chain import SegmentedStreamingCNN, SegmentSpec
 from executor.errors import ContractError, GeometryError, StreamingError, UnsupportedLayerError
 from executor.fileio import atomic_write
 from executor.geometry import (
@@ -27,6 +28,8 @@ from executor.plan import (
     Plan,
     PlanError,
     Provenance,
+    Segment,
+    Segmentation,
     TimeFit,
     TimeSample,
     Verification,
@@ -37,6 +40,7 @@ from executor.plan import (
     trunk_fingerprint,
 )
 from executor.precision import DTYPE_NAMES, DtypeName, Precision
+from executor.segments import chain, cut_points, map_cut_points, prefix, suffix
 from executor.serde import from_data, to_data, to_yaml
 from executor.steps import streaming_step
 from executor.streaming import StreamingCNN, spatial_tile_shape
@@ -60,6 +64,10 @@ __all__ = [
     "PlanError",
     "Precision",
     "Provenance",
+    "Segment",
+    "SegmentSpec",
+    "Segmentation",
+    "SegmentedStreamingCNN",
     "StreamingCNN",
     "StreamingError",
     "Tile",
@@ -73,12 +81,17 @@ __all__ = [
     "analyze_trunk",
     "atomic_write",
     "build_tile_grid",
+    "chain",
+    "cut_points",
     "check_plan_matches",
     "from_data",
     "load_plan",
+    "map_cut_points",
+    "prefix",
     "save_plan",
     "spatial_tile_shape",
     "streaming_step",
+    "suffix",
     "to_data",
     "to_yaml",
     "trace",

@@ -761,6 +761,26 @@ def _is_torch(fn: Any) -> bool:
     return module.startswith("torch") or module == "" or getattr(fn, "__self__", None) is torch
 
 
+def map_nodes(trunk: nn.Module, n_axes: int) -> set[str]:
+    """Names of the traced trunk's nodes whose value is one feature map in (N, C, *spatial)
+    layout (not a tuple of maps, not permuted, not a constant).
+
+    Raises:
+        UnsupportedLayerError: as ``trace_trunk``.
+    """
+    builder = _Builder(trace_leaves(trunk), n_axes)
+    graph = builder.build()
+    layout = tuple(range(2, 2 + n_axes))
+    return {
+        node.name
+        for node, value in builder.env.items()
+        if isinstance(value, int)
+        and graph.nodes[value].name == node.name
+        and graph.nodes[value].spatial_dims == layout
+        and graph.nodes[value].rank == 2 + n_axes
+    }
+
+
 def trace_trunk(trunk: nn.Module, n_axes: int) -> SpatialGraph:
     """Trace ``trunk`` and reduce it to a SpatialGraph over ``n_axes`` spatial axes.
 

@@ -169,20 +169,22 @@ class AxisGeometry:
 
     def greedy(self, length: int, n_out: int, tile: int) -> list[AxisTile] | None:
         """Left-to-right tiles owning as many outputs as fit in ``tile`` px; None if none fit."""
+        s, a = self.stride, self.align
+        span = tile // a * a  # the longest unclipped crop: crops are whole multiples of align
         tiles: list[AxisTile] = []
         start = 0
         while start < n_out:
-            if self.crop(length, start, start + 1).in_len > tile:
+            first = self.crop(length, start, start + 1)
+            if first.in_len > tile:
                 return None
-            lo, hi = start + 1, n_out  # crop length grows with the stop: bisect the largest
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if self.crop(length, start, mid).in_len <= tile:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            tiles.append(self.crop(length, start, lo))
-            start = lo
+            if length - first.in_start <= tile:
+                stop = n_out  # the crop reaches the image's end: it may own everything left
+            else:
+                # Unclipped, outputs [start, stop) need (stop-1)*s + halo_hi + 1 - in_start px
+                # rounded up to align; the largest stop whose rounded length is <= span.
+                stop = min(n_out, (span + first.in_start - self.halo_hi - 1) // s + 1)
+            tiles.append(self.crop(length, start, stop))
+            start = stop
         return tiles
 
     def tiles(self, length: int, n_out: int, tile: int) -> tuple[AxisTile, ...]:
@@ -299,6 +301,11 @@ class TrunkGeometry:
             if node.windows is None:
                 lengths.append(n)
                 continue
+            if n < 1:  # a window over an empty map: PyTorch refuses it, so must we
+                raise GeometryError(
+                    f"the map entering '{node.where}' is empty along axis {axis} for an input "
+                    f"of {length} px; use a larger image"
+                )
             try:
                 lengths.append(node.windows[axis].out_len(n))
             except GeometryError as err:
@@ -401,8 +408,11 @@ class TrunkGeometry:
     def _check_crops(self, axis: int, n: int, tiles: Sequence[AxisTile]) -> None:
         """Every crop must produce the positions it owns (exact, from the size formulas)."""
         s = self.output_stride[axis]
+        produced_by: dict[int, int] = {}  # outputs of a crop of each length (few distinct)
         for t in tiles:
-            produced = self.node_lengths(axis, t.in_len)[-1]
+            if t.in_len not in produced_by:
+                produced_by[t.in_len] = self.node_lengths(axis, t.in_len)[-1]
+            produced = produced_by[t.in_len]
             if t.out_stop - t.in_start // s > produced:
                 raise GeometryError(
                     f"a crop [{t.in_start}, {t.in_stop}) along axis {axis} yields {produced} "

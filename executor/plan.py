@@ -21,7 +21,7 @@ import enum
 import hashlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -39,7 +39,9 @@ from executor.geometry import (
     build_tile_grid,
 )
 from executor.precision import DtypeName, Precision
+from executor.segments import chain, map_cut_points
 from executor.serde import from_data, to_data, to_yaml
+from executor.trace import trace
 
 __all__ = [
     "OPTIMIZER_NAMES",
@@ -79,6 +81,31 @@ def _require(ok: bool, message: str) -> None:
 
 def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(v) for v in shape)
+
+
+def _check_numbers(
+    label: str, stated: Any, geometry: TrunkGeometry, input_shape: Sequence[int]
+) -> None:
+    """The stride, halos, alignment and output shape ``stated`` must be the trunk's."""
+    try:
+        output_shape = geometry.output_shape(input_shape)
+    except GeometryError as err:
+        raise PlanError(f"{label}'s input does not fit this trunk: {err}") from None
+    derived = {
+        "output_stride_px": geometry.output_stride,
+        "halo_lo_px": geometry.halo_lo,
+        "halo_hi_px": geometry.halo_hi,
+        "align_px": geometry.align,
+        "output_shape": output_shape,
+    }
+    for name, value in derived.items():
+        value_stated = getattr(stated, name)
+        if tuple(value_stated) != tuple(value):
+            raise PlanError(
+                f"{label} states {name} {list(value_stated)} but the model gives {list(value)} "
+                f"for {_shape_text(input_shape)} px; the plan is stale or edited: re-run "
+                "`tileplan profile`"
+            )
 
 
 def trunk_fingerprint(trunk: nn.Module) -> str:
@@ -140,6 +167,7 @@ class MemoryBreakdown:
     head_bytes: int  # the head's activations and transients
     tile_forward_bytes: int  # one no-grad forward tile's transient peak
     tile_backward_bytes: int  # one tile's forward-with-grad + backward peak
+    maps_bytes: int = 0  # segmented: the cut maps and their gradients alive at the peak
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -159,6 +187,7 @@ class MemoryBreakdown:
             "optimizer state": self.optimizer_bytes,
             "image": self.image_bytes,
             "trunk output + gradient": self.output_bytes + self.output_grad_bytes,
+            "cut maps": self.maps_bytes,
             "head": self.head_bytes,
             "tile activations": max(self.tile_forward_bytes, self.tile_backward_bytes),
         }
@@ -203,10 +232,10 @@ class TimeFit:
         _require(min(coefficients) >= 0, "time fit coefficients must be >= 0")
         _require(bool(self.samples), "a time fit needs at least one timed crop")
 
-    def forward_s(self, pixels: int) -> float:
+    def forward_s(self, pixels: float) -> float:
         return self.forward_a_s + self.forward_b_s_per_px * pixels
 
-    def step_s(self, pixels: int) -> float:
+    def step_s(self, pixels: float) -> float:
         return self.step_a_s + self.step_b_s_per_px * pixels
 
     def predict(self, forward: TileGrid, backward: TileGrid, batch: int = 1) -> float:
@@ -304,14 +333,143 @@ class Candidate:
         return self.estimated_peak_bytes
 
 
+def _axes(
+    stride: Sequence[int], halo_lo: Sequence[int], halo_hi: Sequence[int], align: Sequence[int]
+) -> tuple[AxisGeometry, ...]:
+    numbers = zip(stride, halo_lo, halo_hi, align, strict=True)
+    return tuple(AxisGeometry(s, lo, hi, a) for s, lo, hi, a in numbers)
+
+
+def _check_grid(
+    label: str, grid: Callable[[Sequence[int]], TileGrid], tile: Sequence[int],
+    counts: Sequence[int], overlap: float,
+) -> None:  # fmt: skip
+    """A stated tile grid must be the one its geometry gives (aligned, same counts/overlap)."""
+    try:
+        derived = grid(tile)
+    except GeometryError as err:
+        raise PlanError(f"{label}: {err}") from None
+    _require(
+        derived.tile_shape == tuple(tile),
+        f"{label} is not aligned (the grid's tile is {_shape_text(derived.tile_shape)})",
+    )
+    _require(
+        derived.counts == tuple(counts),
+        f"{label} states {_shape_text(counts)} tiles, its geometry gives "
+        f"{_shape_text(derived.counts)}",
+    )
+    _require(
+        round(derived.overlap_factor, 4) == overlap,
+        f"{label} states overlap {overlap}, its geometry gives {round(derived.overlap_factor, 4)}",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segment:
+    """One segment of a segmented plan (see [Segments] in ``executor.chain``).
+
+    Its geometry and tiles are in positions of its own input map: the image for the first
+    segment, the previous segment's output (a cut map) for the others.
+    """
+
+    end: str | None  # the cut node of the traced trunk after which it ends; None: the last
+    where: str  # the module where it ends, for people
+    input_shape_px: tuple[int, ...]  # its input map, positions per axis
+    output_shape: tuple[int, ...]  # its output map
+    output_stride_px: tuple[int, ...]
+    halo_lo_px: tuple[int, ...]
+    halo_hi_px: tuple[int, ...]
+    align_px: tuple[int, ...]
+    tile_px: tuple[int, ...]
+    forward_tile_px: tuple[int, ...]
+    grid: tuple[int, ...]  # tiles per axis of its backward pass
+    n_tiles: int
+    overlap_factor: float  # of its backward grid (4 decimals)
+    tile_forward_bytes: int  # one forward tile's activations (calibrated estimate)
+    tile_backward_bytes: int  # one backward tile's activations (calibrated estimate)
+    map_bytes: int  # its output map (a cut map, or the trunk's output for the last)
+    map_on_host: bool = False  # the cut map is kept in host memory
+    predicted_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        label = f"segment ending at {self.where}"
+        n = len(self.input_shape_px)
+        for name in ("output_shape", "output_stride_px", "halo_lo_px", "halo_hi_px", "align_px",
+                     "tile_px", "forward_tile_px", "grid"):  # fmt: skip
+            _require(len(getattr(self, name)) == n, f"{label}: {name} has the wrong rank")
+        _require(self.n_tiles == math.prod(self.grid), f"{label}: n_tiles != product of grid")
+        _check_grid(f"{label}, tile {_shape_text(self.tile_px)}", self.tile_grid, self.tile_px,
+                    self.grid, self.overlap_factor)  # fmt: skip
+        try:
+            self.tile_grid(self.forward_tile_px)
+        except GeometryError as err:
+            raise PlanError(f"{label}: forward tile: {err}") from None
+        _require(min(self.tile_forward_bytes, self.tile_backward_bytes, self.map_bytes) >= 0,
+                 f"{label}: memory cannot be negative")  # fmt: skip
+
+    def tile_grid(self, tile: Sequence[int] | None = None) -> TileGrid:
+        """A grid over the segment's input map from its recorded geometry."""
+        axes = _axes(self.output_stride_px, self.halo_lo_px, self.halo_hi_px, self.align_px)
+        return build_tile_grid(axes, self.input_shape_px, self.output_shape, tile or self.tile_px)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segmentation:
+    """A way to stream the trunk in segments, with each segment's tiles chosen, and its cost.
+
+    ``memory`` is the breakdown at the step's peak (the phase whose live maps and tile are
+    largest), so its total is the predicted peak.
+    """
+
+    segments: tuple[Segment, ...]
+    memory: MemoryBreakdown
+    estimated_peak_bytes: int  # == memory.total_bytes
+    measured_peak_bytes: int | None = None  # a whole real segmented streaming step
+    predicted_time_s: float | None
+    fits: bool
+
+    def __post_init__(self) -> None:
+        label = f"segmentation {self.label}"
+        _require(len(self.segments) >= 2, f"{label}: a segmentation has two segments or more")
+        _require(
+            self.estimated_peak_bytes == self.memory.total_bytes,
+            f"{label}: estimated_peak_bytes != the sum of its memory categories",
+        )
+        for before, after in zip(self.segments, self.segments[1:], strict=False):
+            _require(
+                after.input_shape_px == before.output_shape,
+                f"{label}: a segment's input is not the previous one's output",
+            )
+        _require(
+            self.segments[-1].end is None and all(s.end for s in self.segments[:-1]),
+            f"{label}: every segment but the last ends at a cut",
+        )
+
+    @property
+    def cuts(self) -> tuple[str, ...]:
+        return tuple(s.end for s in self.segments[:-1] if s.end)
+
+    @property
+    def label(self) -> str:
+        return " | ".join(s.where for s in self.segments[:-1])
+
+    @property
+    def peak_bytes(self) -> int:
+        if self.measured_peak_bytes is not None:
+            return self.measured_peak_bytes
+        return self.estimated_peak_bytes
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerMemory:
-    """One trunk layer's output memory: for the whole image and for one tile."""
+    """One trunk layer's output memory: for the whole image and for one tile (of its
+    segment's input map, in a segmented plan)."""
 
     name: str
     channels: int
     full_bytes: int
     tile_bytes: int
+    segment: int = 0  # index of the segment it is in
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -353,6 +511,10 @@ class Plan:
     head_activation_bytes: int = 0
     candidates: tuple[Candidate, ...] = field(default_factory=tuple)
     layers: tuple[LayerMemory, ...] = field(default_factory=tuple)
+    # Segmented streaming: the chosen chain (empty: one segment, the whole trunk) and the
+    # segmentations considered. With segments, tile_px/forward_tile_px are the first one's.
+    segments: tuple[Segment, ...] = field(default_factory=tuple)
+    segmentations: tuple[Segmentation, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         _require(
@@ -397,55 +559,58 @@ class Plan:
     def _check_candidates(self) -> None:
         usable = self.usable_bytes
         for c in self.candidates:
-            label = _shape_text(c.tile_px)
-            _require(len(c.tile_px) == len(self.image_shape_px), f"candidate {label}: rank")
-            try:
-                grid = self.tile_grid(c.tile_px)
-            except GeometryError as err:
-                raise PlanError(f"candidate {label}: {err}") from None
-            _require(
-                grid.tile_shape == c.tile_px,
-                f"candidate {label} is not aligned (the grid's tile is "
-                f"{_shape_text(grid.tile_shape)})",
-            )
-            _require(
-                grid.counts == c.grid,
-                f"candidate {label} states {_shape_text(c.grid)} tiles, its geometry gives "
-                f"{_shape_text(grid.counts)}",
-            )
-            _require(
-                round(grid.overlap_factor, 4) == c.overlap_factor,
-                f"candidate {label} states overlap {c.overlap_factor}, its geometry gives "
-                f"{round(grid.overlap_factor, 4)}",
-            )
+            label = f"candidate {_shape_text(c.tile_px)}"
+            _require(len(c.tile_px) == len(self.image_shape_px), f"{label}: rank")
+            _check_grid(label, self.tile_grid, c.tile_px, c.grid, c.overlap_factor)
             _require(
                 not c.fits or c.peak_bytes <= usable,
-                f"candidate {label} is marked as fitting but its peak {c.peak_bytes} "
-                f"exceeds the usable {usable} bytes",
+                f"{label} is marked as fitting but its peak {c.peak_bytes} exceeds the usable "
+                f"{usable} bytes",
             )
+        for option in self.segmentations:
+            _require(option.segments[0].input_shape_px == self.image_shape_px,
+                     f"segmentation {option.label} starts on another image")  # fmt: skip
+            _require(option.segments[-1].output_shape == self.output_shape,
+                     f"segmentation {option.label} ends on another output")  # fmt: skip
+            stride = tuple(
+                math.prod(axis)
+                for axis in zip(*(s.output_stride_px for s in option.segments), strict=True)
+            )
+            _require(
+                stride == self.output_stride_px,
+                f"segmentation {option.label}: its strides do not make the trunk's",
+            )
+            _require(not option.fits or option.peak_bytes <= usable,
+                     f"segmentation {option.label} is marked as fitting but exceeds the usable "
+                     "budget")  # fmt: skip
 
     def _check_chosen(self) -> None:
-        try:
-            self.tile_grid(self.tile_px)
-            self.tile_grid(self.forward_tile_px, forward=True)
-        except GeometryError as err:
-            raise PlanError(f"the chosen tiles do not fit the geometry: {err}") from None
-        chosen = self.chosen
-        if self.candidates:
+        if self.segments:
+            chosen_tile = (self.segments[0].tile_px, self.segments[0].forward_tile_px)
             _require(
-                chosen is not None,
-                f"tile_px {_shape_text(self.tile_px)} is not one of the candidates",
+                chosen_tile == (self.tile_px, self.forward_tile_px),
+                "tile_px/forward_tile_px of a segmented plan are its first segment's",
             )
+        else:
+            try:
+                self.tile_grid(self.tile_px)
+                self.tile_grid(self.forward_tile_px, forward=True)
+            except GeometryError as err:
+                raise PlanError(f"the chosen tiles do not fit the geometry: {err}") from None
+        chosen = self.chosen
+        if self.candidates or self.segments:
+            what = "segmentation" if self.segments else f"tile {_shape_text(self.tile_px)}"
+            _require(chosen is not None, f"the chosen {what} is not one of those considered")
             assert chosen is not None
-            _require(chosen.fits, f"the chosen tile {_shape_text(self.tile_px)} does not fit")
+            _require(chosen.fits, f"the chosen {what} does not fit")
             _require(
                 self.predicted_peak_bytes == chosen.estimated_peak_bytes,
                 f"predicted_peak_bytes {self.predicted_peak_bytes} != the chosen "
-                f"candidate's estimate {chosen.estimated_peak_bytes}",
+                f"{what}'s estimate {chosen.estimated_peak_bytes}",
             )
             _require(
                 self.measured_peak_bytes == chosen.measured_peak_bytes,
-                "measured_peak_bytes differs from the chosen candidate's",
+                f"measured_peak_bytes differs from the chosen {what}'s",
             )
         if self.verification.status == VerifyStatus.VERIFIED:
             _require(
@@ -476,9 +641,18 @@ class Plan:
         return self.trunk_activation_bytes / total if total else None
 
     @property
-    def chosen(self) -> Candidate | None:
-        """The candidate of the chosen tile (None for a plan without candidates)."""
+    def chosen(self) -> Candidate | Segmentation | None:
+        """The chosen candidate tile, or the chosen segmentation of a segmented plan (None for
+        a plan without any)."""
+        if self.segments:
+            return next((s for s in self.segmentations if s.segments == self.segments), None)
         return next((c for c in self.candidates if c.tile_px == self.tile_px), None)
+
+    def tile_grids(self) -> tuple[TileGrid, ...]:
+        """The backward-pass grid of each segment (one for an unsegmented plan)."""
+        if self.segments:
+            return tuple(s.tile_grid() for s in self.segments)
+        return (self.tile_grid(),)
 
     @property
     def peak_bytes(self) -> int:
@@ -488,11 +662,8 @@ class Plan:
         return self.predicted_peak_bytes
 
     def axes(self) -> tuple[AxisGeometry, ...]:
-        """The recorded tiling numbers per axis."""
-        numbers = zip(
-            self.output_stride_px, self.halo_lo_px, self.halo_hi_px, self.align_px, strict=True
-        )
-        return tuple(AxisGeometry(s, lo, hi, a) for s, lo, hi, a in numbers)
+        """The recorded tiling numbers per axis (of the whole trunk)."""
+        return _axes(self.output_stride_px, self.halo_lo_px, self.halo_hi_px, self.align_px)
 
     def tile_grid(self, tile: Sequence[int] | None = None, *, forward: bool = False) -> TileGrid:
         """A tile grid over the plan's image from its recorded geometry (no model needed).
@@ -518,25 +689,9 @@ class Plan:
         Raises:
             PlanError: one line naming the first number that differs.
         """
-        try:
-            output_shape = geometry.output_shape(self.image_shape_px)
-        except GeometryError as err:
-            raise PlanError(f"the plan's image does not fit this trunk: {err}") from None
-        derived = {
-            "output_stride_px": geometry.output_stride,
-            "halo_lo_px": geometry.halo_lo,
-            "halo_hi_px": geometry.halo_hi,
-            "align_px": geometry.align,
-            "output_shape": output_shape,
-        }
-        for name, value in derived.items():
-            stated = getattr(self, name)
-            if tuple(stated) != tuple(value):
-                raise PlanError(
-                    f"the plan states {name} {list(stated)} but the model gives {list(value)} "
-                    f"for {_shape_text(self.image_shape_px)} px; the plan is stale or edited: "
-                    "re-run `tileplan profile`"
-                )
+        _check_numbers("the plan", self, geometry, self.image_shape_px)
+        if self.segments:
+            return
         for tile in (self.tile_px, self.forward_tile_px):
             try:
                 geometry.tile_grid(self.image_shape_px, tile)
@@ -544,6 +699,18 @@ class Plan:
                 raise PlanError(
                     f"tile {_shape_text(tile)} does not fit this trunk: {err}"
                 ) from None
+
+    def check_segments(self, geometries: Sequence[TrunkGeometry]) -> None:
+        """Refuse segments whose geometry is not that of the trunk's parts (one per segment)."""
+        _require(len(geometries) == len(self.segments), "the plan's segments do not match")
+        for segment, geometry in zip(self.segments, geometries, strict=True):
+            label = f"the plan's segment ending at {segment.where}"
+            _check_numbers(label, segment, geometry, segment.input_shape_px)
+            for tile in (segment.tile_px, segment.forward_tile_px):
+                try:
+                    geometry.tile_grid(segment.input_shape_px, tile)
+                except GeometryError as err:
+                    raise PlanError(f"{label}: tile {_shape_text(tile)}: {err}") from None
 
     # -- (de)serialisation ----------------------------------------------------------------------
 
@@ -624,6 +791,17 @@ def check_plan_matches(
             "for this model"
         )
     plan.check_geometry(analyze_trunk(trunk, plan.n_axes))
+    if plan.segments:
+        cuts = [s.end for s in plan.segments[:-1] if s.end]
+        valid = map_cut_points(trunk, plan.n_axes)
+        missing = [c for c in cuts if c not in valid]
+        if missing:
+            raise PlanError(
+                f"the plan cuts the trunk at {missing[0]}, which is not a single-map point of "
+                "this model; re-run `tileplan profile`"
+            )
+        parts = chain(trace(trunk), cuts)
+        plan.check_segments([analyze_trunk(part, plan.n_axes) for part in parts])
     if image_shape is not None and tuple(image_shape) != tuple(plan.image_shape_px):
         raise PlanError(
             f"plan was made for images of {_shape_text(plan.image_shape_px)} px, not "

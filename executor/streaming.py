@@ -88,6 +88,8 @@ class StreamingCNN:
             for the first backward tile instead of recomputing it. Costs no extra peak (it is
             one backward tile) and saves one tile's forward.
         progress: show a tqdm bar over tiles (only when stderr is a terminal).
+        output_device: where ``forward`` puts the output map (default: the trunk's device);
+            e.g. the host for a map too large for the device (its owned parts move per tile).
         preprocess: applied to each crop on the trunk's device before the trunk, e.g. uint8
             to normalised float. It must be pointwise (per pixel), or streaming is not exact.
             With ``input_grad`` the gradient is with respect to its output.
@@ -110,8 +112,10 @@ class StreamingCNN:
         cache_last_tile: bool = True,
         progress: bool = False,
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        output_device: torch.device | str | None = None,
     ) -> None:
         self.trunk = trunk
+        self.output_device = None if output_device is None else torch.device(output_device)
         self.preprocess = preprocess
         self.tile_shape = spatial_tile_shape(tile_shape)
         self.forward_tile_shape = (
@@ -135,14 +139,15 @@ class StreamingCNN:
         trunk: nn.Module,
         plan: Plan | str | os.PathLike[str],
         **kwargs: Any,
-    ) -> StreamingCNN:
+    ) -> Any:
         """Stream ``trunk`` with the tiles of a saved plan (``tileplan profile``).
 
         The plan is refused (``PlanError``) if it was made for another trunk architecture or
         its geometry is not the trunk's; images of another shape are refused when a pass
-        starts. The plan's dtype sets autocast (``executor.Precision``): a bfloat16/float16
-        plan runs its tiles under autocast with that dtype. The trunk's parameters must already
-        be in the plan's parameter dtype (``plan.precision.param_dtype``).
+        starts. A segmented plan gives a ``SegmentedStreamingCNN`` (the same interface). The
+        plan's dtype sets autocast (``executor.Precision``): a bfloat16/float16 plan runs its
+        tiles under autocast with that dtype. The trunk's parameters must already be in the
+        plan's parameter dtype (``plan.precision.param_dtype``).
 
         Example:
             >>> scnn = StreamingCNN.from_plan(trunk, "plan.yaml")
@@ -159,6 +164,14 @@ class StreamingCNN:
                 f".to({precision.param_dtype})"
             )
         kwargs.setdefault("amp_dtype", precision.amp_dtype)
+        if plan.segments:  # a chain of segments: the same interface (executor.chain)
+            from executor.chain import SegmentedStreamingCNN, SegmentSpec
+
+            specs = [SegmentSpec(s.end, s.tile_px, s.forward_tile_px, s.map_on_host)
+                     for s in plan.segments]  # fmt: skip
+            chained = SegmentedStreamingCNN(trunk, specs, **kwargs)
+            chained.plan = plan
+            return chained
         scnn = cls(trunk, plan.tile_px, forward_tile_shape=plan.forward_tile_px, **kwargs)
         scnn.plan = plan
         return scnn
@@ -177,7 +190,8 @@ class StreamingCNN:
             image: (N, C, *spatial) on any device; tiles move to the trunk's device one at a time.
 
         Returns:
-            (N, C_out, *out_spatial) on the trunk's device, ``requires_grad=False``.
+            (N, C_out, *out_spatial) on the trunk's device (or ``output_device``),
+            ``requires_grad=False``.
         """
         self._prepare(image)
         self._cache = None
@@ -193,9 +207,10 @@ class StreamingCNN:
             keep = keep_last and k == grid.n_tiles - 1
             with torch.set_grad_enabled(keep), self.autocast():
                 crop = self._crop(image, tile, requires_grad=keep and self.input_grad)
-                y = self.trunk(crop)  # (N, C_out, *crop_out)
+                y = self.trunk(_fed(crop))  # (N, C_out, *crop_out)
             if out is None:
-                out = y.new_empty((*y.shape[:2], *grid.output_shape))
+                out = torch.empty((*y.shape[:2], *grid.output_shape), dtype=y.dtype,
+                                  device=self.output_device or y.device)  # fmt: skip
             out[(..., *tile.output_slices())] = y[(..., *tile.local_output_slices())].detach()
             if keep:
                 self._cache = _CachedTile(tile, crop, y, weakref.ref(image), image._version)
@@ -243,7 +258,7 @@ class StreamingCNN:
                 else:
                     with torch.enable_grad(), self.autocast():
                         crop = self._crop(image, tile, requires_grad=self.input_grad)
-                        y = self.trunk(crop)
+                        y = self.trunk(_fed(crop))
                 owned = y[(..., *tile.local_output_slices())]
                 g = grad_output[(..., *tile.output_slices())].to(owned.device, owned.dtype)
                 torch.autograd.backward(owned, g)
@@ -314,6 +329,13 @@ class StreamingCNN:
         log.debug("%s pass over %d tiles", what, n)
         show = self.progress and sys.stderr.isatty()
         return iter(tqdm(tiles, total=n, desc=f"{what} tiles", disable=not show, leave=False))
+
+
+def _fed(crop: torch.Tensor) -> torch.Tensor:
+    """What the trunk gets: the crop, or a copy of it when its gradient is wanted, since a
+    trunk may work in place on its input (an in-place ReLU first), which autograd forbids on
+    the leaf whose gradient it computes."""
+    return crop.clone() if crop.requires_grad else crop
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from executor import StreamingCNN
+from executor import SegmentedStreamingCNN, StreamingCNN
 
 RTOL_FLOAT64 = 1e-10
 ERROR_FACTOR = 2.0
@@ -162,14 +162,27 @@ def _streamed(
     streaming_kwargs: dict[str, object],
 ) -> tuple[_Result, int]:
     trunk.zero_grad(set_to_none=True)
-    scnn = StreamingCNN(
-        trunk, tile_shape, input_grad=input_grad, amp_dtype=amp_dtype, **streaming_kwargs
-    )
+    segments = streaming_kwargs.pop("segments", None)
+    scnn: StreamingCNN | SegmentedStreamingCNN
+    if segments is not None:  # a chain (executor.chain); tile_shape is unused
+        scnn = SegmentedStreamingCNN(
+            trunk,
+            segments,
+            input_grad=input_grad,
+            amp_dtype=amp_dtype,  # type: ignore[arg-type]
+            **streaming_kwargs,  # type: ignore[arg-type]
+        )
+        n_tiles = sum(g.n_tiles for g in scnn.tile_grids(image.shape[2:]))
+    else:
+        scnn = StreamingCNN(
+            trunk, tile_shape, input_grad=input_grad, amp_dtype=amp_dtype, **streaming_kwargs
+        )
+        n_tiles = scnn.tile_grid(image.shape[2:]).n_tiles
     out = scnn.forward(image)
     out.requires_grad_()
     head(out).backward()
     g = scnn.backward(image, out.grad)
-    return _Result(out.detach(), dict(_grads(trunk)), g), scnn.tile_grid(image.shape[2:]).n_tiles
+    return _Result(out.detach(), dict(_grads(trunk)), g), n_tiles
 
 
 def compare_with_conventional(
@@ -189,6 +202,8 @@ def compare_with_conventional(
         dtype: parameters and image dtype (float64 or float32).
         amp_dtype: run both passes under autocast with this dtype (parameters stay ``dtype``);
             judged against float64 like float32.
+        segments: (keyword) stream as a chain of ``SegmentSpec`` instead of one tile shape
+            (``tile_shape`` is then unused); ``n_tiles`` counts every segment's tiles.
     """
     trunk = trunk.to(dtype)
     image = image.to(dtype)

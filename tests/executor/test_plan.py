@@ -136,10 +136,10 @@ EDITS = {
     "n_tiles": ("candidates[0].n_tiles", 5, "n_tiles 5 != product"),
     "overlap": ("candidates[0].overlap_factor", 1.0, "states overlap 1.0"),
     "peak_vs_categories": ("candidates[0].estimated_peak_bytes", 1, "sum of its memory"),
-    "chosen_peak": ("predicted_peak_bytes", 5, "!= the chosen candidate's estimate"),
+    "chosen_peak": ("predicted_peak_bytes", 5, "!= the chosen tile 64x64's estimate"),
     "negative_memory": ("candidates[2].memory.head_bytes", -1, "cannot be negative"),
     "unaligned_tile": ("candidates[1].tile_px", [127, 127], "not aligned"),
-    "chosen_not_a_candidate": ("tile_px", [32, 32], "not one of the candidates"),
+    "chosen_not_a_candidate": ("tile_px", [32, 32], "tile 32x32 is not one of those considered"),
     "verification_status": ("verification.status", "probably", "one of 'verified'"),
     "verified_without_peak": ("verification.peak_bytes", None, "needs peak_bytes"),
     "time_without_fit": ("time_fit", None, "need a time_fit"),
@@ -204,5 +204,5 @@ def test_derived_values_and_fixtures_build_only_when_consistent() -> None:
     assert plan.tile_grid().counts == chosen.grid
     assert plan.tile_grid(forward=True).tile_shape == plan.forward_tile_px
     assert plan.peak_bytes == plan.measured_peak_bytes
-    with pytest.raises(PlanError, match="is not one of the candidates"):
+    with pytest.raises(PlanError, match="is not one of those considered"):
         dataclasses.replace(plan, tile_px=(32, 32))
