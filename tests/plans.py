@@ -169,3 +169,16 @@ def make_report(**overrides: Any) -> Any:
     }  # fmt: skip
     values.update(overrides)
     return RunReport(**values)
+
+
+@functools.cache
+def segmented_plan() -> Plan:
+    """A real segmented plan: the planner on examples/resnet18.py at 768² with every backward
+    tile at most 256 px (one segment cannot), from estimates only (deterministic, ~5 s)."""
+    from pathlib import Path
+
+    from tileplan.planning.profile import ProfileRequest, profile
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "resnet18.py"
+    return profile(ProfileRequest(model_file=example, image_shape=(768, 768), max_tile=256,
+                                  measure=False))  # fmt: skip

@@ -154,6 +154,27 @@ def main() -> None:
     help="Seconds a verification step may take by default.",
 )
 @click.option(
+    "--segments",
+    default="auto",
+    show_default=True,
+    help="Stream the trunk in this many segments (1: one tile shape), or auto: the planner "
+    "cuts deep trunks where that is faster under the budget.",
+)
+@click.option(
+    "--cut",
+    "cuts",
+    default=None,
+    help="Cut the trunk after these modules or graph nodes (comma-separated, in order) "
+    "instead of choosing cuts.",
+)
+@click.option(
+    "--max-tile",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest backward tile side, px of each segment's input (e.g. to keep tiles small "
+    "on a device shared with other work).",
+)
+@click.option(
     "--out",
     type=_PATH,
     default=Path("plan.yaml"),
@@ -164,7 +185,8 @@ def main() -> None:
 def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str,
             budget: int | None, margin: float, dtype: str, tile: tuple[int, ...] | None,
             split: str, optimizer: str, measure: bool, verify: bool | None, verify_limit: float,
-            out: Path, as_json: bool) -> None:  # fmt: skip
+            segments: str, cuts: str | None, max_tile: int | None, out: Path,
+            as_json: bool) -> None:  # fmt: skip
     """Choose the tile shape for MODEL_FILE at an image size and save the plan as YAML.
 
     MODEL_FILE defines build_model() (or a module-level `model`) and may define
@@ -173,14 +195,28 @@ def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str
     from executor import save_plan
     from tileplan.planning.profile import NoFeasiblePlanError, ProfileRequest
     from tileplan.planning.profile import profile as run_profile
-    from tileplan.text import describe_trunk, describe_verification, render_table, summary
+    from tileplan.text import (
+        describe_segmentations,
+        describe_segments,
+        describe_trunk,
+        describe_verification,
+        render_table,
+        summary,
+    )
 
+    if segments != "auto" and not (segments.isdigit() and int(segments) >= 1):
+        raise click.BadParameter(
+            f"{segments!r}: give auto or a count of at least 1", param_hint="--segments"
+        )
+    cut_names = tuple(c.strip() for c in cuts.split(",") if c.strip()) if cuts else ()
     try:
         with _one_line_errors():
             request = ProfileRequest(
                 model_file=model_file, image_shape=image, channels=channels, device=device,
                 budget_bytes=budget, margin=margin, dtype=dtype, tile=tile, split=split,
                 optimizer=optimizer, measure=measure, verify=verify, verify_limit_s=verify_limit,
+                segments=None if segments == "auto" else int(segments), cuts=cut_names,
+                max_tile=max_tile,
             )  # fmt: skip
             plan = run_profile(request, progress=sys.stderr.isatty())
             save_plan(plan, out)
@@ -193,7 +229,12 @@ def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str
         return
     for line in describe_trunk(plan):
         click.echo(line)
-    click.echo(render_table(plan.candidates, plan.tile_px))
+    if plan.candidates:
+        click.echo(render_table(plan.candidates, plan.tile_px))
+    elif not plan.segments:
+        click.echo("no single-segment candidates were priced")
+    for line in [*describe_segmentations(plan), *describe_segments(plan)]:
+        click.echo(line)
     click.echo(summary(plan))
     click.echo(describe_verification(plan))
     click.echo(f"plan written to {out}")

@@ -5,6 +5,7 @@ Pure formatting of typed records; nothing here computes a number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from executor import Candidate, Plan, VerifyStatus
@@ -12,6 +13,8 @@ from tileplan.run.report import RunReport
 from tileplan.units import format_bytes, format_shape
 
 __all__ = [
+    "describe_segmentations",
+    "describe_segments",
     "describe_time",
     "describe_trunk",
     "shallow_trunk_note",
@@ -115,19 +118,70 @@ def describe_verification(plan: Plan) -> str:
 
 
 def summary(plan: Plan) -> str:
-    """One line: the chosen tile, its peak, and what conventional backprop would need."""
-    chosen = plan.chosen
-    n = chosen.n_tiles if chosen else plan.tile_grid().n_tiles
+    """One line: the chosen tile (or segmentation), its peak, and what conventional backprop
+    would need."""
     kind = "measured" if plan.measured_peak_bytes is not None else "predicted"
-    forward = ""
-    if plan.forward_tile_px != plan.tile_px:
-        forward = f" (forward pass {format_shape(plan.forward_tile_px)})"
     conventional = "measured" if plan.conventional_measured else "estimate"
+    n = sum(grid.n_tiles for grid in plan.tile_grids())
+    if plan.segments:
+        chosen = f"{len(plan.segments)} segments, {n} tiles in all"
+    else:
+        forward = ""
+        if plan.forward_tile_px != plan.tile_px:
+            forward = f" (forward pass {format_shape(plan.forward_tile_px)})"
+        chosen = f"tile {format_shape(plan.tile_px)}{forward}, {n} tiles"
     return (
-        f"tile {format_shape(plan.tile_px)}{forward}, {n} tiles, {kind} peak "
-        f"{format_bytes(plan.peak_bytes)} of {format_bytes(plan.budget_bytes)}, conventional "
-        f"would need {format_bytes(plan.conventional_peak_bytes)} ({conventional})"
+        f"{chosen}, {kind} peak {format_bytes(plan.peak_bytes)} of "
+        f"{format_bytes(plan.budget_bytes)}, conventional would need "
+        f"{format_bytes(plan.conventional_peak_bytes)} ({conventional})"
     )
+
+
+def describe_segments(plan: Plan) -> list[str]:
+    """The chosen segmentation as a table, one row per segment (nothing for one segment)."""
+    if not plan.segments:
+        return []
+    lines = [
+        f"streamed in {len(plan.segments)} segments (cut maps kept whole between them):",
+        f"  {'#':>1} {'ends at':<22} {'input':>11} {'tile':>11} {'forward':>11} {'tiles':>7} "
+        f"{'overlap':>7} {'map':>9} {'s/image':>8}",
+    ]
+    for i, s in enumerate(plan.segments, 1):
+        seconds = "-" if s.predicted_time_s is None else f"{s.predicted_time_s:.1f}"
+        where = "the trunk's output" if s.end is None else s.where
+        place = " (host)" if s.map_on_host else ""
+        lines.append(
+            f"  {i:>1} {where[:22]:<22} {format_shape(s.input_shape_px):>11} "
+            f"{format_shape(s.tile_px):>11} {format_shape(s.forward_tile_px):>11} "
+            f"{format_shape(s.grid):>7} {s.overlap_factor:>7.2f} "
+            f"{format_bytes(s.map_bytes) + place:>9} {seconds:>8}"
+        )
+    return lines
+
+
+def describe_segmentations(plan: Plan) -> list[str]:
+    """The segmentations the planner priced (the cheapest few and the chosen one), fastest
+    first; the chosen one marked with ``*``."""
+    if not plan.segmentations:
+        return []
+    chosen = tuple(s.end for s in plan.segments)
+    rows = sorted(
+        plan.segmentations,
+        key=lambda g: (not g.fits, math.inf if g.predicted_time_s is None else g.predicted_time_s),
+    )
+    lines = [
+        "segmentations considered (cut after | backward tile per segment):",
+        f"  {'':1} {'cuts':<34} {'tiles':<34} {'est. peak':>10} {'s/image':>8} fits",
+    ]
+    for g in rows:
+        mark = "*" if tuple(s.end for s in g.segments) == chosen else " "
+        tiles = " | ".join(format_shape(s.tile_px) for s in g.segments)
+        seconds = "-" if g.predicted_time_s is None else f"{g.predicted_time_s:.1f}"
+        lines.append(
+            f"  {mark} {g.label[:34]:<34} {tiles[:34]:<34} {format_bytes(g.peak_bytes):>10} "
+            f"{seconds:>8} {'yes' if g.fits else 'no'}"
+        )
+    return lines
 
 
 def render_report(r: RunReport) -> str:

@@ -128,3 +128,60 @@ def test_validate_refuses_an_edited_plan(tiny_model: Path, tmp_path: Path) -> No
     assert code == 1
     assert output.count("\n") == 1
     assert "its geometry gives" in output
+
+
+RESNET18 = Path(__file__).resolve().parents[2] / "examples" / "resnet18.py"
+
+
+def test_profile_segments_a_deep_trunk_under_max_tile(tmp_path: Path) -> None:
+    """ResNet-18 with every backward tile at most 256 px: one segment cannot (its smallest
+    tile is larger), so the plan cuts it; the table says where, and view/validate take it."""
+    out = tmp_path / "plan.yaml"
+    code, output = _run("profile", str(RESNET18), "--image", "768", "--max-tile", "256",
+                        "--no-measure", "--out", str(out))  # fmt: skip
+    assert code == 0, output
+    plan = load_plan(out)
+    assert len(plan.segments) >= 2
+    assert "segmentations considered" in output
+    assert f"streamed in {len(plan.segments)} segments" in output
+    for seg in plan.segments[:-1]:
+        assert seg.where in output
+    assert f"{len(plan.segments)} segments, " in output  # the summary line
+    code, output = _run("validate", str(out))
+    assert code == 0, output
+    code, output = _run("view", str(out), "--no-open")
+    assert code == 0, output
+
+
+def test_profile_with_cut_and_segments_one(tmp_path: Path) -> None:
+    out = tmp_path / "plan.yaml"
+    code, output = _run("profile", str(RESNET18), "--image", "1024", "--cut", "layer2",
+                        "--no-measure", "--out", str(out))  # fmt: skip
+    assert code == 0, output
+    assert [s.where for s in load_plan(out).segments] == ["layer2.1.relu", "the trunk's output"]
+    code, output = _run("profile", str(RESNET18), "--image", "1024", "--segments", "1",
+                        "--no-measure", "--out", str(out))  # fmt: skip
+    assert code == 0, output
+    assert not load_plan(out).segments
+    assert "segmentations considered" not in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--segments", "two"], "--segments"),
+        (["--segments", "0"], "--segments"),
+        (["--cut", "layer9"], "--cut layer9: no module or node of that name"),
+        (["--cut", "layer1.0.conv1"], "more than one value flows past it"),
+        (["--segments", "1", "--max-tile", "256"], "--max-tile 256: the trunk's smallest tile"),
+    ],
+)
+def test_bad_segment_options_exit_with_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "plan.yaml"
+    code, output = _run("profile", str(RESNET18), "--image", "768", "--no-measure",
+                        "--out", str(out), *args)  # fmt: skip
+    assert code != 0
+    assert message in output, output
+    assert not out.exists()

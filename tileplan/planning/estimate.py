@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from executor import MemoryBreakdown, StreamingError
@@ -39,6 +40,7 @@ __all__ = [
     "estimate_conventional",
     "estimate_fixed",
     "estimate_streaming",
+    "pass_flops",
     "pass_peak",
     "with_tiles",
 ]
@@ -146,6 +148,23 @@ def pass_peak(
                 y.backward(torch.empty_like(y))
             del x, y
         return counter.peak, shape
+
+
+def pass_flops(module: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Floating-point operations of one forward pass of ``module`` on meta tensors (torch's
+    FLOP counter: convolutions and matrix products, what the time of a CNN pass is made of).
+
+    Raises:
+        EstimateError: the module's code fails on this shape.
+    """
+    with (
+        _meta_state(module, dtype) as state,
+        torch.no_grad(),
+        _model_code("model's trunk", input_shape),
+        FlopCounterMode(display=False) as counter,
+    ):
+        functional_call(module, state, (torch.empty(input_shape, device="meta", dtype=dtype),))
+    return int(counter.get_total_flops())
 
 
 def head_peak(head: nn.Module, features_shape: tuple[int, ...], dtype: torch.dtype) -> int:

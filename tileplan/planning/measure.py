@@ -26,7 +26,7 @@ import psutil
 import torch
 from torch import nn
 
-from executor import Precision, TimeFit, TimeSample
+from executor import Precision, Segment, TimeFit, TimeSample
 from tileplan.settings import resolve_device
 
 __all__ = [
@@ -166,6 +166,10 @@ def measure_time_model(
 # --------------------------------------------------------------------------------------------
 
 
+# One segment of a measured chain: (end, tile, forward tile, map on host).
+ChainEntry = tuple[str | None, tuple[int, ...], tuple[int, ...], bool]
+
+
 @dataclass(frozen=True)
 class MeasureSpec:
     """What to measure: one backward tile (``mode="tile"``) or a whole streaming training step
@@ -181,6 +185,13 @@ class MeasureSpec:
     forward_tile: tuple[int, ...] = ()
     optimizer: str = "adam"
     shapes: tuple[tuple[int, ...], ...] = ()  # tiles: crops (N, C, *spatial) to measure
+    # step of a segmented plan: (end, tile, forward tile, map on host) per segment
+    segments: tuple[ChainEntry, ...] = ()
+
+    @staticmethod
+    def chain_of(segments: Sequence[Segment]) -> tuple[ChainEntry, ...]:
+        """The ``segments`` entry for a plan's segments."""
+        return tuple((s.end, s.tile_px, s.forward_tile_px, s.map_on_host) for s in segments)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,14 @@ from typing import Any
 import psutil
 import torch
 
-from executor import Precision, StreamingCNN, analyze_trunk, streaming_step
+from executor import (
+    Precision,
+    SegmentedStreamingCNN,
+    SegmentSpec,
+    StreamingCNN,
+    analyze_trunk,
+    streaming_step,
+)
 from tileplan.planning.model_file import load_model_file
 from tileplan.settings import OPTIMIZERS
 
@@ -144,12 +151,18 @@ def _training_step(
     optimizer.zero_grad(set_to_none=False)  # gradients persist between steps, as in training
     target = torch.zeros(shape[0], dtype=torch.long)
     if spec["mode"] == "step":
-        scnn = StreamingCNN(
-            trunk,
-            spec["tile"],
-            forward_tile_shape=spec["forward_tile"],
-            amp_dtype=precision.amp_dtype,
-        )
+        scnn: StreamingCNN | SegmentedStreamingCNN
+        if spec.get("segments"):
+            chain = [SegmentSpec(end, tuple(tile), tuple(forward), bool(on_host))
+                     for end, tile, forward, on_host in spec["segments"]]  # fmt: skip
+            scnn = SegmentedStreamingCNN(trunk, chain, amp_dtype=precision.amp_dtype)
+        else:
+            scnn = StreamingCNN(
+                trunk,
+                spec["tile"],
+                forward_tile_shape=spec["forward_tile"],
+                amp_dtype=precision.amp_dtype,
+            )
         streaming_step(scnn, head, image, target, _generic_loss)
     else:  # "conventional": the whole image at once
         with precision.autocast(device):

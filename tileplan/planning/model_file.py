@@ -28,7 +28,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from executor import StreamingError, UnsupportedLayerError, analyze_trunk, trace
+from executor import (
+    StreamingError,
+    UnsupportedLayerError,
+    analyze_trunk,
+    cut_points,
+    prefix,
+    suffix,
+    trace,
+)
 
 __all__ = ["LoadedModel", "ModelFileError", "Split", "load_model_file", "split_model"]
 
@@ -218,16 +226,16 @@ def split_model(model: nn.Module, name: str | None = None) -> Split:
     """
     gm, finish = _traced(model)
     nodes = list(gm.graph.nodes)
-    cuts = _single_value_cuts(nodes)
+    position = {n.name: i for i, n in enumerate(nodes)}
+    cuts = [position[c] for c in cut_points(gm)]
     if name is not None:
         return _split_at_name(gm, nodes, cuts, name, finish)
-    position = {n.name: i for i, n in enumerate(nodes)}
     last_error: UnsupportedLayerError | None = None
     limit = len(nodes)  # cuts at or after a refused node cannot stream
     for index in reversed(cuts):
         if index >= limit:
             continue
-        trunk = _prefix(gm, nodes, index)
+        trunk = prefix(gm, nodes[index].name)
         try:
             analyze_trunk(trunk)
         except UnsupportedLayerError as err:
@@ -237,8 +245,8 @@ def split_model(model: nn.Module, name: str | None = None) -> Split:
         where = _describe(nodes[index])
         log.info("trunk ends after %s", where)
         stopped = None if last_error is None else str(last_error)
-        return Split(trunk, finish(_suffix(gm, nodes, index)), f"auto: trunk ends after {where}",
-                     stopped)  # fmt: skip
+        head = finish(suffix(gm, nodes[index].name))
+        return Split(trunk, head, f"auto: trunk ends after {where}", stopped)
     raise ModelFileError(
         f"no part of {type(model).__name__} can be streamed ({last_error}); "
         "define split(model) in the model file"
@@ -262,11 +270,10 @@ def _split_at_name(
             f"--split {name}: more than one value flows past it (e.g. a skip connection); "
             "choose the end of a whole block"
         )
-    trunk = _prefix(gm, nodes, index)
+    trunk = prefix(gm, nodes[index].name)
     analyze_trunk(trunk)
-    return Split(
-        trunk, finish(_suffix(gm, nodes, index)), f"trunk ends after {_describe(nodes[index])}"
-    )
+    head = finish(suffix(gm, nodes[index].name))
+    return Split(trunk, head, f"trunk ends after {_describe(nodes[index])}")
 
 
 def _inside(node: torch.fx.Node, module: str) -> bool:
@@ -275,38 +282,6 @@ def _inside(node: torch.fx.Node, module: str) -> bool:
     paths = [str(node.target)] if node.op == "call_module" else []
     paths += [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
     return any(p == module or p.startswith(module + ".") for p in paths)
-
-
-def _single_value_cuts(nodes: list[torch.fx.Node]) -> list[int]:
-    """Indices i such that node i is the only value computed up to i that is used after i."""
-    position = {n: i for i, n in enumerate(nodes)}
-    last_use = {n: max((position[u] for u in n.users), default=-1) for n in nodes}
-    cuts = []
-    open_values: set[torch.fx.Node] = set()
-    for i, node in enumerate(nodes[:-1]):  # the output node is never a cut
-        open_values = {n for n in open_values if last_use[n] > i}
-        if last_use[node] > i:
-            open_values.add(node)
-        if node.op != "placeholder" and open_values == {node}:
-            cuts.append(i)
-    return cuts
-
-
-def _prefix(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], index: int) -> nn.Module:
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in nodes[: index + 1]:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[nodes[index]])
-    return torch.fx.GraphModule(gm, graph, class_name="Trunk")
-
-
-def _suffix(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], index: int) -> nn.Module:
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {nodes[index]: graph.placeholder("features")}
-    for node in nodes[index + 1 :]:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    return torch.fx.GraphModule(gm, graph, class_name="Head")
 
 
 def _describe(node: torch.fx.Node) -> str:

@@ -1,9 +1,14 @@
 """``tileplan profile``: estimate, measure and choose a streaming plan.
 
     estimate every candidate on meta tensors  ->  time tiles on the device
-    ->  calibrate the estimates with real tile peaks  ->  choose  ->  verify with a real step
+    ->  calibrate the estimates with real tile peaks  ->  price segmentations
+    ->  choose  ->  verify with a real step
 
-Everything is returned as a typed ``Plan``; the CLI only presents it.
+The options are one tile shape for the whole trunk, or a segmentation (``planning.segments``):
+the trunk cut into parts streamed one after the other, each with its own tiles. The fastest
+predicted option that fits wins; a segmentation is only priced when the best single tile does
+not cover the whole image (then nothing can be faster). Everything is returned as a typed
+``Plan``; the CLI only presents it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from executor import (
     Plan,
     Precision,
     Provenance,
+    Segmentation,
     StreamingError,
     TileGrid,
     TimeFit,
@@ -34,6 +40,8 @@ from executor import (
     Verification,
     VerifyStatus,
     analyze_trunk,
+    chain,
+    trace,
     trunk_fingerprint,
 )
 from tileplan.planning.estimate import (
@@ -53,6 +61,7 @@ from tileplan.planning.measure import (
 )
 from tileplan.planning.model_file import LoadedModel, load_model_file
 from tileplan.planning.search import Scored, candidate_tiles, choose, proxy_cost
+from tileplan.planning.segments import Costs, SegmentSearch, candidate_cuts, resolve_cuts
 from tileplan.settings import OPTIMIZERS
 from tileplan.text import shallow_trunk_note
 from tileplan.units import format_bytes
@@ -65,6 +74,10 @@ log = logging.getLogger(__name__)
 _MIN_CALIBRATION_BYTES = 64 * 1024**2
 _MIN_TIMING_PX = 512
 _VERIFY_TRIES = 3
+# Segmentations kept in a plan for display (the cheapest ones; the chosen one always).
+_KEPT_SEGMENTATIONS = 8
+# Most segments the automatic search tries (each more multiplies the cuts to combine).
+_AUTO_SEGMENTS = (2, 3)
 
 
 class NoFeasiblePlanError(StreamingError):
@@ -94,12 +107,26 @@ class ProfileRequest:
     verify: bool | None = None  # None: verify when one step is predicted within the limit
     verify_limit_s: float = 60.0
     measure_limit_s: float = 20.0  # skip tile measurements predicted to take longer
+    segments: int | None = None  # None: choose (1 or more); 1: one tile shape; N: N segments
+    cuts: tuple[str, ...] = ()  # cut the trunk here (node or module names), nothing else
+    max_tile: int | None = None  # largest backward tile side (px of each segment's input)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"margin {self.margin} must be in [0, 1), e.g. 0.1 for 10%")
         if self.channels < 1 or self.batch < 1:
             raise ValueError("channels and batch must be positive")
+        if self.segments is not None and self.segments < 1:
+            raise ValueError(f"--segments {self.segments}: give auto or a count of at least 1")
+        if self.cuts and self.segments not in (None, len(self.cuts) + 1):
+            raise ValueError(
+                f"--cut names {len(self.cuts)} cut(s), i.e. {len(self.cuts) + 1} segments, but "
+                f"--segments is {self.segments}; give one or make them agree"
+            )
+        if self.cuts and self.tile:
+            raise ValueError("--tile sets one tile for the whole trunk; it cannot go with --cut")
+        if self.max_tile is not None and self.max_tile < 1:
+            raise ValueError(f"--max-tile {self.max_tile} must be a positive size in px")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {list(OPTIMIZERS)}")
         Precision.of(self.dtype)
@@ -121,6 +148,38 @@ class _Row:
     measured_tile: int | None = None
     measured_step: int | None = None
     step_error: str | None = None
+
+
+@dataclass
+class _Chain:
+    """Working state of one segmentation during profiling."""
+
+    option: Segmentation
+    cost: float  # predicted seconds per image, else the proxy (as ``_Row.cost``)
+    measured_step: int | None = None
+    step_error: str | None = None
+
+    @property
+    def peak(self) -> int:
+        if self.measured_step is not None:
+            return self.measured_step
+        return self.option.estimated_peak_bytes
+
+    def recorded(self) -> Segmentation:
+        return replace(self.option, measured_peak_bytes=self.measured_step,
+                       fits=self.option.fits and self.step_error is None)  # fmt: skip
+
+
+@dataclass
+class _Single:
+    """The single-segment option: one backward tile, and its forward tile."""
+
+    row: _Row
+    forward: _Row
+    cost: float
+
+
+_Option = _Single | _Chain
 
 
 @dataclass(frozen=True)
@@ -155,9 +214,10 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
 
     Raises:
         ModelFileError, UnsupportedLayerError, GeometryError: bad model or sizes.
+        ValueError: a --cut that is not a cut point, a --max-tile below the smallest tile.
         NoFeasiblePlanError: nothing fits the budget (all candidates are attached).
     """
-    bar = tqdm(total=6, desc="profile", disable=not progress, leave=False)
+    bar = tqdm(total=7, desc="profile", disable=not progress, leave=False)
     loaded = load_model_file(req.model_file, req.split)
     info = device_info(req.device, assume=not req.measure)
     budget = req.budget_bytes or (
@@ -174,6 +234,7 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     geometry = analyze_trunk(loaded.trunk)
     image = (req.batch, req.channels, *req.image_shape)
     state = ModelState.of(loaded.model, req.optimizer, precision.param_dtype)
+    cuts = resolve_cuts(loaded.trunk, req.cuts) if req.cuts else []
     bar.update()
 
     tiles = [req.tile] if req.tile else candidate_tiles(geometry, req.image_shape)
@@ -197,24 +258,46 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
         ctx = replace(ctx, factor=_calibrate(ctx, rows))
     bar.update()
 
-    chosen = _choose(ctx, rows)
+    # Every candidate served to time and calibrate; beyond --max-tile none is a choice.
+    single_allowed = req.segments in (None, 1) and not cuts
+    rows = _limited(rows, geometry, req.max_tile, needed=req.segments == 1)
+    chains = _segmentations(ctx, loaded, rows, fixed, image, cuts)
+    bar.update()
     shallow = shallow_trunk_note(
         split=loaded.split, stride=geometry.output_stride, stopped_by=loaded.stopped_by,
         trunk_bytes=conventional.trunk_bytes, head_bytes=conventional.head_bytes,
     )  # fmt: skip
+    chosen = _pick(ctx, rows, chains, single_allowed)
     if chosen is None:
-        raise _no_fit(ctx, rows, state, budget, shallow=shallow)
-    forward = _forward_tile(ctx, rows, chosen)
+        raise _no_fit(ctx, rows, chains, state, budget, shallow=shallow)
     bar.update()
-    chosen, forward, verification = _verify(ctx, rows, chosen, forward)
+    chosen, verification = _verify(ctx, rows, chains, chosen, single_allowed)
     if chosen is None:
-        raise _no_fit(ctx, rows, state, budget, verification.error, shallow=shallow)
+        raise _no_fit(ctx, rows, chains, state, budget, verification.error, shallow=shallow)
     bar.update()
     bar.close()
-    crop = (*image[:2], *chosen.grid.largest_crop)
-    layers = layer_memory(loaded.trunk, geometry, image, crop, precision.dtype)
-    return _plan(ctx, loaded, geometry, rows, chosen, forward, budget, verification,
+    layers = _layers(loaded, geometry, image, chosen, precision.dtype)
+    return _plan(ctx, loaded, geometry, rows, chains, chosen, budget, verification,
                  conventional, layers)  # fmt: skip
+
+
+def _limited(rows: list[_Row], geometry: TrunkGeometry, max_tile: int | None, *, needed: bool
+             ) -> list[_Row]:  # fmt: skip
+    """The candidates no larger than ``max_tile`` per side (all without a limit).
+
+    Raises:
+        ValueError: none is that small and a single segment is all that may be used.
+    """
+    if max_tile is None:
+        return rows
+    kept = [r for r in rows if max(r.tile) <= max_tile]
+    if not kept and needed:
+        smallest = max(geometry.min_tile(ax) for ax in range(geometry.n_axes))
+        raise ValueError(
+            f"--max-tile {max_tile}: the trunk's smallest tile is {smallest} px (its receptive "
+            f"field); raise --max-tile, or allow segments (--segments auto), which cut the halo"
+        )
+    return kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,18 +329,19 @@ def _choose(ctx: _Context, rows: Sequence[_Row]) -> _Row | None:
 
 
 def _no_fit(
-    ctx: _Context, rows: Sequence[_Row], state: ModelState, budget: int, why: str | None = None,
-    *, shallow: str | None = None,
+    ctx: _Context, rows: Sequence[_Row], chains: Sequence[_Chain], state: ModelState,
+    budget: int, why: str | None = None, *, shallow: str | None = None,
 ) -> NoFeasiblePlanError:  # fmt: skip
-    """No tile fits; a shallow trunk is said first, since then the model is the problem."""
-    smallest = min(rows, key=ctx.peak)
+    """Nothing fits; a shallow trunk is said first, since then the model is the problem."""
+    peaks = [ctx.peak(r) for r in rows] + [c.peak for c in chains]
     fixed = state.params_bytes + state.grads_bytes + state.optimizer_bytes
     failed = f"; every verified candidate failed ({why})" if why else ""
     lower = " or --dtype bfloat16" if ctx.req.dtype in ("float32", "float64") else ""
     first = f"{shallow}; so " if shallow else ""
+    smallest = f"the smallest needs {format_bytes(min(peaks))}" if peaks else "no tile qualifies"
     return NoFeasiblePlanError(
         f"{first}no tile fits in {format_bytes(ctx.usable)} ({format_bytes(budget)} budget less "
-        f"{ctx.req.margin:.0%} margin): the smallest needs {format_bytes(ctx.peak(smallest))} "
+        f"{ctx.req.margin:.0%} margin): {smallest} "
         f"(model and optimizer state {format_bytes(fixed)}){failed}; raise --budget, lower "
         f"--margin{lower}",
         _candidates(ctx, rows),
@@ -365,37 +449,131 @@ def _forward_tile(ctx: _Context, rows: Sequence[_Row], chosen: _Row) -> _Row:
     return best
 
 
-def _verify(
-    ctx: _Context, rows: list[_Row], chosen: _Row, forward: _Row
-) -> tuple[_Row | None, _Row, Verification]:
-    """One real streaming step for the chosen plan; choose again if it does not fit."""
+def _segmentations(
+    ctx: _Context, loaded: LoadedModel, rows: Sequence[_Row], fixed: MemoryBreakdown,
+    image: tuple[int, ...], cuts: Sequence[tuple[str, str]],
+) -> list[_Chain]:  # fmt: skip
+    """Every segmentation that fits, priced (see ``planning.segments``); none when only one
+    segment is asked for, or when the best single tile covers the whole image (no
+    segmentation computes less than that)."""
     req = ctx.req
-    time_s, _ = ctx.predict(forward.grid, chosen.grid)
+    if req.segments == 1 or req.tile:
+        return []
+    best = _choose(ctx, rows)
+    if not cuts and req.segments is None and best is not None and best.grid.n_tiles == 1:
+        return []
+    costs = Costs(
+        fixed=fixed, usable_bytes=ctx.usable, dtype=req.precision.dtype, batch=req.batch,
+        time_fit=ctx.time_fit, factor=ctx.factor or 1.0,
+        maps_in_device_memory=ctx.info.device == "cpu",
+        host_allowed=ctx.info.device != "cpu", max_tile=req.max_tile,
+    )  # fmt: skip
+    if cuts:
+        search = SegmentSearch(loaded.trunk, image, cuts, costs)
+        priced = search.price([c for c, _ in cuts])
+        if priced is None and costs.host_allowed:
+            priced = search.price([c for c, _ in cuts], on_host=True)
+        found = [priced] if priced is not None else []
+    else:
+        options = candidate_cuts(loaded.trunk)
+        counts = [req.segments] if req.segments else list(_AUTO_SEGMENTS)
+        counts = [k for k in counts if k - 1 <= len(options)]
+        if req.segments and not counts:
+            raise ValueError(
+                f"--segments {req.segments}: the trunk has only {len(options)} place(s) to cut "
+                f"between its stages ({', '.join(w for _, w in options) or 'none'}); ask for "
+                "fewer, or name cuts with --cut"
+            )
+        found = SegmentSearch(loaded.trunk, image, options, costs).search(counts)
+    log.info("%d segmentation(s) fit", len(found))
+    return [_Chain(option, cost) for cost, option in found]
+
+
+def _pick(ctx: _Context, rows: Sequence[_Row], chains: Sequence[_Chain], single: bool
+          ) -> _Option | None:  # fmt: skip
+    """The fastest option that fits and has not failed (ties: the smaller peak)."""
+    options: list[tuple[float, int, _Option]] = []
+    row = _choose(ctx, rows) if single else None
+    if row is not None:
+        forward = _forward_tile(ctx, rows, row)
+        _, cost = ctx.predict(forward.grid, row.grid)
+        options.append((cost, ctx.peak(row), _Single(row, forward, cost)))
+    for option in chains:
+        if option.step_error is None and option.peak <= ctx.usable:
+            options.append((option.cost, option.peak, option))
+    if not options:
+        return None
+    return min(options, key=lambda o: (o[0], o[1]))[2]
+
+
+def _verify(
+    ctx: _Context, rows: list[_Row], chains: list[_Chain], chosen: _Option, single: bool
+) -> tuple[_Option | None, Verification]:
+    """One real streaming step for the chosen option; choose again if it does not fit."""
+    req = ctx.req
+    time_s = _time_s(ctx, chosen)
     if req.verify is False or (req.verify is None and not req.measure):
-        return chosen, forward, Verification(status=VerifyStatus.OFF)
+        return chosen, Verification(status=VerifyStatus.OFF)
     if req.verify is None and (time_s is None or time_s > req.verify_limit_s):
-        return chosen, forward, Verification(status=VerifyStatus.TOO_SLOW,
-                                             limit_s=req.verify_limit_s)  # fmt: skip
+        return chosen, Verification(status=VerifyStatus.TOO_SLOW, limit_s=req.verify_limit_s)
     error = ""
+    image = (req.batch, req.channels, *req.image_shape)
     for _ in range(_VERIFY_TRIES):
-        image = (req.batch, req.channels, *req.image_shape)
-        spec = _measure_spec(ctx, "step", image, chosen.tile, forward.tile)
-        time_s, _ = ctx.predict(forward.grid, chosen.grid)
-        measured = measure_peak(spec, timeout_s=max(600.0, 5 * (time_s or 0.0)))
-        chosen.measured_step = measured.peak_bytes
+        if isinstance(chosen, _Single):
+            spec = _measure_spec(ctx, "step", image, chosen.row.tile, chosen.forward.tile)
+        else:
+            spec = replace(_measure_spec(ctx, "step", image),
+                           segments=MeasureSpec.chain_of(chosen.option.segments))  # fmt: skip
+        measured = measure_peak(spec, timeout_s=max(600.0, 5 * (_time_s(ctx, chosen) or 0.0)))
+        target = chosen.row if isinstance(chosen, _Single) else chosen
+        target.measured_step = measured.peak_bytes
         if measured.ok and measured.peak_bytes is not None and measured.peak_bytes <= ctx.usable:
-            return chosen, forward, Verification(
+            return chosen, Verification(
                 status=VerifyStatus.VERIFIED, device=ctx.info.device,
                 peak_bytes=measured.peak_bytes, step_s=round(measured.seconds or 0.0, 3),
             )  # fmt: skip
         error = measured.error or "measured peak exceeds the usable budget"
-        chosen.step_error = error
-        log.warning("tile %s failed verification: %s", chosen.tile, error)
-        nxt = _choose(ctx, rows)
+        target.step_error = error
+        log.warning("%s failed verification: %s", _describe(chosen), error)
+        nxt = _pick(ctx, rows, chains, single)
         if nxt is None:
-            return None, forward, Verification(status=VerifyStatus.FAILED, error=error)
-        chosen, forward = nxt, nxt
-    return chosen, forward, Verification(status=VerifyStatus.FAILED, error=error)
+            return None, Verification(status=VerifyStatus.FAILED, error=error)
+        chosen = nxt
+    return chosen, Verification(status=VerifyStatus.FAILED, error=error)
+
+
+def _time_s(ctx: _Context, option: _Option) -> float | None:
+    """Predicted seconds per image (None when tiles were not timed)."""
+    if isinstance(option, _Single):
+        return ctx.predict(option.forward.grid, option.row.grid)[0]
+    return option.option.predicted_time_s
+
+
+def _describe(option: _Option) -> str:
+    if isinstance(option, _Single):
+        return f"tile {option.row.tile}"
+    return f"segmentation at {option.option.label}"
+
+
+def _layers(loaded: LoadedModel, geometry: TrunkGeometry, image: tuple[int, ...],
+            chosen: _Option, dtype: torch.dtype) -> tuple[LayerMemory, ...]:  # fmt: skip
+    """Per-layer memory at the whole image and at one of the chosen tiles: for a
+    segmentation, each segment's layers at its own tile, numbered by segment."""
+    if isinstance(chosen, _Single):
+        crop = (*image[:2], *chosen.row.grid.largest_crop)
+        return layer_memory(loaded.trunk, geometry, image, crop, dtype)
+    segments = chosen.option.segments
+    parts = chain(trace(loaded.trunk), [s.end for s in segments[:-1] if s.end])
+    layers: list[LayerMemory] = []
+    channels = image[1]
+    for index, (part, segment) in enumerate(zip(parts, segments, strict=True)):
+        part_geometry = analyze_trunk(part, len(image) - 2)
+        shape = (image[0], channels, *segment.input_shape_px)
+        crop = (image[0], channels, *segment.tile_grid().largest_crop)
+        found = layer_memory(part, part_geometry, shape, crop, dtype)
+        layers += [replace(layer, segment=index) for layer in found]
+        channels = found[-1].channels if found else channels
+    return tuple(layers)
 
 
 def _candidates(ctx: _Context, rows: Sequence[_Row]) -> tuple[Candidate, ...]:
@@ -421,15 +599,29 @@ def _plan(
     loaded: LoadedModel,
     geometry: TrunkGeometry,
     rows: Sequence[_Row],
-    chosen: _Row,
-    forward: _Row,
+    chains: Sequence[_Chain],
+    chosen: _Option,
     budget: int,
     verification: Verification,
     conventional: Conventional,
     layers: tuple[LayerMemory, ...],
 ) -> Plan:
     req, info = ctx.req, ctx.info
-    time_s, _ = ctx.predict(forward.grid, chosen.grid)
+    time_s = _time_s(ctx, chosen)
+    if isinstance(chosen, _Single):
+        row = chosen.row
+        tile, forward_tile = row.tile, chosen.forward.tile
+        peak, measured, segments = ctx.memory(row).total_bytes, row.measured_step, ()
+        output_shape = row.grid.output_shape
+    else:
+        first = chosen.option.segments[0]
+        tile, forward_tile = first.tile_px, first.forward_tile_px
+        peak, measured = chosen.option.estimated_peak_bytes, chosen.measured_step
+        segments = chosen.option.segments
+        output_shape = chosen.option.segments[-1].output_shape
+    ranked = sorted(chains, key=lambda c: (c.cost, c.peak))[:_KEPT_SEGMENTATIONS]
+    if isinstance(chosen, _Chain) and chosen not in ranked:
+        ranked.append(chosen)
     return Plan(
         provenance=Provenance(
             tool=f"tileplan {tileplan.__version__}",
@@ -459,14 +651,14 @@ def _plan(
         halo_lo_px=geometry.halo_lo,
         halo_hi_px=geometry.halo_hi,
         align_px=geometry.align,
-        output_shape=chosen.grid.output_shape,
+        output_shape=output_shape,
         budget_bytes=budget,
         margin=req.margin,
-        tile_px=chosen.tile,
-        forward_tile_px=forward.tile,
-        predicted_peak_bytes=ctx.memory(chosen).total_bytes,
+        tile_px=tile,
+        forward_tile_px=forward_tile,
+        predicted_peak_bytes=peak,
         predicted_time_s=None if time_s is None else round(time_s, 3),
-        measured_peak_bytes=chosen.measured_step,
+        measured_peak_bytes=measured,
         verification=verification,
         calibration_factor=ctx.factor,
         time_fit=ctx.time_fit,
@@ -476,4 +668,6 @@ def _plan(
         head_activation_bytes=conventional.head_bytes,
         candidates=_candidates(ctx, rows),
         layers=layers,
+        segments=segments,
+        segmentations=tuple(c.recorded() for c in ranked),
     )

@@ -20,25 +20,31 @@ from dataclasses import dataclass
 
 from executor import TileGrid, TrunkGeometry
 
-__all__ = ["Scored", "candidate_tiles", "choose", "proxy_cost", "search"]
+__all__ = ["BACKWARD_WEIGHT", "Scored", "candidate_tiles", "choose", "proxy_cost", "search"]
 
 # Cost of a backward-pass tile relative to a no-grad forward of the same crop.
-_BACKWARD_WEIGHT = 3
+BACKWARD_WEIGHT = 3
 
 
 def proxy_cost(forward: TileGrid, backward: TileGrid, batch: int = 1) -> int:
     """Pixels processed per image, a backward-pass pixel weighing three forward ones (px)."""
     pixels = [sum(math.prod(t.input_shape) for t in grid) * batch for grid in (forward, backward)]
-    return pixels[0] + _BACKWARD_WEIGHT * pixels[1]
+    return pixels[0] + BACKWARD_WEIGHT * pixels[1]
 
 
 # Tile counts per axis to consider: dense where it matters (few tiles), sparse beyond.
 _COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, 256)
 
 
-def _count(geometry: TrunkGeometry, image: tuple[int, ...], tile: int) -> int:
-    """Largest number of tiles along any axis for a square tile of ``tile`` px."""
-    return max(geometry.tile_grid(image, (tile,) * len(image)).counts)
+def _count(geometry: TrunkGeometry, image: tuple[int, ...], outputs: tuple[int, ...], tile: int
+           ) -> int | float:  # fmt: skip
+    """Largest number of tiles along any axis for a square tile of ``tile`` px (inf when it
+    owns nothing). The greedy left-to-right count: balancing a grid never changes it."""
+    counts = []
+    for ax, (n, n_out) in enumerate(zip(image, outputs, strict=True)):
+        tiles = geometry.axis(ax).greedy(n, n_out, geometry.axis(ax).aligned_tile(n, tile))
+        counts.append(math.inf if tiles is None else len(tiles))
+    return max(counts)
 
 
 def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int]) -> list[tuple[int, ...]]:
@@ -48,6 +54,7 @@ def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int]) -> list
         GeometryError: the image is too small for the trunk.
     """
     image = tuple(image_shape)
+    outputs = geometry.output_shape(image)
     align = max(geometry.align)
     smallest = max(geometry.min_tile(ax) for ax in range(geometry.n_axes))
     smallest = -(-smallest // align) * align
@@ -58,11 +65,11 @@ def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int]) -> list
     for k in _COUNTS:
         # Smallest aligned tile with at most k tiles per axis (the count falls as tiles grow).
         lo, hi = smallest // align, largest // align
-        if _count(geometry, image, hi * align) > k:
+        if _count(geometry, image, outputs, hi * align) > k:
             continue
         while lo < hi:
             mid = (lo + hi) // 2
-            if _count(geometry, image, mid * align) <= k:
+            if _count(geometry, image, outputs, mid * align) <= k:
                 hi = mid
             else:
                 lo = mid + 1

@@ -99,7 +99,7 @@ class RunReport:
     measurement: Measurement
     image_shape_px: tuple[int, ...]
     tile_px: tuple[int, ...]
-    n_tiles: int
+    n_tiles: int  # backward-pass tiles per image, every segment's counted
     streaming_peak_bytes: int
     conventional_peak_bytes: int
     conventional_measured: bool
@@ -215,6 +215,7 @@ def measure_run_report(
             model_file=str(model_file), split=plan.model.split_option, mode=mode, shape=image,
             dtype=plan.dtype, device=device, tile=plan.tile_px,
             forward_tile=plan.forward_tile_px, optimizer=plan.optimizer,
+            segments=MeasureSpec.chain_of(plan.segments),
         )  # fmt: skip
 
     streaming = measure_peak(spec("step"))
@@ -236,7 +237,7 @@ def measure_run_report(
         run=run, device=device,
         measurement="cuda_allocator" if device.startswith("cuda") else "cpu_rss",
         image_shape_px=plan.image_shape_px, tile_px=plan.tile_px,
-        n_tiles=plan.tile_grid().n_tiles,
+        n_tiles=sum(grid.n_tiles for grid in plan.tile_grids()),
         streaming_peak_bytes=streaming.peak_bytes,
         conventional_peak_bytes=(
             conventional.peak_bytes if conventional else plan.conventional_peak_bytes

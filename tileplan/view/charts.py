@@ -18,7 +18,7 @@ exactly the tiles that run.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +47,12 @@ MAX_DRAWN_TILES = 2500  # larger grids are drawn as their top-left block (about 
 
 _TEMPLATE = "plotly_white"
 _FONT = {"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 13}
+# One per MemoryBreakdown category, in its order (the cut maps pink, the tile red).
 _CATEGORY_COLORS = (
-    "#4c78a8", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#9d755d", "#e45756",
+    "#4c78a8", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d", "#e45756",
 )  # fmt: skip
+# One per segment of a segmented plan's per-layer chart.
+_SEGMENT_COLORS = ("#4c78a8", "#54a24b", "#b279a2", "#9d755d", "#17becf")
 _MISSING = {"size": 13, "color": "#8a5a00"}
 
 
@@ -62,14 +65,19 @@ class PlanCharts:
             tile, sharing the tile axis.
         tile_grid: the chosen tile grid over the image.
         layers: per-layer activation memory, whole image vs one tile.
+        segments: a segmented plan's segmentations (memory with the cut maps, time).
+        segment_grids: a segmented plan's grids over segments 2, 3... (their input maps).
     """
 
     memory_time: go.Figure
     tile_grid: go.Figure
     layers: go.Figure
+    segments: go.Figure | None = None
+    segment_grids: tuple[go.Figure, ...] = ()
 
     def figures(self) -> tuple[go.Figure, ...]:
-        return (self.memory_time, self.tile_grid, self.layers)
+        extra = (self.segments,) if self.segments is not None else ()
+        return (self.memory_time, *extra, self.tile_grid, *self.segment_grids, self.layers)
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,8 @@ def plan_charts(plan: Plan) -> PlanCharts:
         memory_time=memory_time_figure(plan),
         tile_grid=tile_grid_figure(plan),
         layers=layers_figure(plan),
+        segments=segments_figure(plan) if plan.segmentations else None,
+        segment_grids=tuple(tile_grid_figure(plan, k) for k in range(1, len(plan.segments))),
     )
 
 
@@ -172,7 +182,7 @@ def _sorted_candidates(plan: Plan) -> list[Candidate]:
 def _memory_traces(fig: go.Figure, cands: Sequence[Candidate], labels: list[str]) -> None:
     per_category = [c.memory.categories() for c in cands]
     names = list(per_category[0]) if per_category else []
-    for name, color in zip(names, _CATEGORY_COLORS, strict=False):
+    for name, color in zip(names, _CATEGORY_COLORS[: len(names)], strict=True):
         fig.add_trace(
             go.Bar(
                 x=labels, y=[row[name] / GIB for row in per_category], name=name,
@@ -237,6 +247,8 @@ def _reference_lines(fig: go.Figure, plan: Plan, cands: Sequence[Candidate]) -> 
 
 
 def _chosen_traces(fig: go.Figure, plan: Plan, labels: list[str]) -> None:
+    if plan.segments:  # the choice is a segmentation: starred in its own chart
+        return
     label = tile_label(plan.tile_px)
     name = f"chosen tile {label}"
     star = {"symbol": "star", "size": 18, "color": "#f58518", "line": {"width": 1, "color": "#000"}}
@@ -310,7 +322,11 @@ def memory_time_figure(plan: Plan) -> go.Figure:
     unit = _time_traces(fig, plan, cands, labels)
     _chosen_traces(fig, plan, labels)
     if not cands:
-        _note(fig, "this plan holds no candidate tiles")
+        _note(fig, "no single tile was priced (none within --max-tile): see the segmentations"
+              if plan.segments else "this plan holds no candidate tiles")  # fmt: skip
+    elif plan.segments:
+        _note(fig, f"chosen: {len(plan.segments)} segments (next chart), faster than any single "
+              "tile here", y=0.97)  # fmt: skip
     _base_layout(
         fig, f"Memory and time vs tile size: {format_shape(plan.image_shape_px)} px, {plan.dtype}, "
         f"budget {_fmt_gib(plan.budget_bytes)}", 820,
@@ -402,27 +418,59 @@ def _image_trace(fig: go.Figure, shape: Sequence[int]) -> None:
     ))  # fmt: skip
 
 
-def _grid_title(plan: Plan, grid: TileGrid) -> str:
-    halo = "/".join(f"{lo}+{hi}" for lo, hi in zip(plan.halo_lo_px, plan.halo_hi_px, strict=True))
+@dataclass(frozen=True)
+class _Tiled:
+    """What one grid tiles: the image (one segment) or one segment's input map."""
+
+    what: str  # "image" or "segment 2's input map (the cut map after layer1.1.relu)"
+    shape: tuple[int, ...]  # px of what is tiled
+    halo_lo: tuple[int, ...]
+    halo_hi: tuple[int, ...]
+    stride: tuple[int, ...]
+    tile: tuple[int, ...]
+    forward_tile: tuple[int, ...]
+    grid: Callable[[Sequence[int] | None], TileGrid]  # a tile -> its grid (None: ``tile``)
+
+
+def _tiled(plan: Plan) -> list[_Tiled]:
+    """The image for an unsegmented plan; each segment's input map for a segmented one."""
+    if not plan.segments:
+        return [_Tiled("the image", plan.image_shape_px, plan.halo_lo_px, plan.halo_hi_px,
+                       plan.output_stride_px, plan.tile_px, plan.forward_tile_px,
+                       lambda t: plan.tile_grid(t))]  # fmt: skip
+    out = []
+    for i, seg in enumerate(plan.segments):
+        what = "the image" if i == 0 else (
+            f"the cut map after {plan.segments[i - 1].where}"
+            f"{' (host memory)' if plan.segments[i - 1].map_on_host else ''}")  # fmt: skip
+        out.append(_Tiled(f"segment {i + 1} of {len(plan.segments)}: {what}",
+                          seg.input_shape_px, seg.halo_lo_px, seg.halo_hi_px,
+                          seg.output_stride_px, seg.tile_px, seg.forward_tile_px,
+                          seg.tile_grid))  # fmt: skip
+    return out
+
+
+def _grid_title(tiled: _Tiled, grid: TileGrid) -> str:
+    halo = "/".join(f"{lo}+{hi}" for lo, hi in zip(tiled.halo_lo, tiled.halo_hi, strict=True))
     return (
-        f"Tile grid: {grid.n_tiles} tiles ({format_shape(grid.counts)}) of up to "
-        f"{format_shape(grid.largest_crop)} px over {format_shape(plan.image_shape_px)} px"
+        f"Tile grid of {tiled.what}: {grid.n_tiles} tiles ({format_shape(grid.counts)}) of up "
+        f"to {format_shape(grid.largest_crop)} px over {format_shape(tiled.shape)} px"
         f"<br><sup>overlap factor {grid.overlap_factor:.2f}×, halo {halo} px (before+after, "
-        f"per axis), output stride {format_shape(plan.output_stride_px)} px</sup>"
+        f"per axis), output stride {format_shape(tiled.stride)} px</sup>"
     )
 
 
-def _draw_grid(fig: go.Figure, plan: Plan, grid: TileGrid) -> None:
-    _image_trace(fig, plan.image_shape_px)
+def _draw_grid(fig: go.Figure, tiled: _Tiled, grid: TileGrid) -> None:
+    _image_trace(fig, tiled.shape)
     drawn = _grid_traces(
         fig, grid, "backward-pass crop (owned region + halo)",
         {"fill": "toself", "fillcolor": "rgba(76,120,168,0.16)",
          "line": {"color": "#4c78a8", "width": 1.2}},
     )  # fmt: skip
     _owned_traces(fig, grid)
-    if tuple(plan.forward_tile_px) != tuple(plan.tile_px):
+    if tuple(tiled.forward_tile) != tuple(tiled.tile):
         try:
-            forward = plan.tile_grid(forward=True)
+            forward = tiled.grid(tiled.forward_tile)
         except GeometryError as err:
             _note(fig, f"forward-pass grid not drawn: {err}", y=0.1)
         else:
@@ -434,12 +482,13 @@ def _draw_grid(fig: go.Figure, plan: Plan, grid: TileGrid) -> None:
     if drawn < total:
         _note(fig, f"showing the top-left {drawn} of {total} tiles; the rest repeat the pattern",
               y=1.0)  # fmt: skip
-    if len(plan.image_shape_px) > 2:
+    if len(tiled.shape) > 2:
         _note(fig, "volume: showing the last two axes (one slab of the first axis)", y=0.0)
 
 
-def tile_grid_figure(plan: Plan) -> go.Figure:
-    """Chart 3: the chosen tile grid drawn over the image (px, y down, equal aspect).
+def tile_grid_figure(plan: Plan, segment: int = 0) -> go.Figure:
+    """Chart 3: the chosen tile grid drawn over the image, or for a segmented plan over the
+    input map of segment ``segment`` (px of that map, y down, equal aspect).
 
     Backward-pass crops are filled rectangles (overlaps look darker); the owned region of each
     tile is dashed, so a tile's halo is its crop minus its owned region; the forward-pass crops
@@ -447,21 +496,70 @@ def tile_grid_figure(plan: Plan) -> go.Figure:
     each tile's crop and owned ranges.
     """
     fig = go.Figure()
-    title = f"Tile grid over the {format_shape(plan.image_shape_px)} px image"
+    tiled = _tiled(plan)[segment]
+    title = f"Tile grid over {tiled.what}, {format_shape(tiled.shape)} px"
     try:
-        if len(plan.image_shape_px) < 2:
+        if len(tiled.shape) < 2:
             raise GeometryError("the tile grid is drawn for images with 2 or 3 spatial axes")
-        grid = plan.tile_grid()
+        grid = tiled.grid(None)
     except GeometryError as err:
         _note(fig, f"tile grid not drawn: {err}")
     else:
-        _draw_grid(fig, plan, grid)
-        title = _grid_title(plan, grid)
-    _base_layout(fig, title, 760)
+        _draw_grid(fig, tiled, grid)
+        title = _grid_title(tiled, grid)
+    _base_layout(fig, title, 760 if segment == 0 else 600)
     fig.update_layout(hovermode="closest")
     fig.update_xaxes(title_text="x, px", showgrid=False, zeroline=False, constrain="domain")
     fig.update_yaxes(title_text="y, px", autorange="reversed", scaleanchor="x", scaleratio=1,
                      showgrid=False, zeroline=False, constrain="domain")  # fmt: skip
+    return fig
+
+
+def segments_figure(plan: Plan) -> go.Figure:
+    """Chart 2b: the segmentations the planner priced (a segmented plan only).
+
+    Stacked bars of each one's predicted peak by category (the cut maps and their gradients
+    are their own category), the usable budget as a line, the predicted time per image on a
+    second axis, the chosen one starred. Ordered as the planner ranked them (fastest first).
+    """
+    options = sorted(plan.segmentations, key=lambda g: (
+        not g.fits, math.inf if g.predicted_time_s is None else g.predicted_time_s))  # fmt: skip
+    labels = [f"cut after {g.label}" for g in options]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    rows = [g.memory.categories() for g in options]
+    names = list(rows[0]) if rows else []
+    for name, color in zip(names, _CATEGORY_COLORS[: len(names)], strict=True):
+        fig.add_trace(go.Bar(
+            x=labels, y=[r[name] / GIB for r in rows], name=name, marker_color=color,
+            hovertemplate=f"{name}: %{{y:.3f}} GiB<extra></extra>",
+        ), secondary_y=False)  # fmt: skip
+    tiles = [" | ".join(tile_label(s.tile_px) for s in g.segments) for g in options]
+    fig.add_trace(go.Scatter(
+        x=labels, y=[g.predicted_time_s for g in options], name="predicted time per image",
+        mode="markers", marker={"symbol": "circle", "size": 11, "color": "#1f77b4"},
+        customdata=tiles, hovertemplate="predicted time %{y:.3g} s, backward tiles "
+        "%{customdata} px<extra></extra>",
+    ), secondary_y=True)  # fmt: skip
+    chosen = [i for i, g in enumerate(options) if g.segments == plan.segments]
+    if chosen:
+        i = chosen[0]
+        fig.add_trace(go.Scatter(
+            x=[labels[i]], y=[options[i].peak_bytes / GIB], name="chosen", mode="markers",
+            marker={"symbol": "star", "size": 18, "color": "#f58518",
+                    "line": {"width": 1, "color": "#000"}},
+            hovertemplate="chosen: peak %{y:.3f} GiB<extra></extra>",
+        ), secondary_y=False)  # fmt: skip
+    _hline(fig, plan.usable_bytes / GIB, f"usable {_fmt_gib(plan.usable_bytes)}", "#e45756",
+           "dash")  # fmt: skip
+    if any(g.predicted_time_s is None for g in options):
+        _note(fig, "no predicted times: tiles were not timed (--no-measure)", y=0.9)
+    _base_layout(fig, f"Segmentations considered: {len(options)} (the trunk cut into stages, "
+                 "each streamed with its own tiles)", 600)  # fmt: skip
+    fig.update_layout(barmode="stack", hovermode="x unified", margin={"b": 160})
+    fig.update_xaxes(type="category", tickangle=-25)
+    fig.update_yaxes(title_text="peak memory, GiB", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="time per image, s", rangemode="tozero", showgrid=False,
+                     secondary_y=True)  # fmt: skip
     return fig
 
 
@@ -591,13 +689,23 @@ def layers_figure(plan: Plan) -> go.Figure:
     unit, scale = _unit(max((layer.full_bytes for layer in layers), default=0))
     names = _unique([layer.name for layer in layers])
     channels = [layer.channels for layer in layers]
-    for key, name, color in (
-        ("full_bytes", f"whole image {format_shape(plan.image_shape_px)} px", "#7f3c8d"),
-        ("tile_bytes", f"one tile (crop of up to {format_shape(plan.tile_px)} px)", "#4c78a8"),
-    ):
-        values = [float(getattr(layer, key)) for layer in layers]
+    series: list[tuple[str, list[float | None], str]] = [
+        (f"whole image {format_shape(plan.image_shape_px)} px",
+         [float(layer.full_bytes) for layer in layers], "#7f3c8d"),
+    ]  # fmt: skip
+    if not plan.segments:
+        series.append((f"one tile (crop of up to {format_shape(plan.tile_px)} px)",
+                       [float(layer.tile_bytes) for layer in layers], "#4c78a8"))  # fmt: skip
+    for k, seg in enumerate(plan.segments):  # each layer at its own segment's tile
+        series.append((
+            f"one tile of segment {k + 1} (crop of up to {format_shape(seg.tile_px)} px of its "
+            "input)",
+            [float(layer.tile_bytes) if layer.segment == k else None for layer in layers],
+            _SEGMENT_COLORS[k % len(_SEGMENT_COLORS)],
+        ))  # fmt: skip
+    for name, values, color in series:
         fig.add_trace(go.Bar(
-            x=names, y=[v / scale for v in values], name=name,
+            x=names, y=[None if v is None else v / scale for v in values], name=name,
             marker_color=color, customdata=channels,
             hovertemplate=f"%{{x}}: %{{y:.4g}} {unit}, %{{customdata}} channels<extra></extra>",
         ))  # fmt: skip

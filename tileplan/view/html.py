@@ -74,7 +74,9 @@ def plan_section(plan: Plan, title: str = "Plan") -> ReportSection:
         ("model", f"{plan.model.file} ({plan.model.split})"),
         ("image", f"{format_shape(plan.image_shape_px)} px, {plan.channels} channels, batch "
                   f"{plan.batch}, {plan.dtype}, optimizer {plan.optimizer}"),
-        ("chosen tile", f"{tile_label(plan.tile_px)} px{forward}"),
+        ("chosen tile", f"{tile_label(plan.tile_px)} px{forward}") if not plan.segments else
+        ("chosen segments", " | ".join(
+            f"{tile_label(s.tile_px)} px to {s.where}" for s in plan.segments)),
         ("peak memory", f"{format_bytes(peak)} ({peak_kind}) of {format_bytes(plan.budget_bytes)}"
                         f" budget, {format_bytes(plan.usable_bytes)} usable"),
         ("conventional step", f"{format_bytes(plan.conventional_peak_bytes)} ({conventional})"),

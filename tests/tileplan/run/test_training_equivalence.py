@@ -33,14 +33,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["demo-data", root / "demo", "--n", 8, "--size", SIZE, "--seed", 3],
         ["profile", root / "tiny.py", "--image", SIZE, "--tile", 64, "--dtype", "float64",
          "--no-measure", "--budget", "2GiB", "--out", root / "plan.yaml"],
+        # Two segments cut after the first ReLU, every tile at most 48 px of its input.
+        ["profile", root / "tiny.py", "--image", SIZE, "--cut", "features.2", "--max-tile", 48,
+         "--dtype", "float64", "--no-measure", "--budget", "2GiB",
+         "--out", root / "segmented.yaml"],
     ):  # fmt: skip
         result = runner.invoke(cli, [str(a) for a in args])
         assert result.exit_code == 0, result.output
     return root
 
 
-def test_streamed_training_equals_conventional(setup: Path, tmp_path: Path) -> None:
-    plan = load_plan(setup / "plan.yaml")
+@pytest.mark.parametrize("plan_file", ["plan.yaml", "segmented.yaml"])
+def test_streamed_training_equals_conventional(setup: Path, tmp_path: Path, plan_file: str) -> None:
+    plan = load_plan(setup / plan_file)
+    assert bool(plan.segments) == (plan_file == "segmented.yaml")
     data = load_csv(setup / "demo" / "train.csv", target_shape=plan.image_shape_px)
     # SGD: the update is linear in the gradient, so weights compare as tightly as gradients
     # (Adam divides by the gradient's running RMS, which magnifies noise in near-zero ones).
@@ -52,6 +58,7 @@ def test_streamed_training_equals_conventional(setup: Path, tmp_path: Path) -> N
     trainer = Trainer(model=streamed.model, trunk=streamed.trunk, head=streamed.head, plan=plan,
                       spec=spec, train_data=data, val_data=None, out_dir=tmp_path / "s",
                       device=torch.device("cpu"))  # fmt: skip
+    assert all(g.n_tiles > 1 for g in plan.tile_grids())
     assert trainer.scnn.tile_grid(plan.image_shape_px).n_tiles > 1
     trainer.fit(progress=False)
 

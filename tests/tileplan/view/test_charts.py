@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from executor import GeometryError, LayerMemory, PlanError, analyze_trunk
-from tests.plans import GIB, IMAGE, LAYERS, METRICS, make_plan, make_report
+from tests.plans import GIB, IMAGE, LAYERS, METRICS, make_plan, make_report, segmented_plan
 from tileplan.run.report import ReportError
 from tileplan.view.charts import (
     MAX_DRAWN_TILES,
@@ -69,7 +69,7 @@ def test_stacked_memory_bars_are_the_candidates_bytes_in_gib() -> None:
     categories = plan.candidates[0].memory.categories()
     assert list(categories) == [
         "parameters", "gradients", "optimizer state", "image", "trunk output + gradient",
-        "head", "tile activations",
+        "cut maps", "head", "tile activations",
     ]  # fmt: skip
     totals = [0.0] * len(labels)
     for name in categories:
@@ -359,3 +359,40 @@ def test_profiled_plan_charts(tiny_model: Path) -> None:
     crops = _rects(_trace(charts.tile_grid, "backward-pass crop (owned region + halo)"))
     assert len(crops) == grid.n_tiles
     assert "tiles were not timed" in _annotations(charts.memory_time)
+
+
+# -- segmented plans ----------------------------------------------------------------------------
+
+
+def test_a_segmented_plan_gets_a_segmentations_chart_and_one_grid_per_segment() -> None:
+    plan = segmented_plan()
+    charts = plan_charts(plan)
+    assert charts.segments is not None
+    assert len(charts.segment_grids) == len(plan.segments) - 1
+    assert len(charts.figures()) == 4 + len(plan.segments) - 1
+    # Bars: one slot per segmentation, the cut maps a category of their own, in GiB.
+    maps = _trace(charts.segments, "cut maps")
+    assert len(maps.x) == len(plan.segmentations)
+    by_label = dict(zip(maps.x, maps.y, strict=True))
+    for g in plan.segmentations:
+        assert by_label[f"cut after {g.label}"] == g.memory.maps_bytes / GIB
+    assert any(y > 0 for y in maps.y)
+    # Each later grid is drawn over its segment's input map, from the plan's own geometry.
+    for k, fig in enumerate(charts.segment_grids, start=1):
+        seg = plan.segments[k]
+        grid = seg.tile_grid()
+        title = fig.layout.title.text
+        assert f"segment {k + 1} of {len(plan.segments)}" in title
+        assert f"{grid.n_tiles} tiles" in title
+        assert f"over {seg.input_shape_px[0]}x{seg.input_shape_px[1]} px" in title
+
+
+def test_a_segmented_plan_shows_each_layer_at_its_own_segments_tile() -> None:
+    plan = segmented_plan()
+    fig = layers_figure(plan)
+    tiles = [t for t in fig.data if str(t.name).startswith("one tile of segment")]
+    assert len(tiles) == len(plan.segments)
+    for k, trace in enumerate(tiles):
+        shown = [y is not None for y in trace.y]
+        assert shown == [layer.segment == k for layer in plan.layers]
+    assert all(any(y is not None for y in t.y) for t in tiles)  # every segment has layers

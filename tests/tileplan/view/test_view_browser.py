@@ -22,7 +22,7 @@ from PIL import Image
 from plotly.offline import get_plotlyjs
 
 from executor import save_plan
-from tests.plans import METRICS, make_plan, make_report
+from tests.plans import METRICS, make_plan, make_report, segmented_plan
 from tileplan.cli import cli
 from tileplan.run.report import save_report
 
@@ -249,6 +249,22 @@ def _check_screenshot(path: Path) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it)")
+def test_segmented_plan_page_renders_in_headless_chromium(tmp_path: Path) -> None:
+    plan = segmented_plan()
+    source = save_plan(plan, tmp_path / "plan.yaml")
+    code, output = _invoke(str(source), "--no-open")
+    assert code == 0, output
+    screenshot = Path(SCREENSHOT_DIR or tmp_path) / "tileplan_view_segmented.png"
+    dom, console = _render(tmp_path / "plan.html", tmp_path / "chromium-profile", screenshot)
+    assert console == [], console
+    # memory + time, segmentations, one grid per segment, layers
+    assert len(_rendered_plots(dom)) == 3 + len(plan.segments)
+    assert "cut maps" in dom
+    assert f"Tile grid of segment {len(plan.segments)} of {len(plan.segments)}" in dom
+    _check_screenshot(screenshot)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it)")
 @pytest.mark.parametrize("kind", ["plan", "run"])
 def test_page_renders_in_headless_chromium(tmp_path: Path, kind: str) -> None:
     source = _plan_file(tmp_path) if kind == "plan" else _run_dir(tmp_path)
@@ -261,7 +277,7 @@ def test_page_renders_in_headless_chromium(tmp_path: Path, kind: str) -> None:
     assert console == [], console
     assert len(_rendered_plots(dom)) == expected
     assert "tile activations" in dom  # legends drawn
-    assert "Tile grid: 12 tiles (3x4)" in dom
+    assert "Tile grid of the image: 12 tiles (3x4)" in dom
     if kind == "run":
         assert "Memory over one training step" in dom
     _check_screenshot(screenshot)

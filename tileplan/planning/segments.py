@@ -1,0 +1,429 @@
+"""Choosing how to stream the trunk in segments: where to cut it and each segment's tiles.
+
+Segments (``executor.chain``, [Segments]) pay each part's halo on that part alone, at the price
+of holding the cut maps from the forward to the backward pass. Here every way of cutting the
+trunk into up to ``max_segments`` parts at the candidate cuts is priced:
+
+* Candidate cuts: the last single-map point of each stride level inside the trunk, i.e. the
+  end of each stage. Its map is the smallest of its level and the halo accumulated before it
+  the largest a cut there can save. ``--cut`` names others.
+* Memory, by phase. ``F`` is what every phase holds (model and optimizer state, the image when
+  it is in device memory, the trunk's output map and its gradient, the head), ``S_j``/``G_j``
+  cut map ``j`` and its gradient. Segment ``i``'s forward pass holds the cut maps made so far
+  and its own output being filled, plus one forward tile; its backward pass holds the cut maps
+  it and the segments before it still need, the gradient of its output map and of its input
+  map, plus one backward tile. Phases share no tile, so each segment gets its fastest tile
+  that fits its own two phases: the choice per segment is the choice for the chain. With one
+  segment this is exactly the single-segment estimate (``MemoryBreakdown.total_bytes``).
+* Time: a tile of one part costs ``a * s + b * p``: ``a`` and ``b`` are the whole trunk's
+  measured time fit (seconds per tile, seconds per pixel), ``p`` the trunk pixels of the same
+  forward FLOPs as the tile (FLOPs counted on meta tensors) and ``s`` the part's share of the
+  trunk's ops (the per-tile overhead is per op launched); summed over each grid. Without a
+  fit, FLOPs weigh candidates (a backward tile as three forward ones).
+* On a GPU, cut maps that do not fit the device stay in host memory and move per tile (at a
+  nominal host-to-device bandwidth).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from executor import (
+    MemoryBreakdown,
+    Segment,
+    Segmentation,
+    TileGrid,
+    TimeFit,
+    TrunkGeometry,
+    analyze_trunk,
+    chain,
+    map_cut_points,
+    trace,
+)
+from tileplan.planning.estimate import pass_flops, pass_peak
+from tileplan.planning.search import BACKWARD_WEIGHT, candidate_tiles
+
+__all__ = ["Costs", "SegmentSearch", "candidate_cuts", "resolve_cuts"]
+
+# Host <-> device copies of cut maps, bytes per second (nominal PCIe 4.0 x16 in practice).
+HOST_BANDWIDTH = 12e9
+
+
+def _where(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return f"{list(stack.values())[-1][0]} ({node.name})"
+    return node.name
+
+
+def candidate_cuts(trunk: nn.Module, limit: int = 6) -> list[tuple[str, str]]:
+    """``(node name, where)`` of the last cut point of each stride level inside the trunk
+    (at most ``limit``, the deepest levels kept)."""
+    gm = trace(trunk)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cuts = map_cut_points(trunk)
+    # The stride of each cut: of the prefix ending there.
+    ends: dict[tuple[int, ...], str] = {}
+    for name in cuts:
+        (prefix_part, _) = chain(gm, [name])
+        ends[analyze_trunk(prefix_part).output_stride] = name
+    # The last level ends at the trunk's output: no cut there.
+    levels = list(ends)[:-1]
+    return [(ends[level], _where(nodes[ends[level]])) for level in levels][-limit:]
+
+
+def resolve_cuts(trunk: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:
+    """The cut points for ``--cut`` names: a node name, or a module (the last node inside it).
+
+    Raises:
+        ValueError: a name is not in the trunk or not a point where one map flows on.
+    """
+    gm = trace(trunk)
+    nodes = list(gm.graph.nodes)
+    valid = set(map_cut_points(trunk))
+    resolved = []
+    for name in names:
+        inside = [
+            n for n in nodes if n.name == name or _within(n, name)
+        ]  # fmt: skip
+        if not inside:
+            raise ValueError(f"--cut {name}: no module or node of that name in the trunk")
+        node = inside[-1]
+        if node.name not in valid:
+            raise ValueError(
+                f"--cut {name}: more than one value flows past it (e.g. a skip connection); "
+                "choose the end of a whole block"
+            )
+        resolved.append((node.name, _where(node)))
+    order = {n.name: i for i, n in enumerate(nodes)}
+    return sorted(resolved, key=lambda c: order[c[0]])
+
+
+def _within(node: torch.fx.Node, module: str) -> bool:
+    paths = [str(node.target)] if node.op == "call_module" else []
+    paths += [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(p == module or p.startswith(module + ".") for p in paths)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What every phase of a streaming step holds, and how tiles are timed and calibrated."""
+
+    fixed: MemoryBreakdown  # F (tile fields 0): state, image if in device memory, output, head
+    usable_bytes: int
+    dtype: torch.dtype  # of the maps (the activation dtype)
+    batch: int
+    time_fit: TimeFit | None
+    factor: float = 1.0  # calibration of tile activations (measured / estimated)
+    maps_in_device_memory: bool = True  # CPU: the host is the device, maps count anyway
+    host_allowed: bool = False  # GPU: cut maps may go to host memory
+    max_tile: int | None = None  # largest backward tile side, in positions of a part's input
+
+
+@dataclass
+class _Part:
+    """A segment between two cuts: its module, geometry, input map and cost models."""
+
+    end: str | None
+    where: str
+    module: nn.Module
+    geometry: TrunkGeometry
+    input_shape: tuple[int, ...]  # (N, C, *spatial) of its input map
+    output_shape: tuple[int, ...]  # (N, C, *spatial) of its output map
+    costs: Costs
+    flops_per_px: float  # the whole trunk's forward FLOPs per input pixel: the time unit
+    ops_share: float  # its share of the trunk's ops: of the per-tile overhead of a time fit
+    exact: bool = False  # every crop on meta tensors (else an a + b * pixels fit of two)
+    _memory: dict[tuple[tuple[int, ...], bool], int] = field(default_factory=dict)
+    _flops: dict[tuple[int, ...], int] = field(default_factory=dict)
+    _fits: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _grids: list[TileGrid] = field(default_factory=list)
+
+    @property
+    def map_bytes(self) -> int:
+        return math.prod(self.output_shape) * self.costs.dtype.itemsize
+
+    def grids(self) -> list[TileGrid]:
+        """The grid of every candidate tile over its input map, smallest tile first."""
+        if not self._grids:
+            spatial = self.input_shape[2:]
+            tiles = candidate_tiles(self.geometry, spatial)
+            self._grids = [self.geometry.tile_grid(spatial, t) for t in tiles]
+        return self._grids
+
+    def _samples(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Two crops to fit on: the smallest tile and one about twice as large per side."""
+        spatial = self.input_shape[2:]
+        small = tuple(min(n, self.geometry.min_tile(ax)) for ax, n in enumerate(spatial))
+        large = tuple(min(n, 2 * s) for s, n in zip(small, spatial, strict=True))
+        return small, large
+
+    def _fitted(self, kind: str, crop: tuple[int, ...], measure: Callable[[tuple[int, ...]], int]
+                ) -> float:  # fmt: skip
+        if self.exact:
+            return float(measure(crop))
+        if kind not in self._fits:
+            small, large = self._samples()
+            y0, y1 = measure(small), measure(large)
+            x0, x1 = math.prod(small), math.prod(large)
+            slope = (y1 - y0) / (x1 - x0) if x1 != x0 else y0 / x0
+            self._fits[kind] = (y0 - slope * x0, slope)
+        a, b = self._fits[kind]
+        return max(a + b * math.prod(crop), 0.0)
+
+    def tile_bytes(self, crop: tuple[int, ...], grad: bool) -> int:
+        def measure(c: tuple[int, ...]) -> int:
+            key = (c, grad)
+            if key not in self._memory:
+                shape = (*self.input_shape[:2], *c)
+                self._memory[key] = pass_peak(self.module, shape, self.costs.dtype, grad=grad)[0]
+            return self._memory[key]
+
+        return round(self._fitted(f"memory {grad}", crop, measure) * self.costs.factor)
+
+    def flops(self, crop: tuple[int, ...]) -> float:
+        def measure(c: tuple[int, ...]) -> int:
+            if c not in self._flops:
+                shape = (*self.input_shape[:2], *c)
+                self._flops[c] = pass_flops(self.module, shape, self.costs.dtype)
+            return self._flops[c]
+
+        return self._fitted("flops", crop, measure)
+
+    def tile_cost(self, crop: tuple[int, ...], *, step: bool) -> float:
+        """Seconds of one tile of this crop, or without a time fit the planner's proxy
+        (``search.proxy_cost``: pixels, a backward tile weighing three forward ones). A
+        part's tile counts as the trunk pixels of the same FLOPs, so that parts and the whole
+        trunk are priced in one unit."""
+        px = self.flops(crop) * self.costs.batch / self.flops_per_px
+        fit = self.costs.time_fit
+        if fit is None:
+            return px * (BACKWARD_WEIGHT if step else 1)
+        # The fit's intercept is the per-tile overhead of running the whole trunk (one call
+        # per op): a part pays its share of the ops.
+        if step:
+            return fit.step_a_s * self.ops_share + fit.step_b_s_per_px * px
+        return fit.forward_a_s * self.ops_share + fit.forward_b_s_per_px * px
+
+    def grid_cost(self, grid: TileGrid, *, step: bool) -> float:
+        """Seconds (or the FLOP proxy) of one pass over ``grid``: tiles grouped by crop shape
+        (a grid has only a few distinct ones)."""
+        lengths = [Counter(t.in_len for t in axis) for axis in grid.axes]
+        return sum(
+            math.prod(counts[n] for counts, n in zip(lengths, crop, strict=True))
+            * self.tile_cost(crop, step=step)
+            for crop in itertools.product(*(sorted(c) for c in lengths))
+        )
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """A segment's chosen tiles, what they cost, and its phases' extra memory."""
+
+    part: _Part
+    grid: TileGrid
+    forward_grid: TileGrid
+    tile_forward_bytes: int
+    tile_backward_bytes: int
+    cost: float
+    forward_phase: int  # cut maps alive in its forward phase (bytes on the device)
+    backward_phase: int
+
+
+class SegmentSearch:
+    """Prices every segmentation of a trunk at the candidate cuts; see the module docstring.
+
+    Args:
+        trunk: the streamed trunk.
+        image_shape: (N, C, *spatial) of the image.
+        cuts: candidate cut points ``(node name, where)``, in graph order.
+        costs: memory and time constants of the step.
+    """
+
+    def __init__(self, trunk: nn.Module, image_shape: tuple[int, ...],
+                 cuts: Sequence[tuple[str, str]], costs: Costs, *, exact: bool = False
+                 ) -> None:  # fmt: skip
+        self.exact = exact
+        self.trunk = trunk
+        self.image_shape = image_shape
+        self.cuts = list(cuts)
+        self.costs = costs
+        self.gm = trace(trunk)
+        self._parts: dict[tuple[str | None, str | None], _Part] = {}
+        self._shapes: dict[str | None, tuple[int, ...]] = {None: image_shape}
+        self.flops_per_px = self._flops_per_px()
+
+    def _flops_per_px(self) -> float:
+        """The whole trunk's forward FLOPs per input pixel: the slope between its smallest
+        crop and one twice as large per side (border effects cancel in the slope)."""
+        geometry = analyze_trunk(self.trunk, len(self.image_shape) - 2)
+        spatial = self.image_shape[2:]
+        small = tuple(min(n, geometry.min_tile(ax)) for ax, n in enumerate(spatial))
+        large = tuple(min(n, 2 * v) for v, n in zip(small, spatial, strict=True))
+        flops = [pass_flops(self.trunk, (*self.image_shape[:2], *c), self.costs.dtype)
+                 for c in (small, large)]  # fmt: skip
+        pixels = [math.prod(c) * self.image_shape[0] for c in (small, large)]
+        if pixels[1] > pixels[0] and flops[1] > flops[0]:
+            return (flops[1] - flops[0]) / (pixels[1] - pixels[0])
+        return max(flops[1], 1) / pixels[1]
+
+    # -- parts --------------------------------------------------------------------------------
+
+    def _input_shape(self, start: str | None) -> tuple[int, ...]:
+        """(N, C, *spatial) of the map at cut ``start`` (the image for None)."""
+        if start not in self._shapes:
+            head = chain(self.gm, [start])[0]  # type: ignore[list-item]
+            _, shape = pass_peak(head, self.image_shape, self.costs.dtype, grad=False)
+            self._shapes[start] = shape
+        return self._shapes[start]
+
+    def part(self, start: str | None, end: str | None) -> _Part:
+        """The segment from cut ``start`` (None: the image) to cut ``end`` (None: the output)."""
+        key = (start, end)
+        if key not in self._parts:
+            cuts = [c for c in (start, end) if c is not None]
+            pieces = chain(self.gm, cuts)
+            module = pieces[1] if start is not None else pieces[0]
+            input_shape = self._input_shape(start)
+            geometry = analyze_trunk(module, len(input_shape) - 2)
+            if end is not None:
+                output = self._input_shape(end)
+            else:
+                _, output = pass_peak(module, input_shape, self.costs.dtype, grad=False)
+            where = next((w for c, w in self.cuts if c == end), "the trunk's output")
+            share = _n_ops(module) / _n_ops(self.gm)
+            self._parts[key] = _Part(end, where, module, geometry, input_shape, tuple(output),
+                                     self.costs, self.flops_per_px, share, self.exact)  # fmt: skip
+        return self._parts[key]
+
+    # -- one segmentation ---------------------------------------------------------------------
+
+    def price(self, cuts: Sequence[str], on_host: bool = False
+              ) -> tuple[float, Segmentation] | None:  # fmt: skip
+        """The segmentation at ``cuts`` with each segment's fastest fitting tiles, and its cost
+        (seconds, or the FLOP proxy without a time fit); None when a segment has no tile that
+        fits."""
+        bounds: list[str | None] = [None, *cuts, None]
+        parts = [self.part(a, b) for a, b in itertools.pairwise(bounds)]
+        k = len(parts)
+        device = self.costs.maps_in_device_memory or not on_host
+        maps = [p.map_bytes if device else 0 for p in parts[:-1]]  # S_j = G_j in size
+        choices = []
+        for i, part in enumerate(parts):
+            made = sum(maps[:i])
+            forward_phase = made + (maps[i] if i < k - 1 else 0)
+            backward_phase = made + (maps[i] if i < k - 1 else 0) + (maps[i - 1] if i else 0)
+            choice = self._choose(part, forward_phase, backward_phase, last=i == k - 1)
+            if choice is None:
+                return None
+            choices.append(choice)
+        return self._segmentation(choices, on_host and not self.costs.maps_in_device_memory)
+
+    def _choose(self, part: _Part, forward_phase: int, backward_phase: int, *, last: bool
+                ) -> _Choice | None:  # fmt: skip
+        """The fastest tiles of one segment that fit its forward and backward phases."""
+        room = self.costs.usable_bytes - self.costs.fixed.total_bytes
+        grids = part.grids()
+        limit = self.costs.max_tile
+        backward = [
+            (g, b)
+            for g in grids
+            if (limit is None or max(g.tile_shape) <= limit)
+            and backward_phase + (b := part.tile_bytes(g.largest_crop, grad=True)) <= room
+        ]
+        forward = [
+            (g, f, part.grid_cost(g, step=False))
+            for g in grids
+            if forward_phase + (f := part.tile_bytes(g.largest_crop, grad=False)) <= room
+        ]
+        best: _Choice | None = None
+        for grid, b_bytes in backward:
+            step = part.grid_cost(grid, step=True)
+            # The no-grad forward pass may use a larger tile when it fits its own phase.
+            for forward_grid, f_bytes, forward_cost in forward:
+                if math.prod(forward_grid.tile_shape) < math.prod(grid.tile_shape):
+                    continue
+                cost = step + forward_cost
+                cached = last and forward_grid.tile_shape == grid.tile_shape
+                if cached and self.costs.time_fit is not None:  # as TimeFit.predict counts
+                    crop = tuple(axis[-1].in_len for axis in grid.axes)
+                    cost -= part.tile_cost(crop, step=False)
+                if best is None or cost < best.cost:
+                    best = _Choice(part, grid, forward_grid, f_bytes, b_bytes, cost,
+                                   forward_phase, backward_phase)  # fmt: skip
+        return best
+
+    def _segmentation(self, choices: Sequence[_Choice], on_host: bool
+                      ) -> tuple[float, Segmentation]:  # fmt: skip
+        phases = []
+        for c in choices:
+            phases.append((c.forward_phase + c.tile_forward_bytes, c.forward_phase,
+                           c.tile_forward_bytes, 0))  # fmt: skip
+            phases.append((c.backward_phase + c.tile_backward_bytes, c.backward_phase, 0,
+                           c.tile_backward_bytes))  # fmt: skip
+        _, maps, tile_forward, tile_backward = max(phases)
+        cost = sum(c.cost for c in choices)
+        if on_host:
+            cost += sum(self._transfer_s(c, n) for c, n in itertools.pairwise(choices))
+        timed = self.costs.time_fit is not None
+        segments = tuple(_segment(c, on_host, timed) for c in choices)
+        memory = replace(self.costs.fixed, tile_forward_bytes=tile_forward,
+                         tile_backward_bytes=tile_backward, maps_bytes=maps)  # fmt: skip
+        option = Segmentation(
+            segments=segments, memory=memory, estimated_peak_bytes=memory.total_bytes,
+            predicted_time_s=round(cost, 3) if timed else None,
+            fits=memory.total_bytes <= self.costs.usable_bytes,
+        )  # fmt: skip
+        return cost, option
+
+    def _transfer_s(self, made: _Choice, used: _Choice) -> float:
+        """Seconds to move a cut map and its gradient between host and device per tile."""
+        size = made.part.map_bytes
+        overlap = used.grid.overlap_factor + used.forward_grid.overlap_factor
+        return size * (1 + overlap + 2) / HOST_BANDWIDTH
+
+    # -- the search ---------------------------------------------------------------------------
+
+    def search(self, counts: Sequence[int]) -> list[tuple[float, Segmentation]]:
+        """Every segmentation with a number of segments in ``counts`` (2 or more) that fits,
+        with its cost (seconds, or the FLOP proxy), cheapest first."""
+        names = [c for c, _ in self.cuts]
+        found = []
+        for k in counts:
+            for cuts in itertools.combinations(names, k - 1):
+                priced = self.price(cuts)
+                if priced is None and self.costs.host_allowed:
+                    priced = self.price(cuts, on_host=True)
+                if priced is not None:
+                    found.append(priced)
+        return sorted(found, key=lambda pair: (pair[0], pair[1].estimated_peak_bytes))
+
+
+def _n_ops(gm: torch.fx.GraphModule) -> int:
+    """Ops a call of ``gm`` runs (each a kernel launch or more)."""
+    return max(1, sum(n.op.startswith("call_") for n in gm.graph.nodes))
+
+
+def _segment(choice: _Choice, on_host: bool, timed: bool) -> Segment:
+    part, grid = choice.part, choice.grid
+    geometry = part.geometry
+    return Segment(
+        end=part.end, where=part.where, input_shape_px=tuple(part.input_shape[2:]),
+        output_shape=tuple(part.output_shape[2:]), output_stride_px=geometry.output_stride,
+        halo_lo_px=geometry.halo_lo, halo_hi_px=geometry.halo_hi, align_px=geometry.align,
+        tile_px=grid.tile_shape, forward_tile_px=choice.forward_grid.tile_shape,
+        grid=grid.counts, n_tiles=grid.n_tiles, overlap_factor=round(grid.overlap_factor, 4),
+        tile_forward_bytes=choice.tile_forward_bytes,
+        tile_backward_bytes=choice.tile_backward_bytes, map_bytes=part.map_bytes,
+        map_on_host=on_host and part.end is not None,
+        predicted_time_s=round(choice.cost, 3) if timed else None,
+    )  # fmt: skip
