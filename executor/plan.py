@@ -203,7 +203,8 @@ class MemoryBreakdown:
 
 @dataclass(frozen=True, kw_only=True)
 class TimeSample:
-    """One timed crop: input pixels (batch included) and seconds per pass."""
+    """One timed crop: input pixels (batch x spatial; channels are not counted) and seconds
+    per pass."""
 
     crop_px: int
     forward_s: float  # no-grad forward

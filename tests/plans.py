@@ -54,8 +54,8 @@ METRICS = (
 TIME_FIT = TimeFit(
     device_name="test CPU", forward_a_s=0.01, forward_b_s_per_px=1e-8, step_a_s=0.03,
     step_b_s_per_px=3e-8,
-    samples=(TimeSample(crop_px=3 * 512 * 512, forward_s=0.02, step_s=0.05),
-             TimeSample(crop_px=3 * 768 * 768, forward_s=0.03, step_s=0.08)),
+    samples=(TimeSample(crop_px=512 * 512, forward_s=0.02, step_s=0.05),
+             TimeSample(crop_px=768 * 768, forward_s=0.03, step_s=0.08)),
 )  # fmt: skip
 
 

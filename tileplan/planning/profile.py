@@ -403,7 +403,7 @@ def _calibrate(ctx: _Context, rows: Sequence[_Row]) -> float | None:
     picks = []
     for j in sorted({0, max(i - 1, 0), i, min(i + 1, len(rows) - 1)}):
         crop = (req.batch, req.channels, *rows[j].grid.largest_crop)
-        cost = ctx.time_fit.step_s(math.prod(crop)) if ctx.time_fit else 0.0
+        cost = ctx.time_fit.step_s(req.batch * math.prod(crop[2:])) if ctx.time_fit else 0.0
         if rows[j].estimate.total_bytes <= ctx.usable and cost <= req.measure_limit_s:
             picks.append(j)
     if not picks:
@@ -463,7 +463,7 @@ def _segmentations(
     if not cuts and req.segments is None and best is not None and best.grid.n_tiles == 1:
         return []
     costs = Costs(
-        fixed=fixed, usable_bytes=ctx.usable, dtype=req.precision.dtype, batch=req.batch,
+        fixed=fixed, usable_bytes=ctx.usable, dtype=req.precision.dtype,
         time_fit=ctx.time_fit, factor=ctx.factor or 1.0,
         maps_in_device_memory=ctx.info.device == "cpu",
         host_allowed=ctx.info.device != "cpu", max_tile=req.max_tile,

@@ -121,7 +121,6 @@ class Costs:
     fixed: MemoryBreakdown  # F (tile fields 0): state, image if in device memory, output, head
     usable_bytes: int
     dtype: torch.dtype  # of the maps (the activation dtype)
-    batch: int
     time_fit: TimeFit | None
     factor: float = 1.0  # calibration of tile activations (measured / estimated)
     maps_in_device_memory: bool = True  # CPU: the host is the device, maps count anyway
@@ -140,12 +139,12 @@ class _Part:
     input_shape: tuple[int, ...]  # (N, C, *spatial) of its input map
     output_shape: tuple[int, ...]  # (N, C, *spatial) of its output map
     costs: Costs
-    flops_per_px: float  # the whole trunk's forward FLOPs per input pixel: the time unit
+    flops_per_px: float  # the trunk's forward FLOPs per image pixel (N x px): the time unit
     ops_share: float  # its share of the trunk's ops: of the per-tile overhead of a time fit
     exact: bool = False  # every crop on meta tensors (else an a + b * pixels fit of two)
     _memory: dict[tuple[tuple[int, ...], bool], int] = field(default_factory=dict)
     _flops: dict[tuple[int, ...], int] = field(default_factory=dict)
-    _fits: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _fits: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     _grids: list[TileGrid] = field(default_factory=list)
 
     @property
@@ -160,25 +159,29 @@ class _Part:
             self._grids = [self.geometry.tile_grid(spatial, t) for t in tiles]
         return self._grids
 
-    def _samples(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Two crops to fit on: the smallest tile and one about twice as large per side."""
+    def _samples(self) -> list[tuple[int, ...]]:
+        """Crops to interpolate between: the smallest tile, one twice as large per side, and
+        the whole input map (often the tile of late segments, so it is counted exactly)."""
         spatial = self.input_shape[2:]
         small = tuple(min(n, self.geometry.min_tile(ax)) for ax, n in enumerate(spatial))
         large = tuple(min(n, 2 * s) for s, n in zip(small, spatial, strict=True))
-        return small, large
+        return sorted({small, large, tuple(spatial)}, key=math.prod)
 
     def _fitted(self, kind: str, crop: tuple[int, ...], measure: Callable[[tuple[int, ...]], int]
                 ) -> float:  # fmt: skip
+        """``measure(crop)``, exact or interpolated linearly in pixels between the samples
+        (extrapolated from the nearest two beyond them)."""
         if self.exact:
             return float(measure(crop))
         if kind not in self._fits:
-            small, large = self._samples()
-            y0, y1 = measure(small), measure(large)
-            x0, x1 = math.prod(small), math.prod(large)
-            slope = (y1 - y0) / (x1 - x0) if x1 != x0 else y0 / x0
-            self._fits[kind] = (y0 - slope * x0, slope)
-        a, b = self._fits[kind]
-        return max(a + b * math.prod(crop), 0.0)
+            self._fits[kind] = [(math.prod(c), float(measure(c))) for c in self._samples()]
+        points = self._fits[kind]
+        x = math.prod(crop)
+        if len(points) == 1:
+            return points[0][1] * x / points[0][0]
+        k = next((i for i in range(1, len(points) - 1) if x <= points[i][0]), len(points) - 1)
+        (x0, y0), (x1, y1) = points[k - 1], points[k]
+        return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.0)
 
     def tile_bytes(self, crop: tuple[int, ...], grad: bool) -> int:
         def measure(c: tuple[int, ...]) -> int:
@@ -204,7 +207,7 @@ class _Part:
         (``search.proxy_cost``: pixels, a backward tile weighing three forward ones). A
         part's tile counts as the trunk pixels of the same FLOPs, so that parts and the whole
         trunk are priced in one unit."""
-        px = self.flops(crop) * self.costs.batch / self.flops_per_px
+        px = self.flops(crop) / self.flops_per_px  # flops of the whole batch
         fit = self.costs.time_fit
         if fit is None:
             return px * (BACKWARD_WEIGHT if step else 1)
@@ -263,14 +266,16 @@ class SegmentSearch:
         self.flops_per_px = self._flops_per_px()
 
     def _flops_per_px(self) -> float:
-        """The whole trunk's forward FLOPs per input pixel: the slope between its smallest
-        crop and one twice as large per side (border effects cancel in the slope)."""
+        """The whole trunk's forward FLOPs per image pixel (batch x spatial, as the time fit
+        and the proxy count crops): the slope between its smallest crop and one twice as
+        large per side (border effects cancel in the slope)."""
         geometry = analyze_trunk(self.trunk, len(self.image_shape) - 2)
         spatial = self.image_shape[2:]
         small = tuple(min(n, geometry.min_tile(ax)) for ax, n in enumerate(spatial))
         large = tuple(min(n, 2 * v) for v, n in zip(small, spatial, strict=True))
         flops = [pass_flops(self.trunk, (*self.image_shape[:2], *c), self.costs.dtype)
                  for c in (small, large)]  # fmt: skip
+        # Pixels as the time fit counts them (TimeFit.predict): batch x spatial.
         pixels = [math.prod(c) * self.image_shape[0] for c in (small, large)]
         if pixels[1] > pixels[0] and flops[1] > flops[0]:
             return (flops[1] - flops[0]) / (pixels[1] - pixels[0])

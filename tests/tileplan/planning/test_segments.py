@@ -92,7 +92,7 @@ def _costs(usable: int, max_tile: int | None = None) -> Costs:
         output_grad_bytes=512 * 24 * 24 * 4, head_bytes=0,
         tile_forward_bytes=0, tile_backward_bytes=0,
     )  # fmt: skip
-    return Costs(fixed=fixed, usable_bytes=usable, dtype=torch.float32, batch=1,
+    return Costs(fixed=fixed, usable_bytes=usable, dtype=torch.float32,
                  time_fit=None, max_tile=max_tile)  # fmt: skip
 
 
@@ -264,3 +264,35 @@ def test_an_edited_segment_is_refused(
 ) -> None:
     with pytest.raises(PlanError):
         _check_edited(segmented_plan, resnet18.trunk, **changes)  # type: ignore[attr-defined]
+
+
+# -- time units ----------------------------------------------------------------------------------
+
+
+def test_time_fit_counts_batch_times_spatial_pixels(resnet18: object) -> None:
+    """The fit, TimeFit.predict and segment prices share one unit: batch x spatial pixels.
+    (Channels counted in the fit but not in predictions once made every time 3x too low.)"""
+    from executor import Precision
+    from tileplan.planning.measure import measure_time_model
+
+    trunk = resnet18.trunk  # type: ignore[attr-defined]
+    fit = measure_time_model(trunk, [(2, 3, 96, 96), (2, 3, 128, 128)],
+                             precision=Precision.of("float32"), device=torch.device("cpu"),
+                             device_name="cpu")  # fmt: skip
+    assert [s.crop_px for s in fit.samples] == [2 * 96 * 96, 2 * 128 * 128]
+
+
+def test_a_whole_trunk_segment_costs_what_the_time_fit_predicts(resnet18: object) -> None:
+    """One segment spanning the trunk, one tile over the image: the segment price (FLOPs in
+    trunk pixels) equals the time fit's prediction for that crop, up to border effects on
+    the FLOP count."""
+    from tests.plans import TIME_FIT
+
+    trunk = resnet18.trunk  # type: ignore[attr-defined]
+    costs = dataclasses.replace(_costs(4 * GIB), time_fit=TIME_FIT)
+    search = SegmentSearch(trunk, (1, 3, *IMAGE), [], costs)
+    part = search.part(None, None)
+    whole = part.grids()[-1]
+    assert whole.n_tiles == 1
+    expected = TIME_FIT.step_s(IMAGE[0] * IMAGE[1])
+    assert part.grid_cost(whole, step=True) == pytest.approx(expected, rel=0.05)
