@@ -7,13 +7,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from executor.chain import SegmentedStreamingCNN
 from executor.streaming import StreamingCNN
 
 __all__ = ["streaming_step"]
 
 
 def streaming_step(
-    scnn: StreamingCNN,
+    scnn: StreamingCNN | SegmentedStreamingCNN,
     head: nn.Module,
     image: torch.Tensor,
     target: torch.Tensor,

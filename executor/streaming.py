@@ -23,7 +23,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from executor.errors import GeometryError
 from executor.geometry import Tile, TileGrid, analyze_trunk
 from executor.modes import check_modes, mode_signature
 from executor.plan import Plan, PlanError, check_plan_matches, load_plan
+
+if TYPE_CHECKING:
+    from executor.chain import SegmentedStreamingCNN
 
 __all__ = ["StreamingCNN", "spatial_tile_shape"]
 
@@ -139,7 +142,7 @@ class StreamingCNN:
         trunk: nn.Module,
         plan: Plan | str | os.PathLike[str],
         **kwargs: Any,
-    ) -> Any:
+    ) -> StreamingCNN | SegmentedStreamingCNN:
         """Stream ``trunk`` with the tiles of a saved plan (``tileplan profile``).
 
         The plan is refused (``PlanError``) if it was made for another trunk architecture or
@@ -165,7 +168,7 @@ class StreamingCNN:
             )
         kwargs.setdefault("amp_dtype", precision.amp_dtype)
         if plan.segments:  # a chain of segments: the same interface (executor.chain)
-            from executor.chain import SegmentedStreamingCNN, SegmentSpec
+            from executor.chain import SegmentedStreamingCNN, SegmentSpec  # noqa: F811
 
             specs = [SegmentSpec(s.end, s.tile_px, s.forward_tile_px, s.map_on_host)
                      for s in plan.segments]  # fmt: skip

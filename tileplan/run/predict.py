@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from executor import StreamingCNN, atomic_write, check_plan_matches, load_plan
+from executor import (
+    SegmentedStreamingCNN,
+    StreamingCNN,
+    atomic_write,
+    check_plan_matches,
+    load_plan,
+)
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.checkpoint import CheckpointError, load_checkpoint
 from tileplan.run.data import Task, read_image
@@ -42,7 +48,7 @@ class Prediction:
 
 
 def predict_image(
-    scnn: StreamingCNN, head: nn.Module, image: torch.Tensor, *, task: Task,
+    scnn: StreamingCNN | SegmentedStreamingCNN, head: nn.Module, image: torch.Tensor, *, task: Task,
     saliency: bool = False,
 ) -> Prediction:  # fmt: skip
     """Stream ``image`` (C, *spatial) forward only; optionally its exact saliency map.

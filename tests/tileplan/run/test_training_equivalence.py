@@ -109,3 +109,25 @@ def test_two_processes_equal_one(setup: Path, tmp_path: Path) -> None:
             assert rel_error(b[key], value) <= RTOL_FLOAT64, key
     changed = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["meta"]["epoch"]
     assert changed == 1
+
+
+def test_saliency_from_a_segmented_plan_is_the_exact_input_gradient(setup: Path) -> None:
+    """``predict --saliency`` backpropagates the predicted logit through every segment to the
+    image, parameters untouched: it must equal conventional autograd's input gradient."""
+    from executor import SegmentedStreamingCNN, StreamingCNN
+    from tileplan.run.predict import predict_image
+
+    plan = load_plan(setup / "segmented.yaml")
+    loaded = load_model_file(setup / "tiny.py")
+    model = loaded.model.double().eval()
+    scnn = StreamingCNN.from_plan(loaded.trunk, plan, input_grad=True)
+    assert isinstance(scnn, SegmentedStreamingCNN)
+    image = torch.randn(3, SIZE, SIZE, dtype=torch.float64)
+    got = predict_image(scnn, loaded.head, image, task="multiclass", saliency=True)
+    assert got.saliency is not None
+    assert all(p.grad is None for p in loaded.trunk.parameters())
+    x = image.unsqueeze(0).requires_grad_()
+    logits = model(x).reshape(-1)
+    logits[int(got.label)].backward()
+    assert x.grad is not None
+    assert rel_error(got.saliency, x.grad[0]) <= RTOL_FLOAT64
