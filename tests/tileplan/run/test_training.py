@@ -78,6 +78,32 @@ def test_profile_train_report_predict(workspace: Path, tmp_path: Path) -> None:
     assert (maps / f"{images[0].stem}.saliency.png").is_file()
 
 
+def test_a_segmented_plan_trains_reports_and_predicts(workspace: Path, tmp_path: Path) -> None:
+    """`train`, `report` and `predict` run a plan that cuts the trunk, unchanged."""
+    plan_file = tmp_path / "segmented.yaml"
+    code, out = _run("profile", workspace / "tiny.py", "--image", SIZE, "--cut", "features.2",
+                     "--max-tile", 64, "--no-measure", "--budget", "2GiB",
+                     "--out", plan_file)  # fmt: skip
+    assert code == 0, out
+    plan = load_plan(plan_file)
+    assert len(plan.segments) == 2
+    run = tmp_path / "runs" / "seg"
+    code, out = _run("train", workspace / "tiny.py", "--plan", plan_file, "--data",
+                     workspace / "demo" / "train.csv", "--out", run, "--batch", 2,
+                     "--num-workers", 0, "--epochs", 1)  # fmt: skip
+    assert code == 0, out
+    report = load_report(run)
+    assert report.n_tiles == sum(g.n_tiles for g in plan.tile_grids()) > 2
+    assert report.streaming_peak_bytes > 0
+    code, out = _run("report", run)
+    assert code == 0, out
+    images = sorted((workspace / "demo").glob("*.tif"))[:1]
+    code, out = _run("predict", workspace / "tiny.py", *images, "--plan", plan_file,
+                     "--checkpoint", run / "last.pt", "--saliency", tmp_path / "maps")  # fmt: skip
+    assert code == 0, out
+    assert (tmp_path / "maps" / f"{images[0].stem}.saliency.npy").is_file()
+
+
 def test_resume_continues_exactly(workspace: Path, tmp_path: Path) -> None:
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert _train(workspace, straight, "--epochs", 2, "--no-report")[0] == 0
