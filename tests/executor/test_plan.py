@@ -44,6 +44,25 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["plan.yaml"]  # no temp files left
 
 
+def test_a_plan_written_before_segments_existed_still_loads(tmp_path: Path) -> None:
+    """Plans saved before segmented streaming have no segment keys (no ``segments``,
+    ``segmentations``, cut-map bytes or layer segment): they load as one-segment plans."""
+    plan = make_plan()
+    data = yaml.safe_load(save_plan(plan, tmp_path / "new.yaml").read_text())
+    data.pop("segments", None)
+    data.pop("segmentations", None)
+    for candidate in data["candidates"]:
+        candidate["memory"].pop("maps_bytes")
+    for layer in data["layers"]:
+        layer.pop("segment")
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(data, sort_keys=False))
+    loaded = load_plan(old)
+    assert loaded == plan
+    assert not loaded.segments
+    assert len(loaded.tile_grids()) == 1
+
+
 def test_failed_write_keeps_the_old_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = save_plan(_plan(_trunk()), tmp_path / "plan.yaml")
     before = path.read_bytes()
