@@ -355,7 +355,7 @@ class TrunkGeometry:
         grid = build_tile_grid(axes, image_shape, self.output_shape(image_shape), tile_shape)
         for axis, (n, tiles) in enumerate(zip(image_shape, grid.axes, strict=True)):
             self._check_crops(axis, n, tiles)
-            if len(tiles) > 1:
+            if any(t.in_len < n for t in tiles):  # a crop pads by its own length
                 self._check_same_padding(axis, n)
         return grid
 
@@ -383,8 +383,7 @@ class TrunkGeometry:
         )  # fmt: skip
         raise GeometryError(
             f"'{bad}' pads 'same' dynamically (TensorFlow style): an image of {n} px along axis "
-            f"{axis} is padded unlike its tiles, which would not line up; {fix}, or one tile "
-            "along it"
+            f"{axis} is padded unlike its tiles, which would not line up; {fix}"
         )
 
     def _same_padding_mismatch(self, axis: int, n: int) -> str | None:
