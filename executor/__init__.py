@@ -40,7 +40,7 @@ from executor.plan import (
     trunk_fingerprint,
 )
 from executor.precision import DTYPE_NAMES, DtypeName, Precision
-from executor.segments import chain, cut_points, map_cut_points, prefix, suffix
+from executor.segments import chain, cut_points, find_node, map_cut_points, prefix, suffix
 from executor.serde import from_data, to_data, to_yaml
 from executor.steps import streaming_step
 from executor.streaming import StreamingCNN, spatial_tile_shape
@@ -83,6 +83,7 @@ __all__ = [
     "build_tile_grid",
     "chain",
     "cut_points",
+    "find_node",
     "check_plan_matches",
     "from_data",
     "load_plan",

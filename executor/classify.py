@@ -761,14 +761,14 @@ def _is_torch(fn: Any) -> bool:
     return module.startswith("torch") or module == "" or getattr(fn, "__self__", None) is torch
 
 
-def map_nodes(trunk: nn.Module, n_axes: int) -> set[str]:
+def map_nodes(traced: Traced, n_axes: int) -> set[str]:
     """Names of the traced trunk's nodes whose value is one feature map in (N, C, *spatial)
     layout (not a tuple of maps, not permuted, not a constant).
 
     Raises:
         UnsupportedLayerError: as ``trace_trunk``.
     """
-    builder = _Builder(trace_leaves(trunk), n_axes)
+    builder = _Builder(traced, n_axes)
     graph = builder.build()
     layout = tuple(range(2, 2 + n_axes))
     return {

@@ -233,6 +233,12 @@ class TimeFit:
         _require(min(coefficients) >= 0, "time fit coefficients must be >= 0")
         _require(bool(self.samples), "a time fit needs at least one timed crop")
 
+    @staticmethod
+    def pixels(crop_shape: Sequence[int]) -> int:
+        """Pixels of an (N, C, *spatial) crop as the fit counts them: batch x spatial (the
+        image's channels are part of the network, like its width)."""
+        return crop_shape[0] * math.prod(crop_shape[2:])
+
     def forward_s(self, pixels: float) -> float:
         return self.forward_a_s + self.forward_b_s_per_px * pixels
 
@@ -648,6 +654,15 @@ class Plan:
         if self.segments:
             return next((s for s in self.segmentations if s.segments == self.segments), None)
         return next((c for c in self.candidates if c.tile_px == self.tile_px), None)
+
+    def ranked_segmentations(self) -> tuple[Segmentation, ...]:
+        """The segmentations priced, those that fit first, then fastest first (untimed ones in
+        their stored order)."""
+
+        def rank(g: Segmentation) -> tuple[bool, float]:
+            return not g.fits, math.inf if g.predicted_time_s is None else g.predicted_time_s
+
+        return tuple(sorted(self.segmentations, key=rank))
 
     def tile_grids(self) -> tuple[TileGrid, ...]:
         """The backward-pass grid of each segment (one for an unsegmented plan)."""

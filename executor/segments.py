@@ -14,9 +14,9 @@ import torch.fx
 from torch import nn
 
 from executor.classify import map_nodes
-from executor.trace import trace
+from executor.trace import trace_leaves
 
-__all__ = ["chain", "cut_points", "map_cut_points", "prefix", "suffix"]
+__all__ = ["chain", "cut_points", "find_node", "map_cut_points", "prefix", "suffix"]
 
 
 def cut_points(gm: torch.fx.GraphModule) -> list[str]:
@@ -42,8 +42,26 @@ def map_cut_points(trunk: nn.Module, n_axes: int = 2) -> list[str]:
     Raises:
         UnsupportedLayerError: the trunk does not stream as a whole.
     """
-    maps = map_nodes(trunk, n_axes)
-    return [name for name in cut_points(trace(trunk)) if name in maps]
+    traced = trace_leaves(trunk)
+    maps = map_nodes(traced, n_axes)
+    return [name for name in cut_points(traced.gm) if name in maps]
+
+
+def find_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
+    """The node called ``name``, or else the last node of module ``name`` (a call of it or of
+    a submodule, or code of its forward: fx records the module stack of every node); None if
+    there is neither. How a user names where to cut: ``--split``, ``--cut``."""
+    found = None
+    for node in gm.graph.nodes:
+        if node.name == name or _inside(node, name):
+            found = node
+    return found
+
+
+def _inside(node: torch.fx.Node, module: str) -> bool:
+    paths = [str(node.target)] if node.op == "call_module" else []
+    paths += [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(p == module or p.startswith(module + ".") for p in paths)
 
 
 def _index(gm: torch.fx.GraphModule, name: str) -> tuple[list[torch.fx.Node], int]:

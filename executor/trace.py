@@ -37,31 +37,28 @@ from executor.errors import UnsupportedLayerError
 __all__ = ["SPACE_TO_DEPTH", "Traced", "same_padding_functions", "trace", "trace_leaves"]
 
 
+def _optional(*names: tuple[str, str]) -> tuple[Any, ...]:
+    """The objects ``(module, attribute)`` of optional libraries that are installed."""
+    found = []
+    for module, name in names:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 @functools.cache
 def same_padding_functions() -> tuple[Callable[..., Any], ...]:
     """timm's dynamic 'same' padding helpers, when timm is installed."""
-    found = []
-    for module, name in (("timm.layers.padding", "pad_same"),):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
+    return _optional(("timm.layers.padding", "pad_same"))
 
 
-def _known_leaves() -> tuple[type[nn.Module], ...]:
-    """Modules that ``executor.classify`` knows as a whole (their code reshapes with the input's
-    size, which only the whole operation makes local): timm's SpaceToDepth."""
-    found = []
-    for module, name in (("timm.layers.space_to_depth", "SpaceToDepth"),):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
-
-
-SPACE_TO_DEPTH: tuple[type[nn.Module], ...] = _known_leaves()
+# Modules that ``executor.classify`` knows as a whole (their code reshapes with the input's
+# size, which only the whole operation makes local): timm's SpaceToDepth.
+SPACE_TO_DEPTH: tuple[type[nn.Module], ...] = _optional(
+    ("timm.layers.space_to_depth", "SpaceToDepth")
+)
 
 
 class _Tracer(torch.fx.Tracer):

@@ -5,7 +5,6 @@ Pure formatting of typed records; nothing here computes a number.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from executor import Candidate, Plan, VerifyStatus
@@ -164,17 +163,13 @@ def describe_segmentations(plan: Plan) -> list[str]:
     first; the chosen one marked with ``*``."""
     if not plan.segmentations:
         return []
-    chosen = tuple(s.end for s in plan.segments)
-    rows = sorted(
-        plan.segmentations,
-        key=lambda g: (not g.fits, math.inf if g.predicted_time_s is None else g.predicted_time_s),
-    )
+    chosen = plan.chosen
     lines = [
         "segmentations considered (cut after | backward tile per segment):",
         f"  {'':1} {'cuts':<34} {'tiles':<34} {'est. peak':>10} {'s/image':>8} fits",
     ]
-    for g in rows:
-        mark = "*" if tuple(s.end for s in g.segments) == chosen else " "
+    for g in plan.ranked_segmentations():
+        mark = "*" if g == chosen else " "
         tiles = " | ".join(format_shape(s.tile_px) for s in g.segments)
         seconds = "-" if g.predicted_time_s is None else f"{g.predicted_time_s:.1f}"
         lines.append(

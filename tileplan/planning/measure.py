@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -115,12 +114,6 @@ def _fit(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
     return a, b
 
 
-def _pixels(shape: Sequence[int]) -> int:
-    """Pixels of an (N, C, *spatial) crop as TimeFit counts them: batch x spatial (the
-    channels of the image are part of the network, like its width)."""
-    return shape[0] * math.prod(shape[2:])
-
-
 def measure_time_model(
     trunk: nn.Module,
     crops: Sequence[tuple[int, ...]],
@@ -156,7 +149,7 @@ def measure_time_model(
         t_forward, t_step = _timed(forward, device), _timed(step, device)
         trunk.zero_grad(set_to_none=True)
         if i > 0:  # the first run was the warm-up
-            samples.append(TimeSample(crop_px=_pixels(shape), forward_s=t_forward,
+            samples.append(TimeSample(crop_px=TimeFit.pixels(shape), forward_s=t_forward,
                                       step_s=t_step))  # fmt: skip
             log.info(
                 "timed crop %s: forward %.3f s, forward+backward %.3f s", shape, t_forward, t_step

@@ -33,6 +33,7 @@ from executor import (
     UnsupportedLayerError,
     analyze_trunk,
     cut_points,
+    find_node,
     prefix,
     suffix,
     trace,
@@ -257,14 +258,14 @@ def _split_at_name(
     gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], cuts: list[int], name: str,
     finish: Callable[[nn.Module], nn.Module],
 ) -> Split:  # fmt: skip
-    owned = [i for i, n in enumerate(nodes) if n.name == name or _inside(n, name)]
-    if not owned:
+    node = find_node(gm, name)
+    if node is None:
         modules = [str(n.target) for n in nodes if n.op == "call_module"]
         raise ModelFileError(
             f"--split {name}: no module or node of that name; modules are e.g. "
             f"{', '.join(modules[-6:])}"
         )
-    index = owned[-1]
+    index = nodes.index(node)
     if index not in cuts:
         raise ModelFileError(
             f"--split {name}: more than one value flows past it (e.g. a skip connection); "
@@ -274,14 +275,6 @@ def _split_at_name(
     analyze_trunk(trunk)
     head = finish(suffix(gm, nodes[index].name))
     return Split(trunk, head, f"trunk ends after {_describe(nodes[index])}")
-
-
-def _inside(node: torch.fx.Node, module: str) -> bool:
-    """Whether ``node`` is (part of) module ``module``: a call of it or of a submodule, or code
-    of its forward (fx records the module stack of every node)."""
-    paths = [str(node.target)] if node.op == "call_module" else []
-    paths += [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-    return any(p == module or p.startswith(module + ".") for p in paths)
 
 
 def _describe(node: torch.fx.Node) -> str:

@@ -403,7 +403,7 @@ def _calibrate(ctx: _Context, rows: Sequence[_Row]) -> float | None:
     picks = []
     for j in sorted({0, max(i - 1, 0), i, min(i + 1, len(rows) - 1)}):
         crop = (req.batch, req.channels, *rows[j].grid.largest_crop)
-        cost = ctx.time_fit.step_s(req.batch * math.prod(crop[2:])) if ctx.time_fit else 0.0
+        cost = ctx.time_fit.step_s(TimeFit.pixels(crop)) if ctx.time_fit else 0.0
         if rows[j].estimate.total_bytes <= ctx.usable and cost <= req.measure_limit_s:
             picks.append(j)
     if not picks:

@@ -44,6 +44,7 @@ from executor import (
     TrunkGeometry,
     analyze_trunk,
     chain,
+    find_node,
     map_cut_points,
     trace,
 )
@@ -92,12 +93,9 @@ def resolve_cuts(trunk: nn.Module, names: Sequence[str]) -> list[tuple[str, str]
     valid = set(map_cut_points(trunk))
     resolved = []
     for name in names:
-        inside = [
-            n for n in nodes if n.name == name or _within(n, name)
-        ]  # fmt: skip
-        if not inside:
+        node = find_node(gm, name)
+        if node is None:
             raise ValueError(f"--cut {name}: no module or node of that name in the trunk")
-        node = inside[-1]
         if node.name not in valid:
             raise ValueError(
                 f"--cut {name}: more than one value flows past it (e.g. a skip connection); "
@@ -106,12 +104,6 @@ def resolve_cuts(trunk: nn.Module, names: Sequence[str]) -> list[tuple[str, str]
         resolved.append((node.name, _where(node)))
     order = {n.name: i for i, n in enumerate(nodes)}
     return sorted(resolved, key=lambda c: order[c[0]])
-
-
-def _within(node: torch.fx.Node, module: str) -> bool:
-    paths = [str(node.target)] if node.op == "call_module" else []
-    paths += [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-    return any(p == module or p.startswith(module + ".") for p in paths)
 
 
 @dataclass(frozen=True)
@@ -275,8 +267,7 @@ class SegmentSearch:
         large = tuple(min(n, 2 * v) for v, n in zip(small, spatial, strict=True))
         flops = [pass_flops(self.trunk, (*self.image_shape[:2], *c), self.costs.dtype)
                  for c in (small, large)]  # fmt: skip
-        # Pixels as the time fit counts them (TimeFit.predict): batch x spatial.
-        pixels = [math.prod(c) * self.image_shape[0] for c in (small, large)]
+        pixels = [TimeFit.pixels((*self.image_shape[:2], *c)) for c in (small, large)]
         if pixels[1] > pixels[0] and flops[1] > flops[0]:
             return (flops[1] - flops[0]) / (pixels[1] - pixels[0])
         return max(flops[1], 1) / pixels[1]

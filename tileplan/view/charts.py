@@ -522,8 +522,7 @@ def segments_figure(plan: Plan) -> go.Figure:
     are their own category), the usable budget as a line, the predicted time per image on a
     second axis, the chosen one starred. Ordered as the planner ranked them (fastest first).
     """
-    options = sorted(plan.segmentations, key=lambda g: (
-        not g.fits, math.inf if g.predicted_time_s is None else g.predicted_time_s))  # fmt: skip
+    options = plan.ranked_segmentations()
     labels = [f"cut after {g.label}" for g in options]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     rows = [g.memory.categories() for g in options]
@@ -540,7 +539,7 @@ def segments_figure(plan: Plan) -> go.Figure:
         customdata=tiles, hovertemplate="predicted time %{y:.3g} s, backward tiles "
         "%{customdata} px<extra></extra>",
     ), secondary_y=True)  # fmt: skip
-    chosen = [i for i, g in enumerate(options) if g.segments == plan.segments]
+    chosen = [i for i, g in enumerate(options) if g == plan.chosen]
     if chosen:
         i = chosen[0]
         fig.add_trace(go.Scatter(
