@@ -42,6 +42,7 @@ from executor.plan import (
 from executor.precision import DTYPE_NAMES, DtypeName, Precision
 from executor.segments import chain, cut_points, find_node, map_cut_points, prefix, suffix
 from executor.serde import from_data, to_data, to_yaml
+from executor.sources import CropReader, ImageSource, TensorSource
 from executor.steps import streaming_step
 from executor.streaming import StreamingCNN, spatial_tile_shape
 from executor.trace import trace
@@ -54,8 +55,10 @@ __all__ = [
     "AxisTile",
     "Candidate",
     "ContractError",
+    "CropReader",
     "DtypeName",
     "GeometryError",
+    "ImageSource",
     "LayerMemory",
     "MemoryBreakdown",
     "ModelIdentity",
@@ -70,6 +73,7 @@ __all__ = [
     "SegmentedStreamingCNN",
     "StreamingCNN",
     "StreamingError",
+    "TensorSource",
     "Tile",
     "TileGrid",
     "TimeFit",

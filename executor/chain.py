@@ -28,7 +28,8 @@ from executor.geometry import TileGrid, TrunkGeometry, analyze_trunk
 from executor.modes import mode_signature
 from executor.plan import Plan
 from executor.segments import chain, map_cut_points
-from executor.streaming import StreamingCNN
+from executor.sources import ImageSource, image_version
+from executor.streaming import StreamingCNN, check_fits_plan
 from executor.trace import trace
 
 __all__ = ["SegmentSpec", "SegmentedStreamingCNN"]
@@ -57,7 +58,7 @@ class SegmentSpec:
 class _Forward:
     """The cut maps of the last forward pass, kept for the backward pass."""
 
-    image: weakref.ref[torch.Tensor]
+    image: weakref.ref[torch.Tensor | ImageSource]
     version: int
     maps: tuple[torch.Tensor, ...]
 
@@ -170,24 +171,29 @@ class SegmentedStreamingCNN:
         """The first segment's grid (over the image)."""
         return self.parts[0].tile_grid(image_shape, forward=forward)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor | ImageSource) -> torch.Tensor:
         """Trunk output for the whole image, segment by segment, tile by tile, no graph.
 
         The cut maps are kept for ``backward`` on the same image.
         """
         self._refresh()
+        if self.plan is not None:
+            check_fits_plan(image.shape[2:], self.plan)
         self._forward = None
         maps = []
-        x = image
+        x: torch.Tensor | ImageSource = image
         for part in self.parts:
             x = part.forward(x)
             maps.append(x)
-        self._forward = _Forward(weakref.ref(image), image._version, tuple(maps[:-1]))
+        self._forward = _Forward(weakref.ref(image), image_version(image), tuple(maps[:-1]))
+        assert isinstance(x, torch.Tensor)
         return x
 
     __call__ = forward
 
-    def backward(self, image: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor | None:
+    def backward(
+        self, image: torch.Tensor | ImageSource, grad_output: torch.Tensor
+    ) -> torch.Tensor | None:
         """Add the exact trunk parameter gradients for ``grad_output`` into their ``.grad``;
         return the image gradient when ``input_grad`` is set.
 
@@ -196,12 +202,12 @@ class SegmentedStreamingCNN:
         """
         self._refresh()
         done, self._forward = self._forward, None
-        if done is None or done.image() is not image or done.version != image._version:
+        if done is None or done.image() is not image or done.version != image_version(image):
             with torch.no_grad():
                 self.forward(image)
             done, self._forward = self._forward, None
         assert done is not None
-        inputs: list[torch.Tensor | None] = [image, *done.maps]
+        inputs: list[torch.Tensor | ImageSource | None] = [image, *done.maps]
         del done
         grad: torch.Tensor | None = grad_output
         for i in range(len(self.parts) - 1, -1, -1):

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from executor.errors import GeometryError
 from executor.geometry import Tile, TileGrid, analyze_trunk
 from executor.modes import check_modes, mode_signature
 from executor.plan import Plan, PlanError, check_plan_matches, load_plan
+from executor.sources import CropReader, ImageSource, image_shape, image_version
 
 if TYPE_CHECKING:
     from executor.chain import SegmentedStreamingCNN
@@ -68,7 +69,7 @@ class _CachedTile:
     tile: Tile
     crop: torch.Tensor
     output: torch.Tensor
-    image: weakref.ref[torch.Tensor]
+    image: weakref.ref[torch.Tensor | ImageSource]
     version: int
 
 
@@ -96,6 +97,13 @@ class StreamingCNN:
         preprocess: applied to each crop on the trunk's device before the trunk, e.g. uint8
             to normalised float. It must be pointwise (per pixel), or streaming is not exact.
             With ``input_grad`` the gradient is with respect to its output.
+        read_ahead: crops read in advance on a background thread when the image is an
+            ``ImageSource`` (see ``executor.sources``), so that reading overlaps compute.
+
+    Images: a tensor, or an ``ImageSource`` (e.g. a whole-slide image read region by region
+    from disk), which gives bit-identical results to the tensor of its pixels. With a plan,
+    any image up to the plan's image size on every axis streams at its own shape with its own
+    grid of the plan's tiles (so its peak memory is at most the planned peak).
 
     Example:
         >>> scnn = StreamingCNN(trunk, tile_shape=(1536, 1536))
@@ -116,8 +124,10 @@ class StreamingCNN:
         progress: bool = False,
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
         output_device: torch.device | str | None = None,
+        read_ahead: int = 2,
     ) -> None:
         self.trunk = trunk
+        self.read_ahead = read_ahead
         self.output_device = None if output_device is None else torch.device(output_device)
         self.preprocess = preprocess
         self.tile_shape = spatial_tile_shape(tile_shape)
@@ -186,11 +196,12 @@ class StreamingCNN:
         tile = self.forward_tile_shape if forward else self.tile_shape
         return self.geometry.tile_grid(tuple(image_shape), tile)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor | ImageSource) -> torch.Tensor:
         """Trunk output for the whole image, computed tile by tile, without autograd graph.
 
         Args:
-            image: (N, C, *spatial) on any device; tiles move to the trunk's device one at a time.
+            image: (N, C, *spatial) tensor on any device, or an ``ImageSource``; crops move to
+                the trunk's device one at a time.
 
         Returns:
             (N, C_out, *out_spatial) on the trunk's device (or ``output_device``),
@@ -198,39 +209,49 @@ class StreamingCNN:
         """
         self._prepare(image)
         self._cache = None
-        grid = self.tile_grid(image.shape[2:], forward=True)
+        grid = self.tile_grid(image_shape(image)[2:], forward=True)
         keep_last = (
             self.cache_last_tile
             and torch.is_grad_enabled()
             and self.forward_tile_shape == self.tile_shape
             and self._needs_graph()
         )
+        with CropReader(image, self._tiles(grid, "forward"), ahead=self.read_ahead) as reader:
+            return self._forward_tiles(image, reader, grid.output_shape, keep_last, grid.n_tiles)
+
+    def _forward_tiles(self, image: torch.Tensor | ImageSource, reader: CropReader,
+                       output_shape: tuple[int, ...], keep_last: bool, n_tiles: int
+                       ) -> torch.Tensor:  # fmt: skip
         out: torch.Tensor | None = None
-        for k, tile in enumerate(self._tiles(grid, "forward")):
-            keep = keep_last and k == grid.n_tiles - 1
+        for k, (tile, region) in enumerate(reader):
+            keep = keep_last and k == n_tiles - 1
             with torch.set_grad_enabled(keep), self.autocast():
-                crop = self._crop(image, tile, requires_grad=keep and self.input_grad)
+                crop = self._crop(region, requires_grad=keep and self.input_grad)
+                del region
                 y = self.trunk(_fed(crop))  # (N, C_out, *crop_out)
             if out is None:
-                out = torch.empty((*y.shape[:2], *grid.output_shape), dtype=y.dtype,
+                out = torch.empty((*y.shape[:2], *output_shape), dtype=y.dtype,
                                   device=self.output_device or y.device)  # fmt: skip
             out[(..., *tile.output_slices())] = y[(..., *tile.local_output_slices())].detach()
             if keep:
-                self._cache = _CachedTile(tile, crop, y, weakref.ref(image), image._version)
+                self._cache = _CachedTile(tile, crop, y, weakref.ref(image), image_version(image))
         assert out is not None
         return out
 
     __call__ = forward
 
-    def backward(self, image: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor | None:
+    def backward(
+        self, image: torch.Tensor | ImageSource, grad_output: torch.Tensor
+    ) -> torch.Tensor | None:
         """Add the exact trunk parameter gradients for ``grad_output`` into their ``.grad``.
 
         Args:
-            image: the same image that was passed to ``forward``.
+            image: the same image (tensor or source) that was passed to ``forward``.
             grad_output: gradient of the loss with respect to ``forward``'s output.
 
         Returns:
-            The gradient with respect to ``image`` if ``input_grad`` was set, else None.
+            The gradient with respect to ``image`` if ``input_grad`` was set, else None (on
+            the image's device; on the host for a source).
 
         Raises:
             GeometryError: ``grad_output`` does not match the output shape for ``image``.
@@ -238,29 +259,41 @@ class StreamingCNN:
         On any exception the parameters' ``.grad`` are restored to what they were before.
         """
         self._prepare(image)
-        grid = self.tile_grid(image.shape[2:])
-        expected = (*image.shape[:1], *grid.output_shape)
+        shape = image_shape(image)
+        grid = self.tile_grid(shape[2:])
+        expected = (*shape[:1], *grid.output_shape)
         got = (*grad_output.shape[:1], *grad_output.shape[2:])
-        if grad_output.dim() != image.dim() or got != expected:
+        if grad_output.dim() != len(shape) or got != expected:
             raise GeometryError(
                 f"grad_output has shape {tuple(grad_output.shape)} but the trunk's output for "
                 f"this image has batch and spatial shape {expected}; pass out.grad of forward()"
             )
         cache, self._cache = self._cache, None
-        if cache is not None and (cache.image() is not image or cache.version != image._version):
+        if cache is not None and (
+            cache.image() is not image or cache.version != image_version(image)
+        ):
             cache = None
         image_grad = (
-            torch.zeros(image.shape, dtype=self._grad_dtype(image), device=image.device)
+            torch.zeros(shape, dtype=self._grad_dtype(image), device=_device_of(image))
             if self.input_grad
             else None
         )
-        with _restore_grads_on_error(self.trunk):
-            for tile in self._tiles(reversed(list(grid)), "backward", len(grid)):
-                if cache is not None and cache.tile == tile:
+        tiles = list(reversed(list(grid)))
+        if cache is not None and cache.tile == tiles[0]:
+            tiles = tiles[1:]  # its crop and graph are cached: nothing to read
+            todo = [(cache.tile, None)]
+        else:
+            cache, todo = None, []
+        reader = CropReader(image, tiles, ahead=self.read_ahead)
+        with reader, _restore_grads_on_error(self.trunk):
+            for tile, region in self._tiles(_chained(todo, reader), "backward", len(grid)):
+                if region is None:
+                    assert cache is not None
                     crop, y, cache = cache.crop, cache.output, None
                 else:
                     with torch.enable_grad(), self.autocast():
-                        crop = self._crop(image, tile, requires_grad=self.input_grad)
+                        crop = self._crop(region, requires_grad=self.input_grad)
+                        del region
                         y = self.trunk(_fed(crop))
                 owned = y[(..., *tile.local_output_slices())]
                 g = grad_output[(..., *tile.output_slices())].to(owned.device, owned.dtype)
@@ -279,20 +312,16 @@ class StreamingCNN:
             return tensor.device
         return None
 
-    def _prepare(self, image: torch.Tensor) -> None:
-        if image.dim() != 2 + self.geometry.n_axes:
+    def _prepare(self, image: torch.Tensor | ImageSource) -> None:
+        shape = image_shape(image)
+        if len(shape) != 2 + self.geometry.n_axes:
             raise GeometryError(
-                f"image has shape {tuple(image.shape)}; expected (N, C, "
+                f"image has shape {shape}; expected (N, C, "
                 f"{', '.join('*' * self.geometry.n_axes)}) with {self.geometry.n_axes} "
                 "spatial axes"
             )
-        if self.plan is not None and tuple(image.shape[2:]) != tuple(self.plan.image_shape_px):
-            shape = "x".join(map(str, image.shape[2:]))
-            planned = "x".join(map(str, self.plan.image_shape_px))
-            raise PlanError(
-                f"image of {shape} px does not match the plan's {planned} px; resize it or "
-                "re-run `tileplan profile` for this size"
-            )
+        if self.plan is not None:
+            check_fits_plan(shape[2:], self.plan)
         check_modes(self.trunk)
         modes = mode_signature(self.trunk)
         if modes != self._modes:  # train()/eval() switched: traced control flow may differ
@@ -302,16 +331,15 @@ class StreamingCNN:
     def _needs_graph(self) -> bool:
         return self.input_grad or any(p.requires_grad for p in self.trunk.parameters())
 
-    def _crop(self, image: torch.Tensor, tile: Tile, *, requires_grad: bool) -> torch.Tensor:
+    def _crop(self, region: torch.Tensor, *, requires_grad: bool) -> torch.Tensor:
         # Always a copy: the trunk may work in place on its input, and crops overlap.
-        region = image[(..., *tile.input_slices())]
-        crop = region.to(device=self.device or image.device, copy=True)
+        crop = region.to(device=self.device or region.device, copy=True)
         if self.preprocess is not None:
             crop = self.preprocess(crop)
         return crop.requires_grad_(requires_grad)
 
-    def _grad_dtype(self, image: torch.Tensor) -> torch.dtype:
-        if image.is_floating_point() and self.preprocess is None:
+    def _grad_dtype(self, image: torch.Tensor | ImageSource) -> torch.dtype:
+        if image.dtype.is_floating_point and self.preprocess is None:
             return image.dtype
         return torch.float32
 
@@ -326,12 +354,34 @@ class StreamingCNN:
         device = self.device or torch.device("cpu")
         return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
 
-    def _tiles(self, tiles: TileGrid | Iterator[Tile], what: str, total: int | None = None
-               ) -> Iterator[Tile]:  # fmt: skip
+    def _tiles(self, tiles: Iterable[Any], what: str, total: int | None = None
+               ) -> Iterator[Any]:  # fmt: skip
         n = total if total is not None else len(tiles)  # type: ignore[arg-type]
         log.debug("%s pass over %d tiles", what, n)
         show = self.progress and sys.stderr.isatty()
         return iter(tqdm(tiles, total=n, desc=f"{what} tiles", disable=not show, leave=False))
+
+
+def check_fits_plan(spatial: Sequence[int], plan: Plan) -> None:
+    """Refuse an image larger than the plan's image on some axis (a smaller one streams at its
+    own shape: its crops are never larger than the plan's tiles, so neither is its peak)."""
+    planned = tuple(plan.image_shape_px)
+    if len(spatial) != len(planned) or any(s > p for s, p in zip(spatial, planned, strict=True)):
+        shape = "x".join(map(str, spatial))
+        raise PlanError(
+            f"image of {shape} px is larger than the plan's {'x'.join(map(str, planned))} px; "
+            "crop it or re-run `tileplan profile` with a larger --image"
+        )
+
+
+def _device_of(image: torch.Tensor | ImageSource) -> torch.device:
+    return image.device if isinstance(image, torch.Tensor) else torch.device("cpu")
+
+
+def _chained(first: list[tuple[Tile, None]], rest: Iterable[tuple[Tile, torch.Tensor]]
+             ) -> Iterator[tuple[Tile, torch.Tensor | None]]:  # fmt: skip
+    yield from first
+    yield from rest
 
 
 def _fed(crop: torch.Tensor) -> torch.Tensor:

@@ -130,8 +130,11 @@ def test_executor_uses_and_enforces_the_plan(tmp_path: Path) -> None:
     assert scnn.forward_tile_shape == (128, 128)
     out = scnn.forward(torch.randn(1, 3, 256, 256))
     assert out.shape == (1, 4, 128, 128)
-    with pytest.raises(PlanError, match="does not match the plan's 256x256"):
-        scnn.forward(torch.randn(1, 3, 128, 256))
+    # A smaller image (any aspect) streams at its own shape with its own grid; a larger one
+    # is refused.
+    assert scnn.forward(torch.randn(1, 3, 128, 200)).shape == (1, 4, 64, 100)
+    with pytest.raises(PlanError, match="larger than the plan's 256x256"):
+        scnn.forward(torch.randn(1, 3, 128, 260))
     with pytest.raises(PlanError, match="different model"):
         StreamingCNN.from_plan(nn.Sequential(nn.Conv2d(3, 8, 3)), path)
 
