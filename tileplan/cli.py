@@ -269,6 +269,28 @@ def validate(plan_file: Path, model_file: Path | None) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _slide_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--mpp, --level, --tissue, --oversize: how images (whole slides above all) are read."""
+    options = [
+        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Read every slide at this many microns per pixel (from its metadata: "
+                     "the nearest finer level, area-averaged down exactly)."),
+        click.option("--level", type=click.IntRange(min=0), default=None,
+                     help="Read this pyramid level (0 = full resolution); a CSV 'level' column "
+                     "overrides it per row."),
+        click.option("--tissue", is_flag=True,
+                     help="Crop each image to the bounding box of its tissue (Otsu on "
+                     "saturation of a thumbnail; cached per slide)."),
+        click.option("--oversize", type=click.Choice(["crop", "refuse"]), default="crop",
+                     show_default=True,
+                     help="An image larger than the plan's: stream its centre (with a warning) "
+                     "or refuse it before training."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command(epilog="Example: tileplan train examples/small_cnn.py --plan plan.yaml "
              "--data demo/train.csv --val demo/val.csv --out runs/demo --epochs 3")  # fmt: skip
 @click.argument("model_file", type=_PATH)
@@ -333,20 +355,25 @@ def validate(plan_file: Path, model_file: Path | None) -> None:
     show_default=True,
     help="Measure the memory-savings report at the end.",
 )
+@_slide_options
 def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: Path,
           epochs: int, lr: float, optimizer: str | None, batch: int,
           mean: tuple[float, ...] | None, std: tuple[float, ...] | None, amp: bool, resume: bool,
-          seed: int, num_workers: int, device: str, report: bool) -> None:  # fmt: skip
+          seed: int, num_workers: int, device: str, report: bool, mpp: float | None,
+          level: int | None, tissue: bool, oversize: str) -> None:  # fmt: skip
     """Train MODEL_FILE with the trunk streamed as PLAN says, on images listed in a CSV.
 
     Data parallel: torchrun --nproc-per-node N -m tileplan train ...
     """
     from tileplan.run.launch import TrainRequest, run_training
+    from tileplan.settings import DataSettings
     from tileplan.text import render_report
 
     with _one_line_errors():
+        settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize)  # type: ignore[arg-type]
         options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
-                   "epochs": epochs, "seed": seed, "num_workers": num_workers}  # fmt: skip
+                   "epochs": epochs, "seed": seed, "num_workers": num_workers,
+                   "data": settings}  # fmt: skip
         request = TrainRequest(model_file=model_file, plan_file=plan_file, data=data, val=val,
                                out=out, options=options, resume=resume, device=device,
                                report=report, require_mixed_precision=amp)  # fmt: skip

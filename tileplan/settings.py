@@ -18,14 +18,15 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import get_args
+from typing import Literal, get_args
 
 import torch
 
 from executor import OPTIMIZER_NAMES, DtypeName, OptimizerName, Plan, Precision
 
 __all__ = [
-    "OPTIMIZERS", "Normalization", "OptimizerSpec", "RunSpec", "SettingsError", "resolve_device",
+    "OPTIMIZERS", "DataSettings", "Normalization", "OptimizerSpec", "RunSpec", "SettingsError",
+    "resolve_device",
 ]  # fmt: skip
 
 
@@ -141,6 +142,48 @@ def _floats(values: Sequence[float] | None) -> tuple[float, ...] | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Data settings
+# --------------------------------------------------------------------------------------------
+
+Oversize = Literal["crop", "refuse"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSettings:
+    """How images are read (see ``tileplan.run.slides``); recorded with the run.
+
+    Attributes:
+        level: pyramid level to read (a CSV ``level`` column overrides it per row).
+        mpp: microns per pixel to read at, from each slide's metadata (exclusive with level).
+        tissue: crop each image to the bounding box of its tissue.
+        oversize: an image larger than the plan's image: ``crop`` to its centre (with a
+            warning) or ``refuse`` it before training starts.
+    """
+
+    level: int | None = None
+    mpp: float | None = None
+    tissue: bool = False
+    oversize: Oversize = "crop"
+
+    def __post_init__(self) -> None:
+        if self.level is not None and self.mpp is not None:
+            raise SettingsError("give either --level or --mpp, not both")
+        if self.level is not None and self.level < 0:
+            raise SettingsError(f"--level {self.level} must be 0 or more")
+        if self.mpp is not None and not (self.mpp > 0 and math.isfinite(self.mpp)):
+            raise SettingsError(f"--mpp {self.mpp} must be a positive number of microns per px")
+        if self.oversize not in get_args(Oversize):
+            raise SettingsError(f"--oversize {self.oversize!r}: use crop or refuse")
+
+    def describe(self) -> str:
+        """E.g. ``1 µm/px, tissue box, larger images centre-cropped``."""
+        what = f"{self.mpp:g} µm/px" if self.mpp is not None else f"level {self.level or 0}"
+        tissue = ", tissue box" if self.tissue else ""
+        policy = "centre-cropped" if self.oversize == "crop" else "refused"
+        return f"{what}{tissue}, larger images {policy}"
+
+
+# --------------------------------------------------------------------------------------------
 # The run spec
 # --------------------------------------------------------------------------------------------
 
@@ -158,6 +201,7 @@ class RunSpec:
         seed: the initial weights and the image order derive from it.
         num_workers: image-reading worker processes.
         normalization: per-channel normalisation of each crop.
+        data: how images are read (resolution, tissue crop, oversize policy).
     """
 
     dtype: DtypeName
@@ -168,6 +212,7 @@ class RunSpec:
     seed: int = 0
     num_workers: int = 2
     normalization: Normalization = field(default_factory=lambda: Normalization.default(3))
+    data: DataSettings = field(default_factory=DataSettings)
 
     def __post_init__(self) -> None:
         if self.dtype not in get_args(DtypeName):

@@ -1,8 +1,9 @@
 """Data layer: a CSV of whole images and labels, validated up front, read lazily.
 
 The CSV
-    A UTF-8 text file with a header line ``image,label`` (in either order, no other columns) and
-    one row per image. ``image`` is a path, relative to the CSV file's folder (or absolute);
+    A UTF-8 text file with a header line ``image,label`` (in either order; an optional third
+    column ``level`` names the pyramid level to read for that row, empty for the run's choice)
+    and one row per image. ``image`` is a path, relative to the CSV file's folder (or absolute);
     ``label`` is a number. Blank lines are ignored. Rows are numbered from 1 for the first line
     after the header, so ``row N`` is line ``N + 1`` of the file.
 
@@ -33,7 +34,15 @@ Image formats and layout
     becomes ``float32``. Other types (``uint16``, signed integers, 1-bit) are refused with a
     message asking for 8-bit or float32 data, rather than rescaled silently.
 
-Shape policy (:func:`fit_to_shape`)
+Whole-slide images (``load_csv(..., settings=DataSettings(...))``, what training uses)
+    Vendor slides (``.svs``, ``.ndpi``, ``.mrxs``, ``.scn``, ...) and TIFFs are read region by
+    region at the run's resolution (``--mpp``/``--level``, or the row's ``level``), optionally
+    cropped to their tissue (``--tissue``): see ``tileplan.run.slides``. Each image streams at
+    its own size, never padded; one larger than the plan's image on an axis is centre-cropped
+    to it (logged) or refused, by ``DataSettings.oversize``. Every row's level, mpp metadata,
+    tissue and size are checked before training starts.
+
+Shape policy without settings (:func:`fit_to_shape`)
     When a plan fixes the image shape ``(H, W)`` and an image differs, each spatial axis is
     handled on its own: an axis that is too long is **center-cropped** (start offset
     ``(size - target) // 2``, so an odd surplus loses one pixel more at the bottom/right); an
@@ -58,14 +67,18 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import tifffile
 import torch
 from PIL import Image
 
-from executor import StreamingError
+from executor import ImageSource, StreamingError, TensorSource
+
+if TYPE_CHECKING:
+    from tileplan.run.slides import Pyramid, Region, Resolved
+    from tileplan.settings import DataSettings
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -93,9 +106,14 @@ IMAGE_SUFFIXES: dict[str, str] = {
     ".jpg": "pil",
     ".jpeg": "pil",
     ".npy": "npy",
+    **{
+        suffix: "openslide"
+        for suffix in (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+    },
 }
 
 _COLUMNS = ("image", "label")
+_OPTIONAL_COLUMNS = ("level",)
 _FIX_ROW = "fix or remove the row"
 _DTYPE_HINT = "store 8-bit (uint8) or float32 images"
 
@@ -141,11 +159,13 @@ class Sample:
         path: absolute path of the image file.
         label: the label as a float.
         row: 1-based data row in the CSV (for error messages).
+        level: the pyramid level this row asks for (the CSV's ``level`` column), or None.
     """
 
     path: Path
     label: float
     row: int
+    level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -443,8 +463,29 @@ def _read_npy(path: Path) -> tuple[np.ndarray, _Layout]:
     return array, layout
 
 
-_PROBERS = {"tiff": _probe_tiff, "pil": _probe_pil, "npy": _probe_npy}
-_READERS = {"tiff": _read_tiff, "pil": _read_pil, "npy": _read_npy}
+def _probe_openslide(path: Path) -> ImageInfo:
+    from tileplan.run.slides import open_pyramid
+
+    pyramid = open_pyramid(path)
+    (h, w) = pyramid.levels[0]
+    return ImageInfo(pyramid.channels, h, w, pyramid.dtype, "openslide")
+
+
+def _read_openslide(path: Path) -> tuple[np.ndarray, _Layout]:
+    from tileplan.run.slides import SlideSource, choose_region, open_pyramid
+
+    pyramid = open_pyramid(path)
+    source = SlideSource(pyramid, choose_region(pyramid))
+    try:
+        return source.read_all()[0].numpy(), _Layout("chw", pyramid.channels)
+    finally:
+        source.close()
+
+
+_PROBERS = {"tiff": _probe_tiff, "pil": _probe_pil, "npy": _probe_npy,
+            "openslide": _probe_openslide}  # fmt: skip
+_READERS = {"tiff": _read_tiff, "pil": _read_pil, "npy": _read_npy,
+            "openslide": _read_openslide}  # fmt: skip
 
 
 def _describe(exc: BaseException) -> str:
@@ -457,6 +498,11 @@ def _describe(exc: BaseException) -> str:
     else:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return " ".join(text.split())  # one line
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why reading an image failed, as one line (for messages that add file and row)."""
+    return _describe(exc)
 
 
 def _probe(path: Path) -> ImageInfo:
@@ -553,7 +599,12 @@ class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         samples: the rows, in CSV order.
         infos: header information of each sample's image (same order).
         target_shape: ``(H, W)`` every image is fitted to, or None to return images as stored.
+            With ``regions`` it is the largest image size instead (nothing is fitted).
         csv_path: the CSV the samples came from, if any.
+        regions: with settings (see :func:`load_csv`): what is streamed of each image (level,
+            resolution, box), read region by region through :meth:`source`; ``infos`` then
+            describe those regions.
+        pyramids: each image's levels and resolution, alongside ``regions``.
     """
 
     def __init__(
@@ -562,7 +613,11 @@ class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         infos: Sequence[ImageInfo],
         target_shape: Sequence[int] | None = None,
         csv_path: Path | None = None,
+        regions: Sequence[Region] | None = None,
+        pyramids: Sequence[Pyramid] | None = None,
     ) -> None:
+        self.regions: tuple[Region, ...] | None = None if regions is None else tuple(regions)
+        self.pyramids: tuple[Pyramid, ...] | None = None if pyramids is None else tuple(pyramids)
         if len(samples) != len(infos):
             raise ValueError(f"{len(samples)} samples but {len(infos)} image infos")
         self.samples: tuple[Sample, ...] = tuple(samples)
@@ -575,10 +630,24 @@ class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def source(self, index: int) -> ImageSource:
+        """Image ``index`` as an ``executor.ImageSource`` of shape ``(1, C, H, W)``: read region
+        by region from its file with ``regions``, else the tensor ``self[index]`` holds."""
+        if self.regions is None or self.pyramids is None:
+            return TensorSource(self[index][0][None])
+        from tileplan.run.slides import SlideSource
+
+        return SlideSource(self.pyramids[index], self.regions[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.samples[index]  # IndexError ends iteration as usual
         try:
-            image = read_image(sample.path, self.target_shape)
+            if self.regions is not None:
+                source = self.source(index)
+                image = source.read_all()[0]  # type: ignore[attr-defined]
+                source.close()  # type: ignore[attr-defined]
+            else:
+                image = read_image(sample.path, self.target_shape)
         except DataError as exc:
             where = self.csv_path if self.csv_path is not None else "dataset"
             raise DataError(
@@ -611,12 +680,14 @@ class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def image_shape(self, index: int) -> tuple[int, int, int]:
         """``(C, H, W)`` of ``self[index][0]`` without reading the image."""
         info = self.infos[index]
-        if self.target_shape is None:
+        if self.target_shape is None or self.regions is not None:
             return info.shape
         return (info.channels, *self.target_shape)
 
     def with_target_shape(self, shape: Sequence[int] | None) -> Dataset:
         """The same samples, fitted to another ``(H, W)`` (or as stored, for None)."""
+        if self.regions is not None:
+            raise ValueError("a dataset of slide regions is not fitted to a shape")
         return Dataset(self.samples, self.infos, shape, self.csv_path)
 
 
@@ -674,7 +745,7 @@ def _numbered(reader: Any) -> Iterator[tuple[int, list[str]]]:
 def _check_header(header: list[str], shown: str, csv_path: Path) -> dict[str, int]:
     names = [h.strip().lower() for h in header]
     missing = [c for c in _COLUMNS if c not in names]
-    extra = [h for h in names if h not in _COLUMNS]
+    extra = [h for h in names if h not in (*_COLUMNS, *_OPTIONAL_COLUMNS)]
     dupes = sorted({h for h in names if names.count(h) > 1})
     problems = []
     if missing:
@@ -686,10 +757,10 @@ def _check_header(header: list[str], shown: str, csv_path: Path) -> dict[str, in
     if problems:
         raise DataError(
             f"{shown}: {'; '.join(problems)} in header {','.join(header)!r}; "
-            "the header must be exactly 'image,label'",
+            "the header must be 'image,label' (and optionally 'level')",
             csv_path=csv_path,
         )
-    return {name: names.index(name) for name in _COLUMNS}
+    return {name: names.index(name) for name in (*_COLUMNS, *_OPTIONAL_COLUMNS) if name in names}
 
 
 def _parse_label(text: str, row: int) -> float:
@@ -702,15 +773,26 @@ def _parse_label(text: str, row: int) -> float:
     return label
 
 
+def _parse_level(text: str, row: int) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise _RowError(row, f"level {text!r} is not a whole number >= 0 (0 = full resolution)")
+    return int(text)
+
+
 def _parse_row(
     row: int, fields: list[str], columns: dict[str, int], base: Path
 ) -> tuple[Sample, ImageInfo]:
     if len(fields) != len(columns):
-        raise _RowError(row, f"expected 2 fields (image,label), got {len(fields)}")
+        raise _RowError(row, f"expected {len(columns)} fields ({','.join(columns)}), got "
+                             f"{len(fields)}")  # fmt: skip
     name = fields[columns["image"]].strip()
     if not name:
         raise _RowError(row, "the image path is empty")
     label = _parse_label(fields[columns["label"]], row)
+    level = _parse_level(fields[columns["level"]], row) if "level" in columns else None
     path = Path(name).expanduser()
     path = (path if path.is_absolute() else base / path).resolve()
     if not path.exists():
@@ -719,7 +801,7 @@ def _parse_row(
         info = _probe(path)
     except Exception as exc:  # any reader failure becomes one clear line
         raise _RowError(row, f"cannot read {name!r}: {_describe(exc)}") from exc
-    return Sample(path=path, label=label, row=row), info
+    return Sample(path=path, label=label, row=row, level=level), info
 
 
 def _check_consistent(samples: Sequence[Sample], infos: Sequence[ImageInfo]) -> None:
@@ -767,7 +849,29 @@ def _log_summary(shown: str, dataset: Dataset) -> None:
         )
 
 
-def load_csv(path: str | os.PathLike[str], target_shape: Sequence[int] | None = None) -> Dataset:
+def _resolve_rows(
+    samples: Sequence[Sample], target_shape: Sequence[int] | None, settings: DataSettings
+) -> tuple[list[Resolved], list[_RowError]]:
+    from tileplan.run.slides import resolve
+
+    resolved, errors = [], []
+    for sample in samples:
+        level = sample.level if sample.level is not None else settings.level
+        mpp = None if sample.level is not None else settings.mpp
+        try:
+            found = resolve(sample.path, level=level, mpp=mpp, tissue=settings.tissue,
+                            max_shape=target_shape, oversize=settings.oversize)  # fmt: skip
+            resolved.append(found)
+        except Exception as exc:  # any reader failure becomes one clear line
+            errors.append(_RowError(sample.row, f"'{sample.path.name}' {_describe(exc)}"))
+    return resolved, errors
+
+
+def load_csv(
+    path: str | os.PathLike[str],
+    target_shape: Sequence[int] | None = None,
+    settings: DataSettings | None = None,
+) -> Dataset:
     """Read and validate a dataset CSV (columns ``image,label``) before any training starts.
 
     Every row is checked: the label must be a finite number, the image must exist and its
@@ -777,7 +881,10 @@ def load_csv(path: str | os.PathLike[str], target_shape: Sequence[int] | None = 
     Args:
         path: the CSV file; image paths in it are relative to its folder.
         target_shape: ``(H, W)`` the plan expects; images of another size are fitted with
-            :func:`fit_to_shape` when read (and counted in a log warning now).
+            :func:`fit_to_shape` when read (and counted in a log warning now). With
+            ``settings`` it is the largest size instead (see the module docstring).
+        settings: read images region by region as slides (resolution, tissue, oversize
+            policy), each at its own size; every row is resolved and checked now.
 
     Returns:
         The validated :class:`Dataset`.
@@ -806,6 +913,9 @@ def load_csv(path: str | os.PathLike[str], target_shape: Sequence[int] | None = 
             _check_consistent(samples, infos)
         except _RowError as exc:
             errors.append(exc)
+    resolved: list[Resolved] = []
+    if settings is not None and not errors:
+        resolved, errors = _resolve_rows(samples, target_shape, settings)
     if errors:
         for err in errors:
             log.error("%s row %d: %s", shown, err.row, err.reason)
@@ -816,6 +926,30 @@ def load_csv(path: str | os.PathLike[str], target_shape: Sequence[int] | None = 
             csv_path=csv_path,
             row=first.row,
         )
-    dataset = Dataset(samples, infos, target_shape, csv_path)
-    _log_summary(shown, dataset)
+    if settings is None:
+        dataset = Dataset(samples, infos, target_shape, csv_path)
+        _log_summary(shown, dataset)
+        return dataset
+    infos = [ImageInfo(i.channels, *r.region.shape, i.dtype, i.reader)
+             for i, r in zip(infos, resolved, strict=True)]  # fmt: skip
+    dataset = Dataset(samples, infos, target_shape, csv_path,
+                      regions=[r.region for r in resolved],
+                      pyramids=[r.pyramid for r in resolved])  # fmt: skip
+    _log_slides(shown, dataset, settings, resolved)
     return dataset
+
+
+def _log_slides(
+    shown: str, dataset: Dataset, settings: DataSettings, resolved: Sequence[Resolved]
+) -> None:
+    sizes = [i.height * i.width for i in dataset.infos]
+    log.info("%s: %d images at %s, %.1f to %.1f MP each, task %s", shown, len(dataset),
+             settings.describe(), min(sizes) / 1e6, max(sizes) / 1e6, dataset.task)  # fmt: skip
+    for sample, r in zip(dataset.samples, resolved, strict=True):
+        if r.cropped_from is not None:
+            log.warning(
+                "%s row %d: '%s' is %dx%d px, larger than the plan's %s; streaming its "
+                "centre %dx%d (--oversize refuse to refuse it instead)",
+                shown, sample.row, sample.path.name, *r.cropped_from,
+                "x".join(map(str, dataset.target_shape or ())), *r.region.shape,
+            )  # fmt: skip

@@ -7,6 +7,8 @@ run folder), then the ``Trainer`` runs, and rank 0 measures the report.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import random
@@ -18,9 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from executor import check_plan_matches, load_plan, save_plan
+from executor import atomic_write, check_plan_matches, load_plan, save_plan
 from tileplan.planning.model_file import load_model_file
-from tileplan.run.data import DataError, load_csv
+from tileplan.run.data import DataError, Dataset, load_csv
 from tileplan.run.report import EpochMetrics, RunReport, measure_run_report, save_report
 from tileplan.run.trainer import Trainer, TrainError
 from tileplan.settings import RunSpec, resolve_device
@@ -64,6 +66,23 @@ def _init_distributed(device: torch.device) -> bool:
     return True
 
 
+def save_regions(path: Path, datasets: list[Dataset | None]) -> None:
+    """Write what was streamed of every image (level, resolution, box) as a CSV: the data
+    settings of a run, image by image."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["csv", "row", "image", "level", "scaled_h", "scaled_w",
+                     "y0", "x0", "h", "w"])  # fmt: skip
+    for data in datasets:
+        if data is None or data.regions is None:
+            continue
+        for sample, region in zip(data.samples, data.regions, strict=True):
+            writer.writerow([data.csv_path, sample.row, sample.path, region.level,
+                             *region.scaled, *region.box])  # fmt: skip
+    text = out.getvalue()
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def run_training(
     req: TrainRequest, *, progress: bool = True
 ) -> tuple[tuple[EpochMetrics, ...], RunReport | None]:
@@ -83,8 +102,10 @@ def run_training(
     _seed_everything(spec.seed)  # the model's initial weights too
     loaded = load_model_file(req.model_file, plan.model.split_option)
     check_plan_matches(plan, loaded.trunk)
-    train_data = load_csv(req.data, target_shape=plan.image_shape_px)
-    val_data = load_csv(req.val, target_shape=plan.image_shape_px) if req.val else None
+    # Images stream at their own size up to the plan's (a plan states the largest image).
+    largest = plan.image_shape_px
+    train_data = load_csv(req.data, target_shape=largest, settings=spec.data)
+    val_data = load_csv(req.val, target_shape=largest, settings=spec.data) if req.val else None
     for data in (train_data, val_data):
         if data is not None and data.channels != plan.channels:
             raise DataError(
@@ -107,6 +128,7 @@ def run_training(
         if trainer.rank == 0:
             req.out.mkdir(parents=True, exist_ok=True)
             save_plan(plan, req.out / "plan.yaml")
+            save_regions(req.out / "regions.csv", [train_data, val_data])
         history = trainer.fit(progress=progress)
         report = None
         if req.report and trainer.rank == 0 and history:

@@ -3,7 +3,10 @@
 ``predict_files`` runs a trained checkpoint on image files: each image is streamed forward only
 (no autograd memory), normalised exactly as in training (the checkpoint records how), and with
 ``saliency_dir`` the predicted output's exact gradient with respect to the image is written as
-a PNG (magnitude, max over channels) and a raw ``.npy`` per image.
+a PNG (magnitude, max over channels) and a raw ``.npy`` per image, and as an overlay on the
+whole slide's thumbnail (``<name>.overlay.png``: heat where the gradient is large, the streamed
+box outlined). Images are read as in training (the run's recorded ``DataSettings``:
+resolution, tissue crop, oversize policy), slides region by region from disk.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from executor import (
+    ImageSource,
     SegmentedStreamingCNN,
     StreamingCNN,
     atomic_write,
@@ -28,11 +32,15 @@ from executor import (
 )
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.checkpoint import CheckpointError, load_checkpoint
-from tileplan.run.data import Task, read_image
+from tileplan.run.data import DataError, Task, describe_error
+from tileplan.run.slides import Region, SlideSource, resolve, thumbnail
 from tileplan.run.trainer import decide
 from tileplan.settings import resolve_device
 
-__all__ = ["Prediction", "predict_files", "predict_image", "predictions_csv", "saliency_to_uint8"]
+__all__ = [
+    "Prediction", "predict_files", "predict_image", "predictions_csv", "saliency_overlay",
+    "saliency_to_uint8",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +56,17 @@ class Prediction:
 
 
 def predict_image(
-    scnn: StreamingCNN | SegmentedStreamingCNN, head: nn.Module, image: torch.Tensor, *, task: Task,
-    saliency: bool = False,
+    scnn: StreamingCNN | SegmentedStreamingCNN, head: nn.Module,
+    image: torch.Tensor | ImageSource, *, task: Task, saliency: bool = False,
 ) -> Prediction:  # fmt: skip
-    """Stream ``image`` (C, *spatial) forward only; optionally its exact saliency map.
+    """Stream ``image`` (a (C, *spatial) tensor, or an ``ImageSource`` of (1, C, *spatial))
+    forward only; optionally its exact saliency map.
 
     Without saliency no autograd memory is used at all. With it, the predicted class's logit
     (or the regressed value) is backpropagated tile by tile to the image: the same exact
     streaming backward as in training, with ``scnn.input_grad`` on.
     """
-    batch = image.unsqueeze(0)
+    batch = image.unsqueeze(0) if isinstance(image, torch.Tensor) else image
     if not saliency:
         with torch.no_grad():
             features = scnn.forward(batch)
@@ -130,15 +139,78 @@ def predict_files(
         loaded.trunk, plan, input_grad=saliency_dir is not None,
         preprocess=lambda crop: normalization.apply(crop, dtype),
     )  # fmt: skip
+    data = spec.data
+    found = []
+    for path in images:  # every image is checked before any is predicted
+        try:
+            slide = resolve(Path(path), level=data.level, mpp=data.mpp, tissue=data.tissue,
+                            max_shape=plan.image_shape_px, oversize=data.oversize)  # fmt: skip
+            found.append(slide)
+        except Exception as exc:  # any reader failure becomes one clear line
+            raise DataError(f"cannot predict '{path}': {describe_error(exc)}") from exc
     results = []
-    for path in images:
-        image = read_image(path, plan.image_shape_px)
-        pred = predict_image(scnn, loaded.head, image, task=ckpt.meta.task,
-                             saliency=saliency_dir is not None)  # fmt: skip
+    for path, slide in zip(images, found, strict=True):
+        source = SlideSource(slide.pyramid, slide.region)
+        try:
+            pred = predict_image(scnn, loaded.head, source, task=ckpt.meta.task,
+                                 saliency=saliency_dir is not None)  # fmt: skip
+        finally:
+            source.close()
         if saliency_dir is not None and pred.saliency is not None:
             _write_saliency(saliency_dir, path, pred.saliency)
+            overlay = saliency_overlay(thumbnail(slide.pyramid), saliency_to_uint8(pred.saliency),
+                                       slide.region)  # fmt: skip
+            _write_png(saliency_dir / f"{path.stem}.overlay.png", overlay)
         results.append((path, pred))
     return results
+
+
+def saliency_overlay(thumb: np.ndarray, magnitude: np.ndarray, region: Region) -> np.ndarray:
+    """The saliency magnitude of a streamed region drawn over the whole slide's thumbnail.
+
+    Args:
+        thumb: ``(th, tw, C)`` uint8 thumbnail of the whole slide (C = 1 or 3).
+        magnitude: ``(h, w)`` uint8 saliency magnitude of ``region.box``.
+        region: what was streamed: its box in px of ``region.scaled`` (the whole slide).
+
+    Returns:
+        ``(th, tw, 3)`` uint8: heat (red to yellow, opaque where the gradient is large) over
+        the thumbnail, the streamed box outlined in blue.
+    """
+    from PIL import Image
+
+    base = thumb if thumb.shape[2] == 3 else np.repeat(thumb[..., :1], 3, axis=2)
+    out = base.astype(np.float32)
+    (th, tw), (sh, sw) = base.shape[:2], region.scaled
+    y0, x0, h, w = region.box
+    # The box in thumbnail px: floor the start, ceil the end, at least one px.
+    ty0, tx0 = (y0 * th) // sh, (x0 * tw) // sw
+    ty1 = max(ty0 + 1, min(th, -((-(y0 + h) * th) // sh)))
+    tx1 = max(tx0 + 1, min(tw, -((-(x0 + w) * tw) // sw)))
+    heat = (
+        np.asarray(
+            Image.fromarray(magnitude).resize((tx1 - tx0, ty1 - ty0), Image.Resampling.BOX),
+            dtype=np.float32,
+        )
+        / 255.0
+    )  # (bh, bw) in [0, 1]
+    colour = np.stack([np.full_like(heat, 255.0), 255.0 * heat, np.zeros_like(heat)], axis=-1)
+    alpha = (0.75 * heat)[..., None]
+    patch = out[ty0:ty1, tx0:tx1]
+    out[ty0:ty1, tx0:tx1] = patch * (1 - alpha) + colour * alpha
+    blue = np.array([40.0, 90.0, 255.0], dtype=np.float32)
+    out[ty0, tx0:tx1] = out[ty1 - 1, tx0:tx1] = blue
+    out[ty0:ty1, tx0] = out[ty0:ty1, tx1 - 1] = blue
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    atomic_write(path, lambda f: f.write(png.getvalue()))
 
 
 def _write_saliency(out_dir: Path, image_path: Path, saliency: torch.Tensor) -> None:

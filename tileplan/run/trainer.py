@@ -14,6 +14,9 @@ rank 0 writes files and shows progress.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import copy
 import dataclasses
 import logging
 import math
@@ -28,7 +31,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from executor import Plan, StreamingCNN, StreamingError, streaming_step
+from executor import (
+    GeometryError,
+    ImageSource,
+    Plan,
+    SegmentedStreamingCNN,
+    StreamingCNN,
+    StreamingError,
+    streaming_step,
+)
 from tileplan.run.checkpoint import (
     Checkpoint,
     CheckpointMeta,
@@ -160,6 +171,10 @@ class Trainer:
             progress=self.rank == 0,  # a bar over tiles, on a terminal only
         )  # fmt: skip
         self.task: Task = self._task()
+        for data in (train_data, val_data):
+            if data is not None and data.regions is not None:
+                check_image_sizes(self.scnn, head, data, channels=self._trunk_channels(),
+                                  outputs=self._head_outputs())  # fmt: skip
         self.loss = loss_for(self.task)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
@@ -181,12 +196,18 @@ class Trainer:
         return task
 
     @torch.no_grad()
-    def _head_outputs(self) -> int:
-        """Outputs of the head, from a probe through the trunk at its receptive field size."""
+    def _trunk_channels(self) -> int:
+        """Output channels of the trunk, from a probe at its receptive field size."""
         dtype = self.spec.precision.param_dtype
         small = tuple(rf + 1 for rf in self.scnn.geometry.receptive_field)
         x = torch.zeros(1, self.train_data.channels, *small, device=self.device, dtype=dtype)
-        channels = self.trunk(x).shape[1]
+        return int(self.trunk(x).shape[1])
+
+    @torch.no_grad()
+    def _head_outputs(self) -> int:
+        """Outputs of the head for the plan's output map."""
+        dtype = self.spec.precision.param_dtype
+        channels = self._trunk_channels()
         probe = torch.zeros(1, channels, *self.plan.output_shape, device=self.device, dtype=dtype)
         return int(self.head(probe).reshape(1, -1).shape[1])
 
@@ -254,7 +275,10 @@ class Trainer:
             batch = order[start : start + b]
             yield batch[self.rank :: self.world], len(batch)
 
-    def _image(self, data: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image(self, data: Dataset, index: int) -> tuple[torch.Tensor | ImageSource, torch.Tensor]:
+        if data.regions is not None:  # streamed from its file, region by region
+            label = torch.tensor([data.samples[index].label], dtype=torch.float32)
+            return data.source(index), label
         image, label = data[index]
         return image.unsqueeze(0), label.reshape(1)  # (1, C, H, W) on the host
 
@@ -268,9 +292,17 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
-    def _images(self, indices: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _images(
+        self, indices: list[int]
+    ) -> Iterator[tuple[torch.Tensor | ImageSource, torch.Tensor]]:
         """(1, C, *spatial) images and labels in ``indices`` order, read ahead by
-        ``num_workers`` processes."""
+        ``num_workers`` processes (slides: opened ahead by as many threads; their tiles are
+        read during the passes)."""
+        if self.train_data.regions is not None:
+            yield from _opened_ahead(
+                (self._image(self.train_data, i) for i in indices), self.spec.num_workers
+            )
+            return
         if self.spec.num_workers == 0:
             yield from (self._image(self.train_data, i) for i in indices)
             return
@@ -363,3 +395,77 @@ class Trainer:
         dist.all_reduce(t)
         n = max(float(t[2]), 1.0)
         return float(t[0]) / n, (float(t[1]) / n if accuracy is not None else None)
+
+
+def _opened_ahead(
+    items: Iterator[tuple[ImageSource | torch.Tensor, torch.Tensor]], ahead: int
+) -> Iterator[tuple[ImageSource | torch.Tensor, torch.Tensor]]:
+    """Yield ``items``, opening the next ``ahead`` sources on threads meanwhile (a whole-image
+    format is decoded when opened), and closing each source after its step."""
+
+    def opened(source: ImageSource | torch.Tensor) -> ImageSource | torch.Tensor:
+        return source.open() if hasattr(source, "open") else source
+
+    pool = concurrent.futures.ThreadPoolExecutor(max(ahead, 1), "tileplan-open")
+    pending: collections.deque = collections.deque()
+    try:
+        for source, label in items:
+            pending.append((pool.submit(opened, source), label))
+            while len(pending) > ahead:
+                yield _finish(*pending.popleft())
+        while pending:
+            yield _finish(*pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finish(future: concurrent.futures.Future, label: torch.Tensor
+            ) -> tuple[ImageSource | torch.Tensor, torch.Tensor]:  # fmt: skip
+    return future.result(), label
+
+
+def check_image_sizes(
+    scnn: StreamingCNN | SegmentedStreamingCNN,
+    head: nn.Module,
+    data: Dataset,
+    *,
+    channels: int,
+    outputs: int,
+) -> None:
+    """Every image of ``data`` streams at its own size: check, before training, that the trunk
+    tiles each size and that the head takes each output map of ``channels`` channels (on the
+    meta device: shapes only) and gives ``outputs`` values.
+
+    Raises:
+        TrainError: naming the CSV row, the size and the fix.
+    """
+    where = data.csv_path or "dataset"
+    meta_head = copy.deepcopy(head).to("meta")
+    seen: set[tuple[int, ...]] = set()
+    for index, sample in enumerate(data.samples):
+        c, h, w = data.image_shape(index)
+        if (h, w) in seen:
+            continue
+        seen.add((h, w))
+        try:
+            grids = scnn.tile_grids((h, w)) if isinstance(scnn, SegmentedStreamingCNN) else [
+                scnn.tile_grid((h, w))]  # fmt: skip
+            out_shape = grids[-1].output_shape
+        except GeometryError as err:
+            raise TrainError(f"{where} row {sample.row}: an image of {h}x{w} px cannot be "
+                             f"streamed: {err}") from None  # fmt: skip
+        probe = torch.zeros(1, channels, *out_shape, device="meta")
+        try:
+            with torch.no_grad():
+                got = int(meta_head(probe).reshape(1, -1).shape[1])
+        except Exception as err:  # the head's own error, whatever it is
+            raise TrainError(
+                f"{where} row {sample.row}: the head cannot take the trunk's {out_shape[0]}x"
+                f"{out_shape[1]} output of this {h}x{w} px image ({type(err).__name__}); images "
+                "of different sizes need a head that pools globally (e.g. AdaptiveAvgPool2d(1))"
+            ) from None
+        if got != outputs:
+            raise TrainError(
+                f"{where} row {sample.row}: the head gives {got} values for a {h}x{w} px image "
+                f"but {outputs} for the plan's; pool globally before the classifier"
+            )

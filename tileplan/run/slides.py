@@ -1,0 +1,633 @@
+"""Whole-slide images: pyramids on disk, read region by region at a chosen resolution.
+
+Readers
+    - Vendor formats (``.svs``, ``.ndpi``, ``.mrxs``, ``.scn``, ``.bif``, ``.vms``, ``.vmu``,
+      ``.svslide``) through OpenSlide (``openslide-python`` with the ``openslide-bin`` wheel:
+      no system package). Level ``l``'s pixel ``(y, x)`` is read at level-0 coordinates
+      ``round(y * d_l), round(x * d_l)`` with OpenSlide's downsample ``d_l``; for a level whose
+      downsample is not an integer OpenSlide maps those coordinates itself. The alpha channel
+      OpenSlide returns is dropped (0 outside the scanned area). Microns per pixel come from
+      ``openslide.mpp-x``/``openslide.mpp-y``.
+    - TIFF (``.tif``/``.tiff``, plain or pyramidal: SubIFDs or a page per level, as tifffile's
+      ``series[0].levels`` sees them) through tifffile. A region read decodes only the tiles
+      (or strips) it touches. Microns per pixel come from XResolution/YResolution with
+      ResolutionUnit centimetre or inch; ``none`` means no metadata.
+    - PNG, JPEG and ``.npy`` are single-level images without mpp, decoded whole
+      (``tileplan.run.data.read_image``).
+
+Resolution (:func:`choose_region`)
+    ``level=N`` reads level N as stored. ``mpp=M`` reads the coarsest level that has at least
+    as many pixels as the slide has at M µm/px (``round(size_0 * mpp_0 / M)`` per axis) and
+    area-averages it down to exactly that size: output pixel ``i`` of an axis with ``L`` level
+    pixels and ``O`` output pixels is the mean of the level interval ``[i L / O, (i+1) L / O)``,
+    fractional pixels weighted by their overlap. Weights are exact integer ratios and every
+    output pixel is computed from global coordinates in a fixed order, so a region read equals
+    the same part of a whole-image read bit for bit, which is what makes streaming from a
+    slide identical to streaming its pixels from memory (``executor.sources``).
+
+Tissue (:func:`tissue_box`)
+    The bounding box of tissue: Otsu's threshold (``skimage.filters.threshold_otsu``) on the
+    HSV saturation of a thumbnail (the coarsest level, area-averaged to at most 2048 px per
+    side), objects smaller than 0.1% of the thumbnail removed; glass is grey-white, stained
+    tissue saturated. The box is cached per slide (path, size, modification time) in
+    ``$TILEPLAN_CACHE/tissue`` (default ``~/.cache/tileplan``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tifffile
+import torch
+
+from executor import atomic_write
+from tileplan.run.data import (
+    _BadImageError,
+    _check_tiff_extent,
+    _decode_first_segment,
+    _Layout,
+    _out_dtype,
+    _tiff_layout,
+    read_image,
+)
+
+__all__ = [
+    "OPENSLIDE_SUFFIXES",
+    "Pyramid",
+    "Region",
+    "SlideSource",
+    "choose_region",
+    "open_pyramid",
+    "thumbnail",
+    "tissue_box",
+]
+
+log = logging.getLogger(__name__)
+
+#: File name suffixes (lower case) read through OpenSlide.
+OPENSLIDE_SUFFIXES = frozenset(
+    {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
+)
+_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+_THUMBNAIL_SIDE = 2048  # px, longest side of the image tissue is looked for on
+_TISSUE_METHOD = "otsu-saturation-v1"  # changes invalidate cached boxes
+
+Backend = Literal["openslide", "tifffile", "array"]
+
+
+# --------------------------------------------------------------------------------------------
+# What a slide is
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """A slide's levels as stored, from its header.
+
+    Attributes:
+        path: the file.
+        backend: what reads it: ``openslide``, ``tifffile`` or ``array`` (whole image).
+        levels: ``(H, W)`` of each level in px, level 0 (full resolution) first.
+        mpp: ``(y, x)`` microns per pixel of level 0, or None without metadata.
+        channels: channels of a read (alpha dropped, gray = 1).
+        dtype: ``"uint8"`` or ``"float32"``.
+    """
+
+    path: Path
+    backend: Backend
+    levels: tuple[tuple[int, int], ...]
+    mpp: tuple[float, float] | None
+    channels: int
+    dtype: Literal["uint8", "float32"]
+
+    def level_mpp(self, level: int) -> tuple[float, float] | None:
+        """``(y, x)`` µm/px of a level: level 0's scaled by the ratio of the sizes."""
+        if self.mpp is None:
+            return None
+        (h0, w0), (h, w) = self.levels[0], self.levels[level]
+        return (self.mpp[0] * h0 / h, self.mpp[1] * w0 / w)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.dtype == "uint8" else torch.float32
+
+
+def is_openslide_file(path: Path) -> bool:
+    return path.suffix.lower() in OPENSLIDE_SUFFIXES
+
+
+def open_pyramid(path: str | os.PathLike[str]) -> Pyramid:
+    """Read a slide's (or an image's) levels and resolution from its header.
+
+    Raises:
+        _BadImageError: the file cannot be read as a slide (the caller adds file and row).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _BadImageError("file not found" if not path.exists() else "not a regular file")
+    suffix = path.suffix.lower()
+    if suffix in OPENSLIDE_SUFFIXES:
+        return _probe_openslide(path)
+    if suffix in _TIFF_SUFFIXES:
+        return _probe_tiff_pyramid(path)
+    from tileplan.run.data import probe_image
+
+    info = probe_image(path)
+    return Pyramid(path, "array", ((info.height, info.width),), None, info.channels, info.dtype)
+
+
+def _probe_openslide(path: Path) -> Pyramid:
+    import openslide
+
+    try:
+        slide = openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise _BadImageError("OpenSlide does not recognise this file as a slide") from None
+    except openslide.OpenSlideError as err:
+        raise _BadImageError(f"OpenSlide cannot read it ({err})") from None
+    try:
+        levels = tuple((h, w) for w, h in slide.level_dimensions)
+        props = slide.properties
+        mpp = None
+        if openslide.PROPERTY_NAME_MPP_X in props and openslide.PROPERTY_NAME_MPP_Y in props:
+            mpp_x = float(props[openslide.PROPERTY_NAME_MPP_X])
+            mpp_y = float(props[openslide.PROPERTY_NAME_MPP_Y])
+            mpp = (mpp_y, mpp_x) if mpp_x > 0 and mpp_y > 0 else None
+        # Decode one region now: a truncated or corrupt file fails here, not in training.
+        w, h = slide.level_dimensions[-1]
+        slide.read_region((0, 0), slide.level_count - 1, (min(w, 64), min(h, 64)))
+    except openslide.OpenSlideError as err:
+        raise _BadImageError(f"OpenSlide cannot read it ({err})") from None
+    finally:
+        slide.close()
+    return Pyramid(path, "openslide", levels, mpp, 3, "uint8")
+
+
+def _tiff_mpp(page: Any) -> tuple[float, float] | None:
+    unit = int(page.resolutionunit)
+    per_um = {int(tifffile.RESUNIT.CENTIMETER): 1e4, int(tifffile.RESUNIT.INCH): 25400.0}
+    if unit not in per_um:
+        return None
+    try:
+        res_x, res_y = page.resolution  # px per unit
+    except (TypeError, ValueError):
+        return None
+    if not (res_x > 0 and res_y > 0 and math.isfinite(res_x) and math.isfinite(res_y)):
+        return None
+    return (per_um[unit] / res_y, per_um[unit] / res_x)
+
+
+def _probe_tiff_pyramid(path: Path) -> Pyramid:
+    with tifffile.TiffFile(path) as tif:
+        pages = _tiff_levels(tif)
+        dtype: Literal["uint8", "float32"] = "uint8"
+        channels = 0
+        levels = []
+        for k, page in enumerate(pages):
+            layout, h, w = _tiff_layout(page)
+            if k == 0:
+                dtype, channels = _out_dtype(np.dtype(page.dtype)), layout.channels
+            _check_tiff_extent(page, path.stat().st_size)
+            levels.append((h, w))
+        _decode_first_segment(tif, pages[-1])
+        mpp = _tiff_mpp(pages[0])
+    return Pyramid(path, "tifffile", tuple(levels), mpp, channels, dtype)
+
+
+def _tiff_levels(tif: Any) -> list[Any]:
+    """The pages of the pyramid of the first series, level 0 first (a plain TIFF has one)."""
+    if not len(tif.pages):
+        raise _BadImageError("TIFF file has no pages")
+    series = tif.series[0] if tif.series else None
+    if series is None:
+        return [tif.pages[0]]
+    pages = []
+    for level in series.levels:
+        page = level.keyframe
+        if len(pages) and (page.imagelength, page.imagewidth) >= (
+            pages[-1].imagelength,
+            pages[-1].imagewidth,
+        ):
+            break  # not a reduced level: keep the pyramid proper
+        pages.append(page)
+    return pages or [tif.pages[0]]
+
+
+# --------------------------------------------------------------------------------------------
+# Level readers (an open file; one read at a time)
+# --------------------------------------------------------------------------------------------
+
+
+class _LevelReader:
+    """Reads ``(C, h, w)`` regions of a level as stored."""
+
+    def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _OpenSlideReader(_LevelReader):
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self._slide = openslide.OpenSlide(path)
+
+    def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        ds = self._slide.level_downsamples[level]
+        region = self._slide.read_region((round(x0 * ds), round(y0 * ds)), level, (w, h))
+        return np.asarray(region)[..., :3].transpose(2, 0, 1)  # RGBA (h, w, 4) -> (3, h, w)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class _TiffReader(_LevelReader):
+    """Decodes only the tiles (or strips) a region touches."""
+
+    def __init__(self, path: Path) -> None:
+        self._tif = tifffile.TiffFile(path)
+        self._pages = _tiff_levels(self._tif)
+        self._layouts = [_tiff_layout(p)[0] for p in self._pages]
+
+    def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        page, layout = self._pages[level], self._layouts[level]
+        raw = _read_page_region(self._tif, page, y0, x0, h, w)  # (S, h, w)
+        return _apply_layout(raw, layout)
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+class _ArrayReader(_LevelReader):
+    def __init__(self, path: Path) -> None:
+        self._image = read_image(path)  # (C, H, W)
+
+    def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        return self._image[:, y0 : y0 + h, x0 : x0 + w].numpy()
+
+
+_READERS: dict[Backend, type[_LevelReader]] = {
+    "openslide": _OpenSlideReader,
+    "tifffile": _TiffReader,
+    "array": _ArrayReader,
+}
+
+
+def _read_page_region(tif: Any, page: Any, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """Pixels ``[y0, y0+h) x [x0, x0+w)`` of a TIFF page as ``(S, h, w)``, decoding only the
+    segments (tiles or strips) that overlap the region."""
+    height, width = page.imagelength, page.imagewidth
+    samples = int(page.samplesperpixel)
+    separate = samples > 1 and int(page.planarconfig) == int(tifffile.PLANARCONFIG.SEPARATE)
+    if page.is_tiled:
+        seg_h, seg_w = page.tilelength, page.tilewidth
+    else:
+        seg_h, seg_w = min(page.rowsperstrip or height, height), width
+    across, down = -(-width // seg_w), -(-height // seg_h)
+    out = np.zeros((samples, h, w), dtype=page.dtype)
+    fh = tif.filehandle
+    for plane in range(samples if separate else 1):
+        for ty in range(y0 // seg_h, (y0 + h - 1) // seg_h + 1):
+            for tx in range(x0 // seg_w, (x0 + w - 1) // seg_w + 1):
+                index = (plane * down + ty) * across + tx
+                count = page.databytecounts[index]
+                if not count:
+                    continue  # a missing segment reads as zeros
+                fh.seek(page.dataoffsets[index])
+                segment, _, _ = page.decode(fh.read(count), index, jpegtables=page.jpegtables)
+                seg = np.asarray(segment).reshape(segment.shape[-3:])  # (seg_h', seg_w', s)
+                sy, sx = ty * seg_h, tx * seg_w
+                a_y, b_y = max(y0, sy), min(y0 + h, sy + seg.shape[0], height)
+                a_x, b_x = max(x0, sx), min(x0 + w, sx + seg.shape[1], width)
+                part = seg[a_y - sy : b_y - sy, a_x - sx : b_x - sx].transpose(2, 0, 1)
+                target = slice(plane, plane + 1) if separate else slice(0, samples)
+                out[target, a_y - y0 : b_y - y0, a_x - x0 : b_x - x0] = part
+    return out
+
+
+def _apply_layout(raw: np.ndarray, layout: _Layout) -> np.ndarray:
+    """``(S, h, w)`` as stored -> ``(C, h, w)`` uint8/float32 as ``read_image`` returns."""
+    data = raw[: layout.channels]
+    dtype = np.uint8 if _out_dtype(raw.dtype) == "uint8" else np.float32
+    data = np.ascontiguousarray(data, dtype=dtype)
+    if layout.invert and dtype == np.uint8:
+        np.subtract(255, data, out=data)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution and region
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    """What is streamed from a slide: a box of one level resampled to a resolution.
+
+    Attributes:
+        level: the pyramid level read.
+        scaled: ``(H, W)`` of the whole level at the asked resolution (the level's own size
+            when no resampling is needed).
+        box: ``(y0, x0, h, w)`` streamed, in px of ``scaled``.
+    """
+
+    level: int
+    scaled: tuple[int, int]
+    box: tuple[int, int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.box[2], self.box[3])
+
+    def with_box(self, box: tuple[int, int, int, int]) -> Region:
+        return Region(self.level, self.scaled, box)
+
+
+def choose_region(pyramid: Pyramid, *, level: int | None = None, mpp: float | None = None
+                  ) -> Region:  # fmt: skip
+    """The level to read and the size it is resampled to, for the whole slide: ``level`` as
+    stored, or the resolution ``mpp`` (µm/px); neither means level 0.
+
+    Raises:
+        _BadImageError: no such level; mpp asked of a slide without mpp metadata; an mpp
+            finer than the slide's level 0.
+    """
+    n = len(pyramid.levels)
+    if mpp is None:
+        level = level or 0
+        if level >= n:
+            raise _BadImageError(
+                f"has no level {level} (it has {n}: 0..{n - 1}); choose another level"
+            )
+        h, w = pyramid.levels[level]
+        return Region(level, (h, w), (0, 0, h, w))
+    if pyramid.mpp is None:
+        raise _BadImageError(
+            f"has no resolution metadata (microns per pixel), so --mpp {mpp:g} "
+            "cannot be honoured; use --level (or a 'level' column) for it"
+        )
+    (h0, w0), (mpp_y, mpp_x) = pyramid.levels[0], pyramid.mpp
+    target = (round(h0 * mpp_y / mpp), round(w0 * mpp_x / mpp))
+    if target[0] > h0 or target[1] > w0:
+        raise _BadImageError(
+            f"is scanned at {mpp_x:.4g} µm/px, coarser than --mpp {mpp:g}; ask for "
+            f"{mpp_x:.4g} or more"
+        )
+    if min(target) < 1:
+        raise _BadImageError(f"is smaller than one pixel at --mpp {mpp:g}")
+    # The coarsest level with at least the target's pixels on both axes: the least to decode.
+    best = max(k for k, (h, w) in enumerate(pyramid.levels) if h >= target[0] and w >= target[1])
+    return Region(best, target, (0, 0, *target))
+
+
+def _taps(start: int, stop: int, size: int, out: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Area-average weights of output pixels ``[start, stop)`` of an axis of ``size`` level px
+    resampled to ``out`` px (``size >= out``).
+
+    Output pixel ``i`` covers level interval ``[i size / out, (i+1) size / out)``; level pixel
+    ``j`` contributes its overlap with it, ``(min((j+1) out, (i+1) size) - max(j out, i size))
+    / size`` (integers until the one division), so weights depend on ``i`` and ``j`` only.
+
+    Returns:
+        ``(index, weight, lo, hi)``: ``index[k, i]`` is tap k's level pixel relative to ``lo``,
+        ``weight[k, i]`` its weight (float64), ``[lo, hi)`` the level pixels needed.
+    """
+    i = np.arange(start, stop, dtype=np.int64)
+    first = (i * size) // out
+    last = -((-(i + 1) * size) // out)  # ceil, exclusive
+    n_taps = int((last - first).max())
+    j = first[None, :] + np.arange(n_taps, dtype=np.int64)[:, None]  # (K, n)
+    num = np.minimum((j + 1) * out, (i + 1) * size) - np.maximum(j * out, i * size)
+    weight = np.clip(num, 0, None) / size
+    lo, hi = int(first[0]), int(last[-1])
+    index = np.minimum(j, hi - 1) - lo  # taps past the interval have weight 0
+    return index, weight, lo, hi
+
+
+def _resample_axis(data: np.ndarray, axis: int, index: np.ndarray, weight: np.ndarray
+                   ) -> np.ndarray:  # fmt: skip
+    """``sum_k weight[k] * data[index[k]]`` along ``axis``, in tap order (float64)."""
+    shape = [1] * data.ndim
+    shape[axis] = -1
+    acc = np.zeros(0)
+    for k in range(index.shape[0]):
+        term = np.take(data, index[k], axis=axis) * weight[k].reshape(shape)
+        acc = term if k == 0 else acc + term
+    return acc
+
+
+class SlideSource:
+    """A region of a slide as an ``executor.ImageSource``: ``(1, C, h, w)`` read on demand.
+
+    Each ``read`` decodes only the level's part that the asked region needs (plus, when
+    resampling, the level pixels its edge output pixels overlap), and resamples it with
+    :func:`_taps`, so any region equals the same part of a whole read bit for bit. The file is
+    opened on the first read and kept open (one read at a time) until ``close``.
+    """
+
+    def __init__(self, pyramid: Pyramid, region: Region) -> None:
+        self.pyramid = pyramid
+        self.region = region
+        self._reader: _LevelReader | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, self.pyramid.channels, *self.region.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pyramid.torch_dtype
+
+    def read(self, region: Sequence[slice]) -> torch.Tensor:
+        (ys, xs) = region
+        y0, x0, _, _ = self.region.box
+        # In px of the scaled level.
+        a_y, b_y, a_x, b_x = y0 + ys.start, y0 + ys.stop, x0 + xs.start, x0 + xs.stop
+        level_h, level_w = self.pyramid.levels[self.region.level]
+        out_h, out_w = self.region.scaled
+        with self._lock:
+            reader = self._open()
+            if (level_h, level_w) == (out_h, out_w):
+                data = reader.read(self.region.level, a_y, a_x, b_y - a_y, b_x - a_x)
+                return torch.from_numpy(np.ascontiguousarray(data))[None]
+            idx_y, w_y, lo_y, hi_y = _taps(a_y, b_y, level_h, out_h)
+            idx_x, w_x, lo_x, hi_x = _taps(a_x, b_x, level_w, out_w)
+            data = reader.read(self.region.level, lo_y, lo_x, hi_y - lo_y, hi_x - lo_x)
+        scaled = _resample_axis(_resample_axis(data, 1, idx_y, w_y), 2, idx_x, w_x)
+        if data.dtype == np.uint8:
+            scaled = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        else:
+            scaled = scaled.astype(np.float32)
+        return torch.from_numpy(scaled)[None]
+
+    def _open(self) -> _LevelReader:
+        if self._reader is None:
+            self._reader = _READERS[self.pyramid.backend](self.pyramid.path)
+        return self._reader
+
+    def open(self) -> SlideSource:
+        """Open the file now (decoding it for a whole-image format), e.g. on a thread ahead of
+        its turn; reads open it otherwise."""
+        with self._lock:
+            self._open()
+        return self
+
+    def read_all(self) -> torch.Tensor:
+        """The whole region as one ``(1, C, h, w)`` tensor (for tests and small regions)."""
+        h, w = self.region.shape
+        return self.read((slice(0, h), slice(0, w)))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes: no handle
+        return {"pyramid": self.pyramid, "region": self.region}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["pyramid"], state["region"])  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# Thumbnails and tissue
+# --------------------------------------------------------------------------------------------
+
+
+def thumbnail(pyramid: Pyramid, max_side: int = _THUMBNAIL_SIDE) -> np.ndarray:
+    """The whole slide as ``(h, w, C)`` with its longest side at most ``max_side`` px: the
+    coarsest level, area-averaged down when it is still larger."""
+    level = len(pyramid.levels) - 1
+    h, w = pyramid.levels[level]
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
+    source = SlideSource(pyramid, Region(level, size, (0, 0, *size)))
+    try:
+        strips = []
+        step = max(1, (64 << 20) // max(1, 8 * pyramid.channels * w * max(1, round(1 / scale))))
+        for top in range(0, size[0], step):  # strips: bounded memory for a huge level
+            strips.append(source.read((slice(top, min(size[0], top + step)), slice(0, size[1]))))
+    finally:
+        source.close()
+    return torch.cat(strips, dim=2)[0].permute(1, 2, 0).numpy()
+
+
+def _cache_file(path: Path) -> Path:
+    root = Path(os.environ.get("TILEPLAN_CACHE", Path.home() / ".cache" / "tileplan"))
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_TISSUE_METHOD}"
+    return root / "tissue" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def tissue_box(pyramid: Pyramid) -> tuple[int, int, int, int]:
+    """Bounding box ``(y0, x0, y1, x1)`` of the tissue in level-0 px (end exclusive), found on a
+    thumbnail (see the module docstring) and cached per slide.
+
+    Raises:
+        _BadImageError: no tissue found (a blank slide, or one image of uniform colour).
+    """
+    cache = _cache_file(pyramid.path)
+    if cache.is_file():
+        try:
+            box = tuple(int(v) for v in json.loads(cache.read_text())["box"])
+            if len(box) == 4:
+                return box  # type: ignore[return-value]
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            log.warning("ignoring unreadable tissue cache %s", cache)
+    box = _find_tissue(pyramid)
+    try:
+        text = json.dumps({"path": str(pyramid.path), "box": box, "method": _TISSUE_METHOD})
+        atomic_write(cache, lambda f: f.write(text.encode()))
+    except OSError as err:  # a read-only home must not stop training
+        log.warning("cannot cache the tissue box in %s (%s)", cache, err)
+    return box
+
+
+def _find_tissue(pyramid: Pyramid) -> tuple[int, int, int, int]:
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_objects
+
+    thumb = thumbnail(pyramid)
+    if thumb.shape[2] != 3:
+        raise _BadImageError("--tissue needs an RGB image (it thresholds colour saturation)")
+    rgb = thumb.astype(np.float64) / (255.0 if thumb.dtype == np.uint8 else 1.0)
+    saturation = rgb2hsv(np.clip(rgb, 0.0, 1.0))[..., 1]
+    if float(saturation.max()) == float(saturation.min()):
+        raise _BadImageError("no tissue found (uniform colour); remove --tissue or the row")
+    mask = saturation > threshold_otsu(saturation)
+    mask = remove_small_objects(mask, max_size=max(1, mask.size // 1000))
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if not len(rows):
+        raise _BadImageError("no tissue found; remove --tissue or the row")
+    (h0, w0), (th, tw) = pyramid.levels[0], mask.shape
+    # Thumbnail pixel r covers level-0 rows [r h0 / th, (r+1) h0 / th): floor and ceil.
+    return ((int(rows[0]) * h0) // th, (int(cols[0]) * w0) // tw,
+            -((-(int(rows[-1]) + 1) * h0) // th), -((-(int(cols[-1]) + 1) * w0) // tw))  # fmt: skip
+
+
+def box_in(region: Region, level0: tuple[int, int], box0: tuple[int, int, int, int]
+           ) -> tuple[int, int, int, int]:  # fmt: skip
+    """A level-0 box ``(y0, x0, y1, x1)`` as ``(y0, x0, h, w)`` in px of ``region.scaled``,
+    rounded outwards so the tissue stays inside."""
+    (h0, w0), (h, w) = level0, region.scaled
+    y0, x0 = (box0[0] * h) // h0, (box0[1] * w) // w0
+    y1, x1 = -((-box0[2] * h) // h0), -((-box0[3] * w) // w0)
+    return (y0, x0, max(1, y1 - y0), max(1, x1 - x0))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a CSV row streams (see :func:`resolve`)."""
+
+    pyramid: Pyramid
+    region: Region
+    cropped_from: tuple[int, int] | None  # the size before an oversize centre crop, if any
+
+
+def resolve(path: Path, *, level: int | None, mpp: float | None, tissue: bool,
+            max_shape: Sequence[int] | None, oversize: str = "crop") -> Resolved:  # fmt: skip
+    """Open a slide and decide what of it is streamed: the resolution (``level`` as stored or
+    ``mpp``), the tissue box if asked, and the centre crop to ``max_shape`` (``oversize``
+    ``crop``) or a refusal (``refuse``) for a larger image.
+
+    Raises:
+        _BadImageError: why the slide cannot be used this way (the caller adds file and row).
+    """
+    pyramid = open_pyramid(path)
+    region = choose_region(pyramid, level=level, mpp=mpp)
+    if tissue:
+        region = region.with_box(box_in(region, pyramid.levels[0], tissue_box(pyramid)))
+    if max_shape is None:
+        return Resolved(pyramid, region, None)
+    (h, w), (mh, mw) = region.shape, max_shape
+    if h <= mh and w <= mw:
+        return Resolved(pyramid, region, None)
+    what = f"{mpp:g} µm/px" if mpp is not None else f"level {level or 0}"
+    if oversize == "refuse":
+        raise _BadImageError(
+            f"is {h}x{w} px at {what}{' (tissue box)' if tissue else ''}, larger than the "
+            f"plan's {mh}x{mw}; use --oversize crop, a coarser --mpp/--level, or a plan for a "
+            "larger --image"
+        )
+    y0, x0, _, _ = region.box
+    ch, cw = min(h, mh), min(w, mw)
+    box = (y0 + (h - ch) // 2, x0 + (w - cw) // 2, ch, cw)  # centred; odd surplus: 1 px more after
+    return Resolved(pyramid, region.with_box(box), (h, w))
