@@ -78,18 +78,78 @@ def main() -> None:
     cli(prog_name="tileplan")
 
 
+def _largest_image(
+    data: Path, mpp: float | None, level: int | None, tissue: bool
+) -> tuple[tuple[int, int], int]:
+    """``((H, W), channels)`` a plan for every image of the CSV ``data`` needs."""
+    from tileplan.run.data import load_csv
+    from tileplan.settings import DataSettings
+
+    dataset = load_csv(data, settings=DataSettings(mpp=mpp, level=level, tissue=tissue))
+    largest = dataset.largest_shape
+    click.echo(f"{data}: {len(dataset)} images at {_dataset_settings(mpp, level, tissue)}; "
+               f"planning for the largest, {format_shape(largest)} px", err=True)  # fmt: skip
+    return largest, dataset.channels
+
+
+def _dataset_settings(mpp: float | None, level: int | None, tissue: bool) -> str:
+    what = f"{mpp:g} µm/px" if mpp is not None else f"level {level or 0}"
+    return what + (", tissue boxes" if tissue else "")
+
+
+Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _slide_options(*, oversize: bool = True) -> Decorator:
+    """--mpp, --level, --tissue (and --oversize): how images, whole slides above all, are read."""
+    options = [
+        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Read every slide at this many microns per pixel (from its metadata: "
+                     "the nearest finer level, area-averaged down exactly)."),
+        click.option("--level", type=click.IntRange(min=0), default=None,
+                     help="Read this pyramid level (0 = full resolution); a CSV 'level' column "
+                     "overrides it per row."),
+        click.option("--tissue", is_flag=True,
+                     help="Crop each image to the bounding box of its tissue (Otsu on "
+                     "saturation of a thumbnail; cached per slide)."),
+    ]  # fmt: skip
+    if oversize:
+        options.append(click.option(
+            "--oversize", type=click.Choice(["crop", "refuse"]), default="crop",
+            show_default=True, help="An image larger than the plan's: stream its centre (with a "
+            "warning) or refuse it before training."))  # fmt: skip
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 # --------------------------------------------------------------------------------------------
 # Planning
 # --------------------------------------------------------------------------------------------
 
 
-@cli.command(epilog="Example: tileplan profile examples/resnet34.py --image 8192 --budget 24GiB")
+@cli.command(
+    epilog="Example: tileplan profile examples/resnet34.py --image 8192 --budget 24GiB"
+    "   or   tileplan profile examples/resnet18.py --data slides/train.csv --mpp 1"
+)
 @click.argument("model_file", type=_PATH)
 @click.option(
     "--image",
     type=_SIZE,
-    required=True,
-    help="Image size in px: 8192 (square) or 6000x9000 (H x W).",
+    default=None,
+    help="Largest image size in px: 8192 (square) or 6000x9000 (H x W); smaller images stream "
+    "at their own size.",
+)
+@click.option(
+    "--data",
+    type=_PATH,
+    default=None,
+    help="Instead of --image: plan for the largest image of this CSV, read at "
+    "--mpp/--level (and --tissue).",
 )
 @click.option(
     "--channels", type=click.IntRange(min=1), default=3, show_default=True, help="Image channels."
@@ -182,11 +242,13 @@ def main() -> None:
     help="Where to write the plan.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
-def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str,
-            budget: int | None, margin: float, dtype: str, tile: tuple[int, ...] | None,
-            split: str, optimizer: str, measure: bool, verify: bool | None, verify_limit: float,
-            segments: str, cuts: str | None, max_tile: int | None, out: Path,
-            as_json: bool) -> None:  # fmt: skip
+@_slide_options(oversize=False)
+def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, channels: int,
+            device: str, budget: int | None, margin: float, dtype: str,
+            tile: tuple[int, ...] | None, split: str, optimizer: str, measure: bool,
+            verify: bool | None, verify_limit: float, segments: str, cuts: str | None,
+            max_tile: int | None, out: Path, as_json: bool, mpp: float | None,
+            level: int | None, tissue: bool) -> None:  # fmt: skip
     """Choose the tile shape for MODEL_FILE at an image size and save the plan as YAML.
 
     MODEL_FILE defines build_model() (or a module-level `model`) and may define
@@ -209,8 +271,14 @@ def profile(model_file: Path, image: tuple[int, ...], channels: int, device: str
             f"{segments!r}: give auto or a count of at least 1", param_hint="--segments"
         )
     cut_names = tuple(c.strip() for c in cuts.split(",") if c.strip()) if cuts else ()
+    if (image is None) == (data is None):
+        raise click.UsageError("give --image SIZE, or --data CSV to plan for its largest image")
+    if data is None and (mpp is not None or level is not None or tissue):
+        raise click.UsageError("--mpp, --level and --tissue choose how --data is read; give --data")
     try:
         with _one_line_errors():
+            if data is not None:
+                image, channels = _largest_image(data, mpp, level, tissue)
             request = ProfileRequest(
                 model_file=model_file, image_shape=image, channels=channels, device=device,
                 budget_bytes=budget, margin=margin, dtype=dtype, tile=tile, split=split,
@@ -267,28 +335,6 @@ def validate(plan_file: Path, model_file: Path | None) -> None:
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
-
-
-def _slide_options(command: Callable[..., None]) -> Callable[..., None]:
-    """--mpp, --level, --tissue, --oversize: how images (whole slides above all) are read."""
-    options = [
-        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Read every slide at this many microns per pixel (from its metadata: "
-                     "the nearest finer level, area-averaged down exactly)."),
-        click.option("--level", type=click.IntRange(min=0), default=None,
-                     help="Read this pyramid level (0 = full resolution); a CSV 'level' column "
-                     "overrides it per row."),
-        click.option("--tissue", is_flag=True,
-                     help="Crop each image to the bounding box of its tissue (Otsu on "
-                     "saturation of a thumbnail; cached per slide)."),
-        click.option("--oversize", type=click.Choice(["crop", "refuse"]), default="crop",
-                     show_default=True,
-                     help="An image larger than the plan's: stream its centre (with a warning) "
-                     "or refuse it before training."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 @cli.command(epilog="Example: tileplan train examples/small_cnn.py --plan plan.yaml "
@@ -355,7 +401,7 @@ def _slide_options(command: Callable[..., None]) -> Callable[..., None]:
     show_default=True,
     help="Measure the memory-savings report at the end.",
 )
-@_slide_options
+@_slide_options()
 def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: Path,
           epochs: int, lr: float, optimizer: str | None, batch: int,
           mean: tuple[float, ...] | None, std: tuple[float, ...] | None, amp: bool, resume: bool,
@@ -445,11 +491,24 @@ def report(run_dir: Path) -> None:
     "--size", type=click.IntRange(min=32), default=2048, show_default=True, help="Image side (px)."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo_data(out_dir: Path, n: int, size: int, seed: int) -> None:
+@click.option(
+    "--slides",
+    is_flag=True,
+    help="Write whole-slide images instead: pyramidal JPEG slides of different sizes (up to "
+    "--size per side), tissue on glass, as Aperio .svs and pyramidal .tif at 0.25 µm/px.",
+)
+def demo_data(out_dir: Path, n: int, size: int, seed: int, slides: bool) -> None:
     """Write a synthetic dataset whose labels need full resolution (train.csv, val.csv)."""
     from tileplan.run.demo_data import write_demo_dataset
+    from tileplan.run.demo_slides import demo_slide_sizes, write_demo_slides
 
     with _one_line_errors():
+        if slides:
+            sizes = demo_slide_sizes(n, size)
+            path = write_demo_slides(out_dir, n=n, sizes=sizes, seed=seed)
+            click.echo(f"wrote {n} slides from {min(min(s) for s in sizes)} to {size} px per "
+                       f"side with train.csv and val.csv to {path.parent}")  # fmt: skip
+            return
         path = write_demo_dataset(out_dir, n=n, size=size, seed=seed)
     click.echo(f"wrote {n} images of {size}x{size} px with train.csv and val.csv to {path}")
 

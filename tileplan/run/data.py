@@ -668,6 +668,12 @@ class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return infer_task(self.labels)
 
     @property
+    def largest_shape(self) -> tuple[int, int]:
+        """``(H, W)``: the largest height and the largest width of the images (as streamed)."""
+        shapes = [self.image_shape(i)[1:] for i in range(len(self))]
+        return (max(h for h, _ in shapes), max(w for _, w in shapes))
+
+    @property
     def channels(self) -> int:
         """Channels of every image (validated to be equal)."""
         return self.infos[0].channels if self.infos else 0

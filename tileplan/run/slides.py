@@ -3,11 +3,14 @@
 Readers
     - Vendor formats (``.svs``, ``.ndpi``, ``.mrxs``, ``.scn``, ``.bif``, ``.vms``, ``.vmu``,
       ``.svslide``) through OpenSlide (``openslide-python`` with the ``openslide-bin`` wheel:
-      no system package). Level ``l``'s pixel ``(y, x)`` is read at level-0 coordinates
-      ``round(y * d_l), round(x * d_l)`` with OpenSlide's downsample ``d_l``; for a level whose
-      downsample is not an integer OpenSlide maps those coordinates itself. The alpha channel
-      OpenSlide returns is dropped (0 outside the scanned area). Microns per pixel come from
-      ``openslide.mpp-x``/``openslide.mpp-y``.
+      no system package): the header, levels and microns per pixel (``openslide.mpp-x``/
+      ``-y``). Pixels: an Aperio ``.svs`` whose levels tifffile sees alike is decoded by
+      tifffile, tile by tile, exactly as stored. Otherwise OpenSlide reads them, at level-0
+      coordinates ``y * d_l, x * d_l``; OpenSlide interpolates a level whose downsample ``d_l``
+      is not an integer (a read would then depend on where the region starts), so only levels
+      with an integer downsample on both axes are used: ``--mpp`` picks among them and
+      ``--level`` of another one is refused. The alpha channel is dropped (0 outside the
+      scanned area).
     - TIFF (``.tif``/``.tiff``, plain or pyramidal: SubIFDs or a page per level, as tifffile's
       ``series[0].levels`` sees them) through tifffile. A region read decodes only the tiles
       (or strips) it touches. Microns per pixel come from XResolution/YResolution with
@@ -110,6 +113,12 @@ class Pyramid:
     channels: int
     dtype: Literal["uint8", "float32"]
 
+    def exact(self, level: int) -> bool:
+        """Whether ``level`` reads exactly as stored from any origin: always, except through
+        OpenSlide at a non-integer downsample (which it interpolates)."""
+        (h0, w0), (h, w) = self.levels[0], self.levels[level]
+        return self.backend != "openslide" or (h0 % h == 0 and w0 % w == 0)
+
     def level_mpp(self, level: int) -> tuple[float, float] | None:
         """``(y, x)`` µm/px of a level: level 0's scaled by the ratio of the sizes."""
         if self.mpp is None:
@@ -166,10 +175,18 @@ def _probe_openslide(path: Path) -> Pyramid:
         # Decode one region now: a truncated or corrupt file fails here, not in training.
         w, h = slide.level_dimensions[-1]
         slide.read_region((0, 0), slide.level_count - 1, (min(w, 64), min(h, 64)))
+        vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR)
     except openslide.OpenSlideError as err:
         raise _BadImageError(f"OpenSlide cannot read it ({err})") from None
     finally:
         slide.close()
+    if vendor == "aperio":  # a TIFF: decode its tiles exactly, as stored, if tifffile agrees
+        try:
+            tiff = _probe_tiff_pyramid(path)
+        except Exception:  # noqa: BLE001 (tifffile cannot: OpenSlide reads it)
+            tiff = None
+        if tiff is not None and tiff.levels == levels and tiff.channels == 3:
+            return Pyramid(path, "tifffile", levels, mpp, 3, tiff.dtype)
     return Pyramid(path, "openslide", levels, mpp, 3, "uint8")
 
 
@@ -245,8 +262,11 @@ class _OpenSlideReader(_LevelReader):
         self._slide = openslide.OpenSlide(path)
 
     def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        ds = self._slide.level_downsamples[level]
-        region = self._slide.read_region((round(x0 * ds), round(y0 * ds)), level, (w, h))
+        # Integer downsample (Pyramid.exact): level px * ds is exactly level-0 px.
+        (h0, w0), (lh, lw) = self._slide.level_dimensions[0][::-1], self._slide.level_dimensions[
+            level][::-1]  # fmt: skip
+        location = (x0 * (w0 // lw), y0 * (h0 // lh))
+        region = self._slide.read_region(location, level, (w, h))
         return np.asarray(region)[..., :3].transpose(2, 0, 1)  # RGBA (h, w, 4) -> (3, h, w)
 
     def close(self) -> None:
@@ -305,8 +325,10 @@ def _read_page_region(tif: Any, page: Any, y0: int, x0: int, h: int, w: int) -> 
                 count = page.databytecounts[index]
                 if not count:
                     continue  # a missing segment reads as zeros
+                decode = page.decode  # building it may move the file position: first
                 fh.seek(page.dataoffsets[index])
-                segment, _, _ = page.decode(fh.read(count), index, jpegtables=page.jpegtables)
+                data = fh.read(count)
+                segment, _, _ = decode(data, index, jpegtables=page.jpegtables)
                 seg = np.asarray(segment).reshape(segment.shape[-3:])  # (seg_h', seg_w', s)
                 sy, sx = ty * seg_h, tx * seg_w
                 a_y, b_y = max(y0, sy), min(y0 + h, sy + seg.shape[0], height)
@@ -371,6 +393,13 @@ def choose_region(pyramid: Pyramid, *, level: int | None = None, mpp: float | No
             raise _BadImageError(
                 f"has no level {level} (it has {n}: 0..{n - 1}); choose another level"
             )
+        if not pyramid.exact(level):
+            (h0, w0), (h, w) = pyramid.levels[0], pyramid.levels[level]
+            raise _BadImageError(
+                f"level {level} ({h}x{w} of {h0}x{w0} px) has a non-integer downsample, which "
+                "OpenSlide reads interpolated (not the same pixels from every tile); use --mpp "
+                "or level 0"
+            )
         h, w = pyramid.levels[level]
         return Region(level, (h, w), (0, 0, h, w))
     if pyramid.mpp is None:
@@ -388,7 +417,8 @@ def choose_region(pyramid: Pyramid, *, level: int | None = None, mpp: float | No
     if min(target) < 1:
         raise _BadImageError(f"is smaller than one pixel at --mpp {mpp:g}")
     # The coarsest level with at least the target's pixels on both axes: the least to decode.
-    best = max(k for k, (h, w) in enumerate(pyramid.levels) if h >= target[0] and w >= target[1])
+    best = max(k for k, (h, w) in enumerate(pyramid.levels)
+               if h >= target[0] and w >= target[1] and pyramid.exact(k))  # fmt: skip
     return Region(best, target, (0, 0, *target))
 
 
