@@ -158,24 +158,28 @@ def bench_step(workdir: Path, side: int, tile: int, repeats: int) -> None:
 
 def _child_big(path: str, tile: int) -> None:
     """In a fresh process: stream small_cnn forward and backward over the slide; print JSON."""
+    import runpy
+
     from executor import StreamingCNN
     from tileplan.planning.measure_child import peak_rss, reset_peak_rss
-    from tileplan.planning.model_file import load_model_file
 
     torch.manual_seed(0)
-    loaded = load_model_file(ROOT / "examples" / "small_cnn.py", "auto")
-    loaded.model.eval()
+    example = runpy.run_path(str(ROOT / "examples" / "small_cnn.py"))  # (no model-file loader:
+    model = example["build_model"]().eval()  # it imports torchvision and timm, +200 MB RSS)
+    trunk, head = example["split"](model)
     source = _source(Path(path))
-    scnn = StreamingCNN(loaded.trunk, tile, preprocess=_preprocess)
+    scnn = StreamingCNN(trunk, tile, preprocess=_preprocess)
     setup = reset_peak_rss()
     start = time.perf_counter()
     out = scnn.forward(source).requires_grad_()
-    logits = loaded.head(out)
-    nn.functional.cross_entropy(logits, torch.tensor([1])).backward()
-    scnn.backward(source, out.grad)
+    shape, map_bytes = list(out.shape), out.numel() * out.element_size()
+    nn.functional.cross_entropy(head(out), torch.tensor([1])).backward()
+    grad = out.grad
+    del out  # as executor.streaming_step does: the map is not needed by the streamed backward
+    scnn.backward(source, grad)
     seconds = time.perf_counter() - start
     print(json.dumps({"setup_rss": setup, "peak_rss": peak_rss(), "seconds": seconds,
-                      "map": list(out.shape), "map_bytes": out.numel() * out.element_size(),
+                      "map": shape, "map_bytes": map_bytes,
                       "tiles": scnn.tile_grid(source.shape[2:]).n_tiles}))  # fmt: skip
 
 

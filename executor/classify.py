@@ -51,7 +51,7 @@ from executor.graph import (
     same_pad_windows,
 )
 from executor.layout import GLOBAL, LayoutOps
-from executor.trace import SPACE_TO_DEPTH, Traced, same_padding_functions, trace_leaves
+from executor.trace import Traced, same_padding_functions, space_to_depth_types, trace_leaves
 from executor.values import (
     Const,
     Maps,
@@ -352,7 +352,8 @@ class _Builder(LayoutOps):
             (nn.modules.pooling._AvgPoolNd, self.pool_module),
             (nn.PixelUnshuffle, lambda node, inputs, m: self.space_to_depth(
                 node, inputs, m.downscale_factor)),
-            (SPACE_TO_DEPTH, lambda node, inputs, m: self.space_to_depth(node, inputs, m.bs)),
+            (space_to_depth_types(), lambda node, inputs, m: self.space_to_depth(node, inputs,
+                                                                               m.bs)),
             (pads, lambda node, inputs, m: self.padding(node, inputs, list(m.padding),
                                                         "constant")),
             (_POINTWISE_MODULES, lambda node, inputs, m: self.pointwise(node, inputs)),

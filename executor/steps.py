@@ -45,5 +45,7 @@ def streaming_step(
         loss = loss_fn(logits, target.to(logits.device))
     scaled = grad_scaler.scale(loss) if grad_scaler is not None else loss
     (scaled * loss_scale).backward()
-    scnn.backward(image, features.grad)
+    grad = features.grad
+    del features, scaled, loss_fn  # the map is not needed by the streamed backward: free it
+    scnn.backward(image, grad)
     return loss.detach(), logits.detach()

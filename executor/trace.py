@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import bisect
 import dis
-import functools
 import importlib
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,13 +34,18 @@ from torch import nn
 
 from executor.errors import UnsupportedLayerError
 
-__all__ = ["SPACE_TO_DEPTH", "Traced", "same_padding_functions", "trace", "trace_leaves"]
+__all__ = ["Traced", "same_padding_functions", "space_to_depth_types", "trace", "trace_leaves"]
 
 
 def _optional(*names: tuple[str, str]) -> tuple[Any, ...]:
-    """The objects ``(module, attribute)`` of optional libraries that are installed."""
+    """The objects ``(module, attribute)`` of optional libraries that are already imported.
+
+    A model can only hold a library's modules or call its functions once the library is
+    imported, so nothing is imported here (timm costs a second and 200 MB to import)."""
     found = []
     for module, name in names:
+        if module.partition(".")[0] not in sys.modules:
+            continue
         try:
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
@@ -48,17 +53,15 @@ def _optional(*names: tuple[str, str]) -> tuple[Any, ...]:
     return tuple(found)
 
 
-@functools.cache
 def same_padding_functions() -> tuple[Callable[..., Any], ...]:
-    """timm's dynamic 'same' padding helpers, when timm is installed."""
+    """timm's dynamic 'same' padding helpers, when timm is imported."""
     return _optional(("timm.layers.padding", "pad_same"))
 
 
-# Modules that ``executor.classify`` knows as a whole (their code reshapes with the input's
-# size, which only the whole operation makes local): timm's SpaceToDepth.
-SPACE_TO_DEPTH: tuple[type[nn.Module], ...] = _optional(
-    ("timm.layers.space_to_depth", "SpaceToDepth")
-)
+def space_to_depth_types() -> tuple[type[nn.Module], ...]:
+    """Modules that ``executor.classify`` knows as a whole (their code reshapes with the
+    input's size, which only the whole operation makes local): timm's SpaceToDepth."""
+    return _optional(("timm.layers.space_to_depth", "SpaceToDepth"))
 
 
 class _Tracer(torch.fx.Tracer):
@@ -86,7 +89,7 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             type(m) in self.leaves
-            or isinstance(m, SPACE_TO_DEPTH)
+            or isinstance(m, space_to_depth_types())
             or super().is_leaf_module(m, module_qualified_name)
         )
 
