@@ -14,11 +14,13 @@ Three measurements, on slides this script writes (``tileplan.run.demo_slides``: 
    the same pixels as an in-RAM uint8 tensor; the two alternate, medians of ``--repeats``.
    The ratio says how much of the I/O is left visible.
 3. **Host memory of a gigapixel slide.** A ``--big``² slide streamed through
-   ``examples/small_cnn.py`` forward and backward (tiles of 2048 px) in a fresh child process:
-   the RSS high-water mark, the RSS after setup (torch, model), and the step time. The decoded
-   slide would be ``3 * big²`` bytes.
+   ``examples/small_cnn.py`` forward and backward (tiles of ``--big-tile`` px) in a fresh child
+   process, with glibc's default malloc and with a fixed mmap threshold: the RSS high-water
+   mark, the RSS after setup (torch, model), and the step time. The decoded slide would be
+   ``3 * big²`` bytes.
 
-    python bench/bench_slides.py                          # the issue's sizes (~20 min)
+    python bench/bench_slides.py                          # the issue's sizes (~30 min)
+    python bench/bench_slides.py --parts step big         # 2 and 3 only
     python bench/bench_slides.py --size 2048 --big 4096   # a quick run (~1 min)
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -139,6 +142,7 @@ def bench_step(workdir: Path, side: int, tile: int, repeats: int) -> None:
     pixels = source.read_all()  # (1, 3, side, side) uint8: the in-RAM baseline
     scnn = StreamingCNN(trunk, tile, preprocess=_preprocess)
     print(f"  {scnn.tile_grid((side, side)).n_tiles} tiles per pass", flush=True)
+    print(f"  warm-up step (not counted): {_step(scnn, head, pixels):.1f} s", flush=True)
     disk, ram = [], []
     for k in range(repeats):
         order = [("disk", source), ("ram", pixels)] if k % 2 == 0 else [
@@ -183,12 +187,19 @@ def _child_big(path: str, tile: int) -> None:
                       "tiles": scnn.tile_grid(source.shape[2:]).n_tiles}))  # fmt: skip
 
 
-def bench_big(workdir: Path, side: int, tile: int) -> None:
-    print(f"\n3. host memory: a {side}² JPEG slide ({3 * side * side / 1e9:.2f} GB decoded) "
-          f"through examples/small_cnn.py, forward + backward, tiles of {tile} px")  # fmt: skip
+def bench_big(workdir: Path, side: int, tile: int, fixed_mmap: bool) -> None:
+    """``fixed_mmap``: glibc's malloc with a fixed mmap threshold (128 KiB), so that freed
+    tile activations go back to the OS instead of staying in the heap (by default glibc raises
+    the threshold after large frees, and later large tensors come from a heap that RSS keeps)."""
+    how = "MALLOC_MMAP_THRESHOLD_=131072" if fixed_mmap else "default malloc"
+    print(
+        f"\n3. host memory: a {side}² JPEG slide ({3 * side * side / 1e9:.2f} GB decoded) "
+        f"through examples/small_cnn.py, forward + backward, tiles of {tile} px, {how}"
+    )
     path = _slide(workdir, "svs", side)
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if fixed_mmap else {})}
     run = subprocess.run([sys.executable, __file__, "--child", str(path), "--tile", str(tile)],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+                         capture_output=True, text=True, check=True, env=env)  # fmt: skip
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"  {result['tiles']} tiles, output map {result['map']} "
           f"({result['map_bytes'] / GIB:.2f} GiB, and as much for its gradient)")  # fmt: skip
@@ -202,6 +213,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8192, help="slide side for 1 and 2 (px)")
     parser.add_argument("--big", type=int, default=32768, help="slide side for 3 (px); 0: skip")
     parser.add_argument("--tile", type=int, default=2048, help="backward tile (px)")
+    parser.add_argument("--big-tile", type=int, default=1024, help="tile for 3 (px)")
+    parser.add_argument("--parts", nargs="+", default=["reads", "step", "big"],
+                        choices=["reads", "step", "big"])  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tileplan-bench-slides"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -213,10 +227,13 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {psutil.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    bench_reads(args.workdir, args.size, args.tile)
-    bench_step(args.workdir, args.size, args.tile, args.repeats)
-    if args.big:
-        bench_big(args.workdir, args.big, args.tile)
+    if "reads" in args.parts:
+        bench_reads(args.workdir, args.size, args.tile)
+    if "step" in args.parts:
+        bench_step(args.workdir, args.size, args.tile, args.repeats)
+    if "big" in args.parts and args.big:
+        for fixed_mmap in (False, True):
+            bench_big(args.workdir, args.big, args.big_tile, fixed_mmap)
 
 
 if __name__ == "__main__":

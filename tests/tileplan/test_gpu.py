@@ -101,3 +101,28 @@ def test_plan_verify_train_report_predict_on_cuda(workspace: Path, dtype: str) -
                      workspace / f"maps_{dtype}")  # fmt: skip
     assert code == 0, out
     assert (workspace / f"maps_{dtype}" / f"{image.stem}.saliency.npy").is_file()
+
+
+def test_a_slide_streams_from_disk_to_the_gpu_as_its_pixels_do(tmp_path: Path) -> None:
+    """Crops read from a JPEG slide on the host feed a trunk on the GPU: the same output and
+    gradients, bit for bit, as the slide's pixels held as one host tensor."""
+    from executor import StreamingCNN
+    from tileplan.run.demo_slides import write_svs
+    from tileplan.run.slides import SlideSource, choose_region, open_pyramid
+
+    pyramid = open_pyramid(write_svs(tmp_path / "s.svs", 3000, 2600, mpp=0.25, seed=3))
+    source = SlideSource(pyramid, choose_region(pyramid, mpp=0.5))
+    pixels = source.read_all()
+    trunk = load_model_file(RESNET18).trunk.cuda()
+    results = []
+    for image in (pixels, source):
+        scnn = StreamingCNN(trunk, 768, preprocess=lambda c: c.float() / 255)
+        trunk.zero_grad(set_to_none=True)
+        out = scnn.forward(image).requires_grad_()
+        out.square().mean().backward()
+        scnn.backward(image, out.grad)
+        results.append((out.detach(), [p.grad.clone() for p in trunk.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert out_a.is_cuda
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))

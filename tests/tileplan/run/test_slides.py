@@ -155,9 +155,9 @@ def test_integer_downsampling_is_the_exact_block_mean(slides: dict[str, Path]) -
     region = choose_region(pyramid, mpp=1.0)  # level 1 is too coarse: level 0 by 2
     assert (region.level, region.scaled) == (0, (650, 450))
     got = SlideSource(pyramid, region).read_all()[0].numpy()
-    level0 = _whole_level(slides["tiff"], 0).astype(np.float64)
-    mean = level0.reshape(3, 650, 2, 450, 2).mean(axis=(2, 4))
-    assert np.array_equal(got, np.clip(np.rint(mean), 0, 255).astype(np.uint8))
+    level0 = _whole_level(slides["tiff"], 0).astype(np.int64)
+    total = level0.reshape(3, 650, 2, 450, 2).sum(axis=(2, 4))
+    assert np.array_equal(got, np.floor(total / 4 + 0.5).astype(np.uint8))  # rounded half up
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -344,3 +344,30 @@ def test_bad_slides_are_refused_in_one_line_before_training(
     with pytest.raises(DataError, match=message) as info:
         load_csv(csv, target_shape=(4096, 4096), settings=settings_)
     assert "\n" not in str(info.value)
+
+
+def test_fractional_area_average_equals_exact_fractions() -> None:
+    """The resampler against arithmetic with Fractions: output pixel i of an axis of L px
+    resampled to O px is the overlap-weighted mean of level interval [i L/O, (i+1) L/O)."""
+    from fractions import Fraction
+
+    from tileplan.run.slides import _resample_axis, _round_ratio
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, (2, 7, 10), dtype=np.uint8)
+    (h, w), (oh, ow) = data.shape[1:], (3, 4)
+
+    def weights(i: int, size: int, out: int) -> list[Fraction]:
+        a, b = Fraction(i * size, out), Fraction((i + 1) * size, out)
+        return [max(Fraction(0), min(b, j + 1) - max(a, j)) / (b - a) for j in range(size)]
+
+    rows, den_y = _resample_axis(data, 1, 0, oh, h, oh)
+    both, den_x = _resample_axis(rows, 2, 0, ow, w, ow)
+    got = _round_ratio(both, den_y * den_x)
+    for c in range(2):
+        for i in range(oh):
+            for k in range(ow):
+                exact = sum(wy * wx * int(data[c, y, x])
+                            for y, wy in enumerate(weights(i, h, oh))
+                            for x, wx in enumerate(weights(k, w, ow)))  # fmt: skip
+                assert got[c, i, k] == int(exact + Fraction(1, 2)), (c, i, k, exact)
