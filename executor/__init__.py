@@ -7,7 +7,7 @@ Everything outside this package uses only the names exported here::
 
 from executor.chain import SegmentedStreamingCNN, SegmentSpec
 from executor.errors import ContractError, GeometryError, StreamingError, UnsupportedLayerError
-from executor.fileio import atomic_write
+from executor.fileio import atomic_write, atomic_write_path
 from executor.geometry import (
     AxisGeometry,
     AxisTile,
@@ -84,6 +84,7 @@ __all__ = [
     "VerifyStatus",
     "analyze_trunk",
     "atomic_write",
+    "atomic_write_path",
     "build_tile_grid",
     "chain",
     "cut_points",

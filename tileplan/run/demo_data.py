@@ -231,12 +231,13 @@ def _csv_text(rows: list[tuple[str, int]]) -> str:
 
 
 def _split(labels: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """Stratified ~75/25 split of indices; at least one of each class in val."""
+    """Stratified ~75/25 split of indices, at least one of each class on each side (for at
+    least two of each class)."""
     train: list[int] = []
     val: list[int] = []
     for cls in (0, 1):
         idx = [i for i, lab in enumerate(labels) if lab == cls]
-        n_val = max(1, round(len(idx) / 4))
+        n_val = min(len(idx) - 1, max(1, round(len(idx) / 4)))
         chosen = set(rng.choice(idx, size=n_val, replace=False).tolist())
         val += [i for i in idx if i in chosen]
         train += [i for i in idx if i not in chosen]

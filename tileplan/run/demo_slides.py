@@ -67,12 +67,9 @@ is written to a temporary name and renamed into place, and the CSVs are written 
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -85,8 +82,8 @@ from typing import Literal, TypeVar
 import numpy as np
 import tifffile
 
-from executor import atomic_write
-from tileplan.run.demo_data import RING_WIDTH, DemoObject
+from executor import atomic_write, atomic_write_path
+from tileplan.run.demo_data import RING_WIDTH, DemoObject, _csv_text, _split
 
 __all__ = [
     "DEFAULT_SIZES", "MIN_SIDE", "SMALLEST_LEVEL_SIDE", "THUMBNAIL_SIDE", "Level",
@@ -791,30 +788,6 @@ def _needs_bigtiff(levels: Sequence[Level], extra_px: int = 0) -> bool:
     return raw > 2**32 - 2**25
 
 
-def _write_atomically(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_path)`` beside ``path``, then rename it over ``path``.
-
-    Like :func:`executor.atomic_write`, for writers (tifffile) that want a file name: an
-    interrupted write never leaves a partial file under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _write_level(
     tw: tifffile.TiffWriter,
     slide: SyntheticSlide,
@@ -916,7 +889,7 @@ def write_svs(
                 )
 
     start = time.perf_counter()
-    out = _write_atomically(path, write)
+    out = atomic_write_path(path, write)
     log.debug(
         "wrote %s: %dx%d SVS, %d levels, %.1f s",
         out, width, height, len(levels), time.perf_counter() - start,
@@ -988,7 +961,7 @@ def write_pyramidal_tiff(
                 )  # fmt: skip
 
     start = time.perf_counter()
-    out = _write_atomically(path, write)
+    out = atomic_write_path(path, write)
     log.debug(
         "wrote %s: %dx%d pyramidal TIFF, %d levels, %.1f s",
         out, width, height, len(levels), time.perf_counter() - start,
@@ -999,27 +972,6 @@ def write_pyramidal_tiff(
 # --------------------------------------------------------------------------------------------
 # A demo dataset
 # --------------------------------------------------------------------------------------------
-
-
-def _csv_text(rows: list[tuple[str, int]]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["image", "label"])
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def _split(labels: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """Stratified ~75/25 split of indices, at least one of each class on each side."""
-    train: list[int] = []
-    val: list[int] = []
-    for cls in (0, 1):
-        idx = [i for i, lab in enumerate(labels) if lab == cls]
-        n_val = min(len(idx) - 1, max(1, round(len(idx) / 4)))
-        chosen = set(rng.choice(idx, size=n_val, replace=False).tolist())
-        val += [i for i in idx if i in chosen]
-        train += [i for i in idx if i not in chosen]
-    return sorted(train), sorted(val)
 
 
 def _check_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +174,8 @@ class Trainer:
         for data in (train_data, val_data):
             if data is not None and data.regions is not None:
                 check_image_sizes(self.scnn, head, data, channels=self._trunk_channels(),
-                                  outputs=self._head_outputs())  # fmt: skip
+                                  outputs=self._head_outputs(),
+                                  planned_output=plan.output_shape)  # fmt: skip
         self.loss = loss_for(self.task)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
@@ -401,7 +402,7 @@ def _opened_ahead(
     items: Iterator[tuple[ImageSource | torch.Tensor, torch.Tensor]], ahead: int
 ) -> Iterator[tuple[ImageSource | torch.Tensor, torch.Tensor]]:
     """Yield ``items``, opening the next ``ahead`` sources on threads meanwhile (a whole-image
-    format is decoded when opened), and closing each source after its step."""
+    format is decoded when opened). A source closes its file when the step drops it."""
 
     def opened(source: ImageSource | torch.Tensor) -> ImageSource | torch.Tensor:
         return source.open() if hasattr(source, "open") else source
@@ -431,19 +432,37 @@ def check_image_sizes(
     *,
     channels: int,
     outputs: int,
+    planned_output: Sequence[int],
 ) -> None:
     """Every image of ``data`` streams at its own size: check, before training, that the trunk
     tiles each size and that the head takes each output map of ``channels`` channels (on the
-    meta device: shapes only) and gives ``outputs`` values.
+    meta device: shapes only) and gives ``outputs`` values, as it does for the plan's output
+    map ``planned_output``.
 
     Raises:
         TrainError: naming the CSV row, the size and the fix.
     """
     where = data.csv_path or "dataset"
     meta_head = copy.deepcopy(head).to("meta")
+
+    def head_outputs(out_shape: Sequence[int]) -> int:
+        with torch.no_grad():
+            probe = torch.zeros(1, channels, *out_shape, device="meta")
+            return int(meta_head(probe).reshape(1, -1).shape[1])
+
+    try:
+        head_outputs(planned_output)
+    except Exception as err:  # a head that cannot run on meta tensors: check in training
+        log.warning(
+            "cannot check the head on every image size without running it (%s: %s); "
+            "a size it cannot take fails when its image comes",
+            type(err).__name__,
+            err,
+        )
+        head_outputs = None  # type: ignore[assignment]
     seen: set[tuple[int, ...]] = set()
     for index, sample in enumerate(data.samples):
-        c, h, w = data.image_shape(index)
+        _, h, w = data.image_shape(index)
         if (h, w) in seen:
             continue
         seen.add((h, w))
@@ -454,10 +473,10 @@ def check_image_sizes(
         except GeometryError as err:
             raise TrainError(f"{where} row {sample.row}: an image of {h}x{w} px cannot be "
                              f"streamed: {err}") from None  # fmt: skip
-        probe = torch.zeros(1, channels, *out_shape, device="meta")
+        if head_outputs is None:
+            continue
         try:
-            with torch.no_grad():
-                got = int(meta_head(probe).reshape(1, -1).shape[1])
+            got = head_outputs(out_shape)
         except Exception as err:  # the head's own error, whatever it is
             raise TrainError(
                 f"{where} row {sample.row}: the head cannot take the trunk's {out_shape[0]}x"
