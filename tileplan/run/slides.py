@@ -530,7 +530,10 @@ class SlideSource:
 
     def read(self, region: Sequence[slice]) -> torch.Tensor:
         (ys, xs) = region
-        y0, x0, _, _ = self.region.box
+        y0, x0, h, w = self.region.box
+        if not (0 <= ys.start < ys.stop <= h and 0 <= xs.start < xs.stop <= w):
+            raise IndexError(f"region {ys.start}:{ys.stop} x {xs.start}:{xs.stop} is not inside "
+                             f"the {h}x{w} px image of {self.pyramid.path.name}")  # fmt: skip
         # In px of the scaled level.
         a_y, b_y, a_x, b_x = y0 + ys.start, y0 + ys.stop, x0 + xs.start, x0 + xs.stop
         level_h, level_w = self.pyramid.levels[self.region.level]
