@@ -183,7 +183,9 @@ def _probe_openslide(path: Path) -> Pyramid:
     if vendor == "aperio":  # a TIFF: decode its tiles exactly, as stored, if tifffile agrees
         try:
             tiff = _probe_tiff_pyramid(path)
-        except Exception:  # noqa: BLE001 (tifffile cannot: OpenSlide reads it)
+        except _BadImageError:
+            raise  # truncated or corrupt as a TIFF: say so now, not during training
+        except Exception:  # noqa: BLE001 (e.g. a codec tifffile lacks: OpenSlide reads it)
             tiff = None
         if tiff is not None and tiff.levels == levels and tiff.channels == 3:
             return Pyramid(path, "tifffile", levels, mpp, 3, tiff.dtype)
