@@ -85,16 +85,12 @@ def _largest_image(
     from tileplan.run.data import load_csv
     from tileplan.settings import DataSettings
 
-    dataset = load_csv(data, settings=DataSettings(mpp=mpp, level=level, tissue=tissue))
+    settings = DataSettings(mpp=mpp, level=level, tissue=tissue)
+    dataset = load_csv(data, settings=settings)
     largest = dataset.largest_shape
-    click.echo(f"{data}: {len(dataset)} images at {_dataset_settings(mpp, level, tissue)}; "
+    click.echo(f"{data}: {len(dataset)} images at {settings.describe_reading()}; "
                f"planning for the largest, {format_shape(largest)} px", err=True)  # fmt: skip
     return largest, dataset.channels
-
-
-def _dataset_settings(mpp: float | None, level: int | None, tissue: bool) -> str:
-    what = f"{mpp:g} µm/px" if mpp is not None else f"level {level or 0}"
-    return what + (", tissue boxes" if tissue else "")
 
 
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]

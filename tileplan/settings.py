@@ -26,7 +26,7 @@ from executor import OPTIMIZER_NAMES, DtypeName, OptimizerName, Plan, Precision
 
 __all__ = [
     "OPTIMIZERS", "DataSettings", "Normalization", "OptimizerSpec", "RunSpec", "SettingsError",
-    "resolve_device",
+    "describe_resolution", "resolve_device",
 ]  # fmt: skip
 
 
@@ -175,12 +175,20 @@ class DataSettings:
         if self.oversize not in get_args(Oversize):
             raise SettingsError(f"--oversize {self.oversize!r}: use crop or refuse")
 
+    def describe_reading(self) -> str:
+        """What is read of each image, e.g. ``1 µm/px, tissue box``."""
+        tissue = ", tissue box" if self.tissue else ""
+        return f"{describe_resolution(self.level, self.mpp)}{tissue}"
+
     def describe(self) -> str:
         """E.g. ``1 µm/px, tissue box, larger images centre-cropped``."""
-        what = f"{self.mpp:g} µm/px" if self.mpp is not None else f"level {self.level or 0}"
-        tissue = ", tissue box" if self.tissue else ""
         policy = "centre-cropped" if self.oversize == "crop" else "refused"
-        return f"{what}{tissue}, larger images {policy}"
+        return f"{self.describe_reading()}, larger images {policy}"
+
+
+def describe_resolution(level: int | None, mpp: float | None) -> str:
+    """``0.5 µm/px`` or ``level 2`` (level 0 when neither is given)."""
+    return f"{mpp:g} µm/px" if mpp is not None else f"level {level or 0}"
 
 
 # --------------------------------------------------------------------------------------------

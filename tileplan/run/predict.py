@@ -157,9 +157,9 @@ def predict_files(
         finally:
             source.close()
         if saliency_dir is not None and pred.saliency is not None:
-            _write_saliency(saliency_dir, path, pred.saliency)
-            overlay = saliency_overlay(thumbnail(slide.pyramid), saliency_to_uint8(pred.saliency),
-                                       slide.region)  # fmt: skip
+            magnitude = saliency_to_uint8(pred.saliency)
+            _write_saliency(saliency_dir, path, pred.saliency, magnitude)
+            overlay = saliency_overlay(thumbnail(slide.pyramid), magnitude, slide.region)
             _write_png(saliency_dir / f"{path.stem}.overlay.png", overlay)
         results.append((path, pred))
     return results
@@ -213,13 +213,10 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     atomic_write(path, lambda f: f.write(png.getvalue()))
 
 
-def _write_saliency(out_dir: Path, image_path: Path, saliency: torch.Tensor) -> None:
-    from PIL import Image
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = io.BytesIO()
-    Image.fromarray(saliency_to_uint8(saliency)).save(png, format="PNG")
-    atomic_write(out_dir / f"{image_path.stem}.saliency.png", lambda f: f.write(png.getvalue()))
+def _write_saliency(out_dir: Path, image_path: Path, saliency: torch.Tensor,
+                    magnitude: np.ndarray) -> None:  # fmt: skip
+    """The raw gradient (``.npy``) and its magnitude (``saliency_to_uint8``) as a PNG."""
+    _write_png(out_dir / f"{image_path.stem}.saliency.png", magnitude)
     raw = io.BytesIO()
     np.save(raw, saliency.numpy().astype(np.float32))
     atomic_write(out_dir / f"{image_path.stem}.saliency.npy", lambda f: f.write(raw.getvalue()))

@@ -63,6 +63,7 @@ from tileplan.run.data import (
     _tiff_layout,
     read_image,
 )
+from tileplan.settings import describe_resolution
 
 __all__ = [
     "OPENSLIDE_SUFFIXES",
@@ -449,10 +450,13 @@ def _taps(start: int, stop: int, size: int, out: int) -> tuple[np.ndarray, np.nd
     return index, num, lo, hi
 
 
-def _resample_axis(data: np.ndarray, axis: int, start: int, stop: int, size: int, out: int
+Taps = tuple[np.ndarray, np.ndarray, int, int]  # (index, num, lo, hi) of _taps
+
+
+def _resample_axis(data: np.ndarray, axis: int, taps: Taps, size: int, out: int
                    ) -> tuple[np.ndarray, int]:  # fmt: skip
-    """Output pixels ``[start, stop)`` of ``data``'s ``axis`` (level px ``[lo, hi)`` of
-    :func:`_taps`) as ``sum_k num[k] * data[index[k]]``, and the denominator (``size``) that
+    """The output pixels of ``taps`` (:func:`_taps`; ``data``'s ``axis`` holds its level px
+    ``[lo, hi)``) as ``sum_k num[k] * data[index[k]]``, and the denominator (``size``) that
     makes it a mean. Integer data is summed exactly in integers (so in any order, with the
     narrowest type that cannot overflow); float data in float64 in tap order with weights
     ``num / size`` (denominator 1)."""
@@ -465,13 +469,13 @@ def _resample_axis(data: np.ndarray, axis: int, start: int, stop: int, size: int
     if size % out == 0:  # whole footprints of f level px each: strided slices, weight out
         f = size // out  # (the region read starts at level px start * f = lo)
         view = np.moveaxis(data, axis, 0)
-        n = stop - start
+        n = taps[0].shape[1]
         acc = view[0 : n * f : f].astype(work)
         for k in range(1, f):
             acc += view[k : k + n * f : f]
         acc = np.moveaxis(acc, 0, axis)
         return (acc * out, size) if exact else (acc * (out / size), 1)
-    index, num, _, _ = _taps(start, stop, size, out)
+    index, num, _, _ = taps
     shape = [1] * data.ndim
     shape[axis] = -1
     acc = None
@@ -545,13 +549,13 @@ class SlideSource:
             if (level_h, level_w) == (out_h, out_w):
                 data = reader.read(self.region.level, a_y, a_x, b_y - a_y, b_x - a_x)
                 return torch.from_numpy(np.ascontiguousarray(data))[None]
-            _, _, lo_y, hi_y = _taps(a_y, b_y, level_h, out_h)
-            _, _, lo_x, hi_x = _taps(a_x, b_x, level_w, out_w)
+            taps_y, taps_x = _taps(a_y, b_y, level_h, out_h), _taps(a_x, b_x, level_w, out_w)
+            (*_, lo_y, hi_y), (*_, lo_x, hi_x) = taps_y, taps_x
             data = reader.read(self.region.level, lo_y, lo_x, hi_y - lo_y, hi_x - lo_x)
         if data.dtype == np.uint8 and level_h % out_h == 0 and level_w % out_w == 0:
             return torch.from_numpy(_block_mean(data, level_h // out_h, level_w // out_w))[None]
-        rows, den_y = _resample_axis(data, 1, a_y, b_y, level_h, out_h)
-        both, den_x = _resample_axis(rows, 2, a_x, b_x, level_w, out_w)
+        rows, den_y = _resample_axis(data, 1, taps_y, level_h, out_h)
+        both, den_x = _resample_axis(rows, 2, taps_x, level_w, out_w)
         if data.dtype == np.uint8:  # exact integer sum / exact integer count, rounded once
             scaled = _round_ratio(both, den_y * den_x).astype(np.uint8)
         else:
@@ -705,7 +709,7 @@ def resolve(path: Path, *, level: int | None, mpp: float | None, tissue: bool,
     (h, w), (mh, mw) = region.shape, max_shape
     if h <= mh and w <= mw:
         return Resolved(pyramid, region, None)
-    what = f"{mpp:g} µm/px" if mpp is not None else f"level {level or 0}"
+    what = describe_resolution(level, mpp)
     if oversize == "refuse":
         raise _BadImageError(
             f"is {h}x{w} px at {what}{' (tissue box)' if tissue else ''}, larger than the "

@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -173,8 +174,8 @@ class Trainer:
         self.task: Task = self._task()
         for data in (train_data, val_data):
             if data is not None and data.regions is not None:
-                check_image_sizes(self.scnn, head, data, channels=self._trunk_channels(),
-                                  outputs=self._head_outputs(),
+                check_image_sizes(self.scnn, head, data, channels=self._trunk_channels,
+                                  outputs=self._head_outputs,
                                   planned_output=plan.output_shape)  # fmt: skip
         self.loss = loss_for(self.task)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
@@ -186,7 +187,7 @@ class Trainer:
 
     def _task(self) -> Task:
         task = self.train_data.task
-        outputs = self._head_outputs()
+        outputs = self._head_outputs
         if task == "regression" and outputs != 1:
             raise TrainError(f"regression labels need a head with 1 output, this one has {outputs}")
         if task == "multiclass" and outputs < max(self.train_data.labels) + 1:
@@ -196,21 +197,23 @@ class Trainer:
             )
         return task
 
-    @torch.no_grad()
+    @functools.cached_property
     def _trunk_channels(self) -> int:
         """Output channels of the trunk, from a probe at its receptive field size."""
         dtype = self.spec.precision.param_dtype
         small = tuple(rf + 1 for rf in self.scnn.geometry.receptive_field)
         x = torch.zeros(1, self.train_data.channels, *small, device=self.device, dtype=dtype)
-        return int(self.trunk(x).shape[1])
+        with torch.no_grad():
+            return int(self.trunk(x).shape[1])
 
-    @torch.no_grad()
+    @functools.cached_property
     def _head_outputs(self) -> int:
         """Outputs of the head for the plan's output map."""
         dtype = self.spec.precision.param_dtype
-        channels = self._trunk_channels()
-        probe = torch.zeros(1, channels, *self.plan.output_shape, device=self.device, dtype=dtype)
-        return int(self.head(probe).reshape(1, -1).shape[1])
+        probe = torch.zeros(1, self._trunk_channels, *self.plan.output_shape, device=self.device,
+                            dtype=dtype)  # fmt: skip
+        with torch.no_grad():
+            return int(self.head(probe).reshape(1, -1).shape[1])
 
     # -- checkpoints --------------------------------------------------------------------------
 
