@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from executor import load_plan
-from tests.oracle import RTOL_FLOAT64, rel_error
+from tests.tileplan.run.conventional import assert_same_weights, train_conventionally
 from tileplan.cli import cli
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.checkpoint import load_checkpoint
@@ -105,27 +105,11 @@ def test_variable_size_training_equals_conventional(ws: Path, tmp_path: Path) ->
     assert all(trainer.scnn.tile_grid(s).n_tiles > 1 for s in shapes)
     trainer.fit(progress=False)
 
-    torch.manual_seed(0)
-    ref = load_model_file(ws / "tiny.py").model.double().eval()
-    optimizer = torch.optim.SGD(ref.parameters(), lr=spec.lr, momentum=0.9)
-    mean = torch.tensor(spec.normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
-    std = torch.tensor(spec.normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
-    for epoch in range(spec.epochs):
-        order = trainer.order(epoch)
-        for start in range(0, len(order), spec.batch):
-            batch = order[start : start + spec.batch]
-            optimizer.zero_grad(set_to_none=True)
-            for index in batch:
-                image, label = data[index]  # the whole region, read in one piece
-                assert tuple(image.shape[1:]) == shapes[index]
-                x = (image.unsqueeze(0).double() / 255 - mean) / std
-                loss = torch.nn.functional.cross_entropy(ref(x), label.reshape(1).long())
-                (loss / len(batch)).backward()
-            optimizer.step()
-    for (name, a), b in zip(streamed.model.state_dict().items(), ref.state_dict().values(),
-                            strict=True):  # fmt: skip
-        if a.is_floating_point():
-            assert rel_error(a, b) <= RTOL_FLOAT64, name
+    def same_shape(index: int, image: torch.Tensor) -> None:  # the whole region, in one piece
+        assert tuple(image.shape[1:]) == shapes[index]
+
+    ref = train_conventionally(ws / "tiny.py", spec, trainer, data, same_shape)
+    assert_same_weights(streamed.model, ref)
 
 
 def test_train_and_predict_on_slides_through_the_cli(ws: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from executor import load_plan
 from tests.oracle import RTOL_FLOAT64, rel_error
+from tests.tileplan.run.conventional import assert_same_weights, train_conventionally
 from tileplan.cli import cli
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.data import load_csv
@@ -64,27 +65,8 @@ def test_streamed_training_equals_conventional(setup: Path, tmp_path: Path, plan
 
     # The oracle: the same model, data order, normalisation, loss scaling and optimizer, with
     # conventional backprop on whole images.
-    torch.manual_seed(0)
-    ref = load_model_file(setup / "tiny.py").model.double().eval()
-    optimizer = torch.optim.SGD(ref.parameters(), lr=spec.lr, momentum=0.9)
-    mean = torch.tensor(spec.normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
-    std = torch.tensor(spec.normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
-    for epoch in range(spec.epochs):
-        order = trainer.order(epoch)
-        for start in range(0, len(order), spec.batch):
-            batch = order[start : start + spec.batch]
-            optimizer.zero_grad(set_to_none=True)
-            for index in batch:
-                image, label = data[index]
-                x = (image.unsqueeze(0).double() / 255 - mean) / std  # written out: the oracle
-                loss = torch.nn.functional.cross_entropy(ref(x), label.reshape(1).long())
-                (loss / len(batch)).backward()
-            optimizer.step()
-
-    for (name, a), b in zip(streamed.model.state_dict().items(), ref.state_dict().values(),
-                            strict=True):  # fmt: skip
-        if a.is_floating_point():
-            assert rel_error(a, b) <= RTOL_FLOAT64, name
+    ref = train_conventionally(setup / "tiny.py", spec, trainer, data)
+    assert_same_weights(streamed.model, ref)
 
 
 def test_two_processes_equal_one(setup: Path, tmp_path: Path) -> None:
