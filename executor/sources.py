@@ -31,7 +31,7 @@ import torch
 from executor.errors import GeometryError
 from executor.geometry import Tile
 
-__all__ = ["CropReader", "ImageSource", "TensorSource", "image_shape", "image_version"]
+__all__ = ["CropReader", "ImageSource", "TensorSource", "image_version"]
 
 
 @runtime_checkable
@@ -71,11 +71,6 @@ class TensorSource:
 
     def read(self, region: Sequence[slice]) -> torch.Tensor:
         return self.tensor[(..., *region)].clone()
-
-
-def image_shape(image: torch.Tensor | ImageSource) -> tuple[int, ...]:
-    """``(N, C, *spatial)`` of a tensor or a source."""
-    return tuple(image.shape)
 
 
 def image_version(image: torch.Tensor | ImageSource) -> int:

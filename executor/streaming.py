@@ -33,7 +33,7 @@ from executor.errors import GeometryError
 from executor.geometry import Tile, TileGrid, analyze_trunk
 from executor.modes import check_modes, mode_signature
 from executor.plan import Plan, PlanError, check_plan_matches, load_plan
-from executor.sources import CropReader, ImageSource, image_shape, image_version
+from executor.sources import CropReader, ImageSource, image_version
 
 if TYPE_CHECKING:
     from executor.chain import SegmentedStreamingCNN
@@ -209,7 +209,7 @@ class StreamingCNN:
         """
         self._prepare(image)
         self._cache = None
-        grid = self.tile_grid(image_shape(image)[2:], forward=True)
+        grid = self.tile_grid(tuple(image.shape[2:]), forward=True)
         keep_last = (
             self.cache_last_tile
             and torch.is_grad_enabled()
@@ -259,7 +259,7 @@ class StreamingCNN:
         On any exception the parameters' ``.grad`` are restored to what they were before.
         """
         self._prepare(image)
-        shape = image_shape(image)
+        shape = tuple(image.shape)  # a tensor's or a source's
         grid = self.tile_grid(shape[2:])
         expected = (*shape[:1], *grid.output_shape)
         got = (*grad_output.shape[:1], *grad_output.shape[2:])
@@ -313,7 +313,7 @@ class StreamingCNN:
         return None
 
     def _prepare(self, image: torch.Tensor | ImageSource) -> None:
-        shape = image_shape(image)
+        shape = tuple(image.shape)  # a tensor's or a source's
         if len(shape) != 2 + self.geometry.n_axes:
             raise GeometryError(
                 f"image has shape {shape}; expected (N, C, "
