@@ -44,6 +44,7 @@ from executor.segments import chain, cut_points, find_node, map_cut_points, pref
 from executor.serde import from_data, to_data, to_yaml
 from executor.sources import CropReader, ImageSource, TensorSource
 from executor.steps import streaming_step
+from executor.program import Program, ReducePart, Reduction, StreamPart, build_program
 from executor.streaming import StreamingCNN, spatial_tile_shape
 from executor.trace import trace
 
@@ -66,12 +67,16 @@ __all__ = [
     "Plan",
     "PlanError",
     "Precision",
+    "Program",
     "Provenance",
+    "ReducePart",
+    "Reduction",
     "Segment",
     "SegmentSpec",
     "Segmentation",
     "SegmentedStreamingCNN",
     "StreamingCNN",
+    "StreamPart",
     "StreamingError",
     "TensorSource",
     "Tile",
@@ -85,6 +90,7 @@ __all__ = [
     "analyze_trunk",
     "atomic_write",
     "atomic_write_path",
+    "build_program",
     "build_tile_grid",
     "chain",
     "cut_points",

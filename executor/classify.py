@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
@@ -51,19 +52,22 @@ from executor.graph import (
     same_pad_windows,
 )
 from executor.layout import GLOBAL, LayoutOps
+from executor.statistics import EFFECTS, MOMENTS, NORMALIZERS, decompose_norms
 from executor.trace import Traced, same_padding_functions, space_to_depth_types, trace_leaves
 from executor.values import (
     Const,
+    Flat,
     Maps,
     Meta,
     NotConstantError,
     SizeDep,
     SpatialSize,
+    Stat,
     Value,
     shape_of,
 )
 
-__all__ = ["trace_trunk"]
+__all__ = ["Classified", "MapInput", "StatInput", "classify", "trace_trunk", "traced_trunk"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,13 +89,6 @@ _POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
 _MOVE_SPLIT = "end the trunk before it (split the model there) so it runs in the head"
 
 _REFUSED_MODULES: tuple[tuple[type[nn.Module], str, str], ...] = (
-    (nn.modules.pooling._AdaptiveAvgPoolNd, f"adaptive/global pooling: {GLOBAL}", _MOVE_SPLIT),
-    (nn.modules.pooling._AdaptiveMaxPoolNd, f"adaptive/global pooling: {GLOBAL}", _MOVE_SPLIT),
-    (nn.GroupNorm, f"group norm normalises over all spatial positions: {GLOBAL}",
-     "replace it by a channel-wise norm or end the trunk before it"),
-    (nn.modules.instancenorm._InstanceNorm,
-     f"instance norm normalises over all spatial positions: {GLOBAL}",
-     "replace it by a channel-wise norm or end the trunk before it"),
     (nn.Flatten, "flattening merges spatial positions", _MOVE_SPLIT),
     (nn.MultiheadAttention, "attention mixes all positions", _MOVE_SPLIT),
     (nn.modules.conv._ConvTransposeNd, "transposed convolutions are not supported yet",
@@ -180,17 +177,62 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__name__", str(fn))
 
 
+@dataclass(frozen=True, slots=True)
+class MapInput:
+    """A graph input that is a feature map, with its spatial dims at ``spatial_dims``."""
+
+    spatial_dims: tuple[int, ...]
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatInput:
+    """A graph input that is a statistic of whole maps (the same for every tile)."""
+
+
+Input = MapInput | StatInput
+
+
+@dataclass(frozen=True)
+class Classified:
+    """What every node of a traced trunk is.
+
+    Attributes:
+        gm: the graph module classified (norms over whole maps decomposed, see
+            ``executor.statistics``).
+        graph: its feature maps as spatial operations (node names are the fx nodes').
+        values: fx node name -> its abstract value (``executor.values``): an ``int`` (index
+            into ``graph.nodes``) for a map, ``Stat``/``Flat`` for values computed from whole
+            maps, ``Const``/``Meta``/``SizeDep`` for the rest.
+        reductions: node name -> (what it computes, the map node it reduces) for every node
+            where a map becomes a statistic.
+        effects: nodes that change buffers in place (running statistics), run once per pass.
+    """
+
+    gm: torch.fx.GraphModule
+    graph: SpatialGraph
+    values: dict[str, Value]
+    reductions: dict[str, tuple[str, str]]
+    effects: frozenset[str]
+
+
 class _Builder(LayoutOps):
     """Walks an fx graph once and builds the SpatialGraph."""
 
-    def __init__(self, traced: Traced, n_axes: int) -> None:
+    def __init__(self, traced: Traced, n_axes: int, inputs: Sequence[Input] | None = None
+                 ) -> None:  # fmt: skip
         self.gm = traced.gm
         self.n_axes = n_axes
+        self.inputs = list(inputs) if inputs is not None else [
+            MapInput(tuple(range(2, 2 + n_axes)), 2 + n_axes)
+        ]  # fmt: skip
         self.modules = dict(self.gm.named_modules())
         self.opaque = traced.opaque
         self.nodes: list[SpatialNode] = []
         self.grids: list[int] = []  # per node: the node whose positions it has
         self.env: dict[torch.fx.Node, Value] = {}
+        self.reductions: dict[str, tuple[str, str]] = {}
+        self.effects: set[str] = set()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -318,8 +360,25 @@ class _Builder(LayoutOps):
         target = str(node.target)
         module = self.modules[target]
         if not inputs:
+            if self.on_stats(node):  # e.g. squeeze-excitation's convolutions on the means
+                if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and (
+                    module.p > 0
+                ):  # fmt: skip
+                    self.refuse(node, "active dropout on a statistic draws another mask when "
+                                "the backward pass recomputes it", "call eval() on it")  # fmt: skip
+                self.env[node] = Stat()
+                return
             self.constant(node, lambda *a, **k: module(*a, **k))
             return
+        if isinstance(module, nn.SyncBatchNorm) and (
+            module.training or not module.track_running_stats
+        ):
+            self.refuse(
+                node,
+                "SyncBatchNorm with batch statistics gathers them over processes, which "
+                "streaming does not do",
+                "use BatchNorm (statistics over each process's images) or call eval() on it",
+            )
         if target in self.opaque:
             self.refuse(
                 node,
@@ -356,6 +415,9 @@ class _Builder(LayoutOps):
                                                                                m.bs)),
             (pads, lambda node, inputs, m: self.padding(node, inputs, list(m.padding),
                                                         "constant")),
+            (nn.modules.pooling._AdaptiveAvgPoolNd | nn.modules.pooling._AdaptiveMaxPoolNd,
+             lambda node, inputs, m: self.adaptive_pool(node, inputs, m.output_size,
+                                                        type(m).__name__)),
             (_POINTWISE_MODULES, lambda node, inputs, m: self.pointwise(node, inputs)),
             (nn.LayerNorm, lambda node, inputs, m: self.channel_op(
                 node, inputs, len(m.normalized_shape), "LayerNorm")),
@@ -398,6 +460,43 @@ class _Builder(LayoutOps):
             module.ceil_mode, self.n_axes,
         )  # fmt: skip
         self.window(node, inputs, windows, type(module).__name__)
+
+    def on_stats(self, node: torch.fx.Node) -> bool:
+        """Whether a node without map inputs computes with statistics of whole maps."""
+        return any(isinstance(v, Stat | Flat) for v in self.values(node))
+
+    def statistic(self, node: torch.fx.Node, src: int, what: str) -> None:
+        """A value computed from every position of map ``src``: a statistic (see
+        [Statistics] in ``executor.statistics``)."""
+        self.check_sizes(node)
+        self.env[node] = Stat()
+        self.reductions[node.name] = (what, self.nodes[src].name)
+
+    def adaptive_pool(self, node: torch.fx.Node, inputs: list[int], size: Any, what: str) -> None:
+        """Adaptive pooling to one position per axis is a statistic; to more, regions of
+        the map that depend on its size."""
+        try:
+            sizes = self.concrete(size)
+        except NotConstantError:
+            self.refuse(node, f"{what} to a size computed at run time")
+        sizes = list(sizes) if isinstance(sizes, list | tuple) else [sizes] * self.n_axes
+        if any(v != 1 for v in sizes):
+            self.refuse(node, f"{what} to {tuple(sizes)} positions pools regions whose bounds "
+                        f"depend on the whole map's size: {GLOBAL}")  # fmt: skip
+        src = self.standard_input(node, inputs, what)
+        self.statistic(node, src, what)
+
+    def expanded(self, node: torch.fx.Node, grid_of: int) -> None:
+        """A statistic broadcast to the shape of a map (``s.expand_as(x)``): the same value at
+        every position of that map's grid."""
+        source = self.nodes[grid_of]
+        self.add(node, [grid_of], None, source.spatial_dims, source.rank)
+
+    def effect(self, node: torch.fx.Node) -> None:
+        """An in-place change of a buffer (running statistics, a batch counter): never run
+        while classifying; the engine runs it once per forward pass."""
+        self.env[node] = Meta()
+        self.effects.add(node.name)
 
     def softmax(self, node: torch.fx.Node, inputs: list[int], dim: Any) -> None:
         source = self.nodes[inputs[0]]
@@ -474,7 +573,9 @@ class _Builder(LayoutOps):
         )
 
     def getitem(self, node: torch.fx.Node, base: Value, key: Any) -> None:
-        if isinstance(base, Maps):
+        if isinstance(base, Stat):
+            self.env[node] = Stat()
+        elif isinstance(base, Maps):
             self.pointwise(node, [base.node])
         elif isinstance(base, int):
             self.index(node, base, key)
@@ -500,6 +601,15 @@ class _Builder(LayoutOps):
             self.getitem(node, self.env[args[0]], args[1])
         elif fn is getattr and isinstance(self.env.get(args[0]), int):
             self.metadata(node, self.env[args[0]], str(args[1]))
+        elif fn is getattr and isinstance(self.env.get(args[0]), Stat):
+            self.env[node] = Meta()  # a statistic's shape or dtype: the same for every tile
+        elif fn in EFFECTS:
+            self.effect(node)
+        elif not inputs and self.on_stats(node):
+            if _name(fn).rstrip("_") in _RANDOM:
+                self.refuse(node, "random values on a statistic differ when the backward pass "
+                            "recomputes it", "make it deterministic")  # fmt: skip
+            self.env[node] = Stat()
         elif not inputs:
             if fn in same_padding_functions():
                 self.refuse(node, "'same' padding of a value that is not a feature map")
@@ -510,6 +620,14 @@ class _Builder(LayoutOps):
                 self.concrete(arg(3, "dilation", (1,) * self.n_axes)), self.n_axes,
             )  # fmt: skip
             self.window(node, inputs[:1], windows, "pad_same")
+        elif fn in MOMENTS:  # executor.statistics: moments of a whole map
+            self.statistic(node, self.standard_input(node, inputs[:1], _name(fn)), _name(fn))
+        elif fn in NORMALIZERS:  # ... and the local normalisation with them
+            if len(inputs) != 1:
+                self.refuse(node, "a normalisation whose statistics are feature maps")
+            src = self.standard_input(node, inputs, _name(fn))
+            self.check_sizes(node)  # its per-channel weights broadcast along dim 1
+            self.add(node, [src], None, self.nodes[src].spatial_dims, self.nodes[src].rank)
         elif fn in self.functions:
             self.functions[fn](node, inputs, arg)
         elif _name(fn) == "stochastic_depth":  # torchvision.ops (fx-wrapped)
@@ -520,6 +638,8 @@ class _Builder(LayoutOps):
         elif _is_torch(fn) and isinstance(self.env.get(args[0]), int):
             # torch.f(x, *rest) is x.f(*rest): one table for both spellings.
             self.tensor_op(node, _name(fn), self.env[args[0]], inputs, _Args(node, args[1:]))
+        elif _is_torch(fn) and _name(fn).rstrip("_") in _ELEMENTWISE:
+            self.pointwise(node, inputs)  # e.g. torch.addcmul(bias, weight, x)
         else:
             name = _name(fn)
             why = _REFUSED_FUNCTIONS.get(name, "it is not a supported streaming operation")
@@ -530,6 +650,10 @@ class _Builder(LayoutOps):
         receiver = self.env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
         if isinstance(receiver, int):
             self.tensor_op(node, method, receiver, inputs, _Args(node, node.args[1:]))
+        elif isinstance(receiver, Stat):
+            self.stat_method(node, method, inputs)
+        elif isinstance(receiver, Const) and method.endswith("_") and method != "requires_grad_":
+            self.effect(node)  # e.g. timm's BatchNormAct2d counting batches in train mode
         elif isinstance(receiver, SizeDep) or any(
             isinstance(v, SizeDep) for v in self.values(node)
         ):
@@ -541,6 +665,32 @@ class _Builder(LayoutOps):
                         "map argument is not classified yet")  # fmt: skip
         else:
             self.constant(node, lambda obj, *a, **k: getattr(obj, method)(*a, **k))
+
+    def stat_method(self, node: torch.fx.Node, method: str, inputs: list[int]) -> None:
+        """``s.method(...)`` on a statistic ``s``."""
+        if method in ("size", "dim", "ndimension"):
+            self.env[node] = Meta()  # the same for every tile
+        elif method == "expand_as" and inputs:
+            self.expanded(node, inputs[0])
+        elif method == "expand" and not inputs:
+            sizes = [v for v in self.values(node)[1:] if isinstance(v, SizeDep)]
+            grids = {v.grid for v in sizes if isinstance(v, SpatialSize)}
+            if not sizes:
+                self.env[node] = Stat()
+            elif len(grids) == 1 and all(isinstance(v, SpatialSize) for v in sizes):
+                self.expanded(node, grids.pop())
+            else:
+                self.refuse(node, "a statistic expanded to sizes computed from several maps")
+        elif inputs and method.rstrip("_") in _ELEMENTWISE:
+            self.pointwise(node, inputs)
+        elif inputs:
+            self.refuse(node, f"'.{method}()' of a statistic with a feature map argument is "
+                        "not classified yet")  # fmt: skip
+        elif method.rstrip("_") in _RANDOM:
+            self.refuse(node, "random values on a statistic differ when the backward pass "
+                        "recomputes it", "make it deterministic")  # fmt: skip
+        else:
+            self.env[node] = Stat()
 
     def tensor_op(
         self, node: torch.fx.Node, name: str, src: int, inputs: list[int], arg: _Args
@@ -572,6 +722,11 @@ class _Builder(LayoutOps):
                 node, inputs, "dropout", arg(2, "training", True), arg(1, "p", 0.5)
             )
         table[F.batch_norm] = self.functional_batch_norm
+        for fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+            table[fn] = lambda node, inputs, arg: self.adaptive_pool(
+                node, inputs[:1], arg(1, "output_size", None), _name(node.target)
+            )
         table[F.pixel_unshuffle] = lambda node, inputs, arg: self.space_to_depth(
             node, inputs, self.concrete(arg(1, "downscale_factor", None))
         )
@@ -629,6 +784,9 @@ class _Builder(LayoutOps):
             table[name] = lambda node, name, src, inputs, arg: self.reduce(
                 node, src, name, arg(0, "dim", None), arg(1, "keepdim", False)
             )
+        table["norm"] = lambda node, name, src, inputs, arg: self.reduce(
+            node, src, name, arg(1, "dim", None), arg(2, "keepdim", False)
+        )
         for name in ("expand_as", "view_as", "reshape_as"):
             table[name] = self.as_other
         return table  # fmt: skip
@@ -702,12 +860,17 @@ class _Builder(LayoutOps):
 
     def build(self) -> SpatialGraph:
         output_seen = False
+        placeholders = 0
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                if self.nodes:
+                if placeholders >= len(self.inputs):
                     self.refuse(node, "the trunk takes more than one input", "take one image")
-                n = 2 + self.n_axes
-                self.add(node, [], None, tuple(range(2, n)), n)
+                kind = self.inputs[placeholders]
+                placeholders += 1
+                if isinstance(kind, StatInput):
+                    self.env[node] = Stat()
+                else:
+                    self.add(node, [], None, kind.spatial_dims, kind.rank)
             elif node.op == "get_attr":
                 self.env[node] = Const(operator.attrgetter(str(node.target))(self.gm))
             elif node.op == "output":
@@ -726,6 +889,9 @@ class _Builder(LayoutOps):
     def finish(self, node: torch.fx.Node) -> None:
         result = node.args[0]
         value = self.env.get(result) if isinstance(result, torch.fx.Node) else None
+        if isinstance(value, Stat | Flat):
+            self.refuse(node, "the trunk ends in a statistic of the whole map (global pooling, "
+                        "a flatten), not a feature map", _MOVE_SPLIT)  # fmt: skip
         if not isinstance(value, int):
             self.refuse(node, "the trunk must return one feature map tensor", "return a tensor")
         out = self.nodes[value]
@@ -762,6 +928,32 @@ def _is_torch(fn: Any) -> bool:
     return module.startswith("torch") or module == "" or getattr(fn, "__self__", None) is torch
 
 
+def traced_trunk(trunk: nn.Module) -> Traced:
+    """``trunk`` traced (``executor.trace``) with its norms over whole maps decomposed
+    (``executor.statistics.decompose_norms``): the graph every part of the engine reads."""
+    traced = trace_leaves(trunk)
+    return Traced(decompose_norms(traced.gm), traced.opaque)
+
+
+def classify(traced: Traced, n_axes: int, inputs: Sequence[Input] | None = None) -> Classified:
+    """Classify every node of a traced trunk (see the module docstring).
+
+    Args:
+        traced: the trunk's graph (``traced_trunk``).
+        n_axes: spatial axes of its maps.
+        inputs: what each graph input is; default one image in (N, C, *spatial) layout.
+
+    Raises:
+        UnsupportedLayerError: an op cannot be streamed, not even with statistics.
+    """
+    builder = _Builder(traced, n_axes, inputs)
+    graph = builder.build()
+    return Classified(
+        traced.gm, graph, {node.name: value for node, value in builder.env.items()},
+        dict(builder.reductions), frozenset(builder.effects),
+    )  # fmt: skip
+
+
 def map_nodes(traced: Traced, n_axes: int) -> set[str]:
     """Names of the traced trunk's nodes whose value is one feature map in (N, C, *spatial)
     layout (not a tuple of maps, not permuted, not a constant).
@@ -769,21 +961,23 @@ def map_nodes(traced: Traced, n_axes: int) -> set[str]:
     Raises:
         UnsupportedLayerError: as ``trace_trunk``.
     """
-    builder = _Builder(traced, n_axes)
-    graph = builder.build()
+    found = classify(traced, n_axes)
     layout = tuple(range(2, 2 + n_axes))
     return {
-        node.name
-        for node, value in builder.env.items()
+        name
+        for name, value in found.values.items()
         if isinstance(value, int)
-        and graph.nodes[value].name == node.name
-        and graph.nodes[value].spatial_dims == layout
-        and graph.nodes[value].rank == 2 + n_axes
+        and found.graph.nodes[value].name == name
+        and found.graph.nodes[value].spatial_dims == layout
+        and found.graph.nodes[value].rank == 2 + n_axes
     }
 
 
 def trace_trunk(trunk: nn.Module, n_axes: int) -> SpatialGraph:
     """Trace ``trunk`` and reduce it to a SpatialGraph over ``n_axes`` spatial axes.
+
+    Statistics of whole maps (``Stat`` values) are constants to this graph: it is the
+    geometry of the trunk's local operations, which the engine streams between them.
 
     Args:
         trunk: the streamable part of the network. It is traced, never modified.
@@ -793,4 +987,4 @@ def trace_trunk(trunk: nn.Module, n_axes: int) -> SpatialGraph:
         UnsupportedLayerError: an op inside the trunk cannot be streamed, or the trunk cannot
             be traced by torch.fx.
     """
-    return _Builder(trace_leaves(trunk), n_axes).build()
+    return classify(traced_trunk(trunk), n_axes).graph

@@ -272,6 +272,12 @@ class TrunkGeometry:
         return cls(graph, out_stride, tuple(lo), tuple(hi), align)
 
     @property
+    def sources(self) -> tuple[int, ...]:
+        """Indices of the graph's inputs (nodes without inputs): the image, or the maps a
+        segment reads, which share one position grid."""
+        return tuple(i for i, node in enumerate(self.graph.nodes) if not node.inputs)
+
+    @property
     def n_axes(self) -> int:
         return self.graph.n_axes
 
@@ -537,4 +543,9 @@ def _intervals(graph: SpatialGraph, axis: int, lo: int, hi: int) -> list[tuple[i
 
 
 def _input_interval(graph: SpatialGraph, axis: int, lo: int, hi: int) -> tuple[int, int]:
-    return _intervals(graph, axis, lo, hi)[0]
+    """What outputs ``[lo, hi]`` read of the graph's inputs (the hull over all of them: a
+    segment's maps share one position grid and one crop)."""
+    intervals = _intervals(graph, axis, lo, hi)
+    read = [intervals[i] for i, node in enumerate(graph.nodes) if not node.inputs]
+    used = [(a, b) for a, b in read if a <= b] or read
+    return min(a for a, _ in used), max(b for _, b in used)

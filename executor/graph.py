@@ -129,6 +129,41 @@ class SpatialGraph:
     def output(self) -> int:
         return len(self.nodes) - 1
 
+    def subgraph(self, sources: Sequence[int], inner: Sequence[int], outputs: Sequence[int],
+                 name: str = "outputs") -> SpatialGraph:  # fmt: skip
+        """The part of the graph that computes ``outputs`` from ``sources``.
+
+        Args:
+            sources: the part's input maps (become inputs: nodes without inputs, on one grid).
+            inner: the nodes it computes, in graph order (every input of one is a source or
+                another inner node).
+            outputs: the maps it hands on; when there are several (or the one is not last),
+                a pointwise node named ``name`` joins them as the part's output, so that the
+                outputs' positions are owned together.
+        """
+        index: dict[int, int] = {}
+        nodes: list[SpatialNode] = []
+        for i in sources:
+            index[i] = len(nodes)
+            node = self.nodes[i]
+            nodes.append(SpatialNode(node.name, node.where, (), None, node.spatial_dims,
+                                     node.rank))  # fmt: skip
+        for i in inner:
+            node = self.nodes[i]
+            try:
+                inputs = tuple(index[j] for j in node.inputs)
+            except KeyError:
+                raise ValueError(f"node '{node.name}' reads a map outside the part") from None
+            index[i] = len(nodes)
+            nodes.append(SpatialNode(node.name, node.where, inputs, node.windows,
+                                     node.spatial_dims, node.rank))  # fmt: skip
+        last = index[outputs[0]]
+        if len(outputs) > 1 or last != len(nodes) - 1:
+            first = self.nodes[outputs[0]]
+            nodes.append(SpatialNode(name, name, tuple(index[o] for o in outputs), None,
+                                     first.spatial_dims, first.rank))  # fmt: skip
+        return SpatialGraph(tuple(nodes), self.n_axes)
+
 
 # --------------------------------------------------------------------------------------------
 # Window helpers

@@ -94,11 +94,17 @@ class LayoutOps:
         else:
             reduced = {int(d) % source.rank for d in as_list(dims)}
         spatial = reduced & set(source.spatial_dims)
+        if spatial == set(source.spatial_dims):
+            if what in ("argmax", "argmin"):
+                self.refuse(node, f"'{what}' over the positions gives a position, not a "
+                            "differentiable statistic")  # fmt: skip
+            self.statistic(node, src, what)  # type: ignore[attr-defined]
+            return
         if spatial:
             self.refuse(
                 node,
-                f"'{what}' over spatial dims {tuple(sorted(spatial))} pools the map: {GLOBAL} "
-                "(e.g. squeeze-excitation or global pooling)",
+                f"'{what}' over spatial dims {tuple(sorted(spatial))} but not all of them "
+                f"keeps positions along the others (e.g. coordinate attention): {GLOBAL}",
             )
         if keep:
             self.reshaped(node, src, source.spatial_dims, source.rank)

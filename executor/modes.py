@@ -21,19 +21,22 @@ def mode_signature(trunk: nn.Module) -> tuple[bool, ...]:
 def check_modes(trunk: nn.Module) -> None:
     """Refuse modules whose current mode makes a tile's output depend on other tiles.
 
+    BatchNorm with batch statistics streams exactly (``executor.statistics``); what stays
+    refused is what draws randomness per call, or gathers statistics over processes.
+
     Raises:
-        UnsupportedLayerError: BatchNorm that uses batch statistics, or active dropout.
+        UnsupportedLayerError: active dropout, SyncBatchNorm with batch statistics.
     """
     for name, module in trunk.named_modules():
         where = name or type(trunk).__name__
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        if isinstance(module, nn.SyncBatchNorm) and (
             module.training or not module.track_running_stats
         ):
             raise UnsupportedLayerError(
                 where,
-                "BatchNorm in train mode normalises with statistics over the whole batch map",
-                "call trunk.eval() (or freeze its norms) before streaming; its affine weights "
-                "still train",
+                "SyncBatchNorm with batch statistics gathers them over processes, which "
+                "streaming does not do",
+                "use BatchNorm (statistics over each process's images) or call eval() on it",
             )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
             raise UnsupportedLayerError(

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 import torch.fx
 from torch import nn
 
-from executor.classify import map_nodes
-from executor.trace import trace_leaves
+from executor.classify import map_nodes, traced_trunk
 
 __all__ = ["chain", "cut_points", "find_node", "map_cut_points", "prefix", "suffix"]
 
@@ -37,14 +36,17 @@ def cut_points(gm: torch.fx.GraphModule) -> list[str]:
 
 def map_cut_points(trunk: nn.Module, n_axes: int = 2) -> list[str]:
     """The cut points of ``trace(trunk)`` where the single value is one feature map in
-    (N, C, *spatial) layout: where a trunk can be cut into segments that each stream.
+    (N, C, *spatial) layout: where a trunk can be cut into segments that each stream (its
+    output is not one: nothing would be left after it).
 
     Raises:
         UnsupportedLayerError: the trunk does not stream as a whole.
     """
-    traced = trace_leaves(trunk)
+    traced = traced_trunk(trunk)
     maps = map_nodes(traced, n_axes)
-    return [name for name in cut_points(traced.gm) if name in maps]
+    output = next(n for n in traced.gm.graph.nodes if n.op == "output").args[0]
+    last = output.name if isinstance(output, torch.fx.Node) else None
+    return [name for name in cut_points(traced.gm) if name in maps and name != last]
 
 
 def find_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:

@@ -7,14 +7,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from executor.chain import SegmentedStreamingCNN
 from executor.streaming import StreamingCNN
 
 __all__ = ["streaming_step"]
 
 
 def streaming_step(
-    scnn: StreamingCNN | SegmentedStreamingCNN,
+    scnn: StreamingCNN,
     head: nn.Module,
     image: torch.Tensor,
     target: torch.Tensor,

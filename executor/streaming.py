@@ -9,9 +9,28 @@ Usage follows the published method's pseudocode::
     loss.backward()
     scnn.backward(image, out.grad)       # adds exact gradients into trunk parameters' .grad
 
-Only one tile's activations are alive at a time. The trunk itself runs unchanged on each crop:
-nothing is hooked, patched or swapped, so the user's module is never altered. Exactness rests on
-[Output ownership] in ``executor.geometry``.
+Only one tile's activations are alive at a time. Exactness rests on [Output ownership] in
+``executor.geometry``. A trunk is run as a program of parts (``executor.program``, [Program]):
+a trunk of local layers is one part, and the user's own module runs unchanged on each crop;
+global-context layers (squeeze-excitation, GroupNorm, BatchNorm with batch statistics...) add
+statistics of whole maps between parts ([Statistics]); a deep trunk may be cut into segments
+(``segments``), each with its own tiles ([Segments]). Nothing of the user's module is hooked,
+patched or swapped; running statistics are updated in place once per forward call, as
+conventional training updates them.
+
+Note: [Segments]
+    A trunk cut at single-map points is a chain ``f_k ∘ ... ∘ f_1``. The forward pass streams
+    ``f_1`` over the image into the cut map ``M_1`` (kept whole), ``f_2`` over ``M_1`` into
+    ``M_2``, and so on; the last output is the trunk's. The backward pass streams ``f_k`` with
+    its input gradient on: by [Output ownership] applied to ``f_k`` with ``M_{k-1}`` as its
+    image, that gives ``dL/dM_{k-1}`` exactly, which is the output gradient of ``f_{k-1}``, and
+    so on down to the image. So every parameter gradient and the input gradient are exact.
+    Each segment has its own geometry and grid: a deep trunk's halo is paid per segment, where
+    it is small, instead of summed over the whole trunk. The price is holding the cut maps from
+    the forward pass to the backward pass, and one cut map's gradient at a time. A segment
+    whose tile covers its whole input map is conventional execution of that part. Statistics
+    make segments too: each part of the program is a segment, and several maps may cross
+    between two of them (a residual block's shortcut and the map a statistic reduces).
 """
 
 from __future__ import annotations
@@ -23,24 +42,25 @@ import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from executor.errors import GeometryError
-from executor.geometry import Tile, TileGrid, analyze_trunk
+from executor.geometry import Tile, TileGrid, TrunkGeometry
 from executor.modes import check_modes, mode_signature
 from executor.plan import Plan, PlanError, check_plan_matches, load_plan
+from executor.program import MapValue, Program, ReducePart, StreamPart, build_program
+from executor.segments import map_cut_points
 from executor.sources import CropReader, ImageSource, image_version
 
-if TYPE_CHECKING:
-    from executor.chain import SegmentedStreamingCNN
-
-__all__ = ["StreamingCNN", "spatial_tile_shape"]
+__all__ = ["SegmentSpec", "StreamingCNN", "spatial_tile_shape"]
 
 log = logging.getLogger(__name__)
+
+Image = torch.Tensor | ImageSource
 
 
 def spatial_tile_shape(tile_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -63,28 +83,75 @@ def spatial_tile_shape(tile_shape: int | Sequence[int]) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentSpec:
+    """One segment of a chain (a stream part of the trunk's program, [Segments]).
+
+    Attributes:
+        end: where the segment ends: a cut point of the traced trunk (``map_cut_points``),
+            or, for a segment that a statistic ends, its outputs as ``StreamingCNN.ends``
+            lists them; None for the last segment, which ends with the trunk.
+        tile: largest crop of its backward pass, in positions of its input map.
+        forward_tile: crop of its no-grad forward pass (default: ``tile``).
+        map_on_host: keep its output maps in host memory; their parts move to and from the
+            device per tile.
+    """
+
+    end: str | None
+    tile: int | Sequence[int]
+    forward_tile: int | Sequence[int] | None = None
+    map_on_host: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class _CachedTile:
     """The last forward tile's autograd graph, reused by the first backward tile."""
 
     tile: Tile
-    crop: torch.Tensor
-    output: torch.Tensor
-    image: weakref.ref[torch.Tensor | ImageSource]
+    crops: tuple[torch.Tensor, ...]
+    outputs: tuple[torch.Tensor, ...]
+    stats: tuple[Any, ...]  # the statistic leaves the tile was computed with
+    image: weakref.ref[Image]
     version: int
+
+
+@dataclass
+class _Forward:
+    """What a forward pass keeps for the backward pass: every map that crosses parts (not
+    the image, not the output) and every statistic."""
+
+    image: weakref.ref[Image]
+    version: int
+    values: dict[str, Any]
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Tiles:
+    backward: tuple[int, ...]
+    forward: tuple[int, ...]
+    on_host: bool
 
 
 class StreamingCNN:
     """Streams a CNN trunk over tiles with gradients equal to conventional backprop.
 
     Args:
-        trunk: the streamable part of the network: only local ops (see README for the list);
-            BatchNorm must be in eval mode. Its device is where tiles are computed.
+        trunk: the streamable part of the network (see README for its layers). Global-context
+            layers make statistics between segments, which this places itself; BatchNorm in
+            train mode normalises with the batch's statistics and updates its running ones,
+            as in conventional training. Its device is where tiles are computed.
         tile_shape: the largest input crop of the backward pass (px), as ``(H, W)``,
             ``(N, C, H, W)`` or an int for square tiles. Aligned down to a multiple of the
-            trunk's output stride; the grid is balanced so that crops are about equal.
+            trunk's output stride; the grid is balanced so that crops are about equal. A
+            segment after a statistic uses the same image area in positions of its own input
+            (the tile divided by its input's stride, at least its smallest tile).
         forward_tile_shape: crop size of the no-grad forward pass, which holds no autograd
             graph and so can afford larger tiles (fewer halo recomputes). Defaults to
             ``tile_shape``.
+        segments: instead of ``tile_shape``, one ``SegmentSpec`` per segment with its own
+            tiles (``tileplan profile`` chooses them); a spec's ``end`` may cut the trunk
+            at a single-map point, and ends placed by statistics must be listed as ``ends``
+            gives them.
         input_grad: also compute the exact gradient with respect to the image (saliency);
             ``backward`` then returns it.
         amp_dtype: run tiles under ``torch.autocast`` with this dtype (bfloat16/float16).
@@ -115,9 +182,10 @@ class StreamingCNN:
     def __init__(
         self,
         trunk: nn.Module,
-        tile_shape: int | Sequence[int],
+        tile_shape: int | Sequence[int] | None = None,
         *,
         forward_tile_shape: int | Sequence[int] | None = None,
+        segments: Sequence[SegmentSpec] | None = None,
         input_grad: bool = False,
         amp_dtype: torch.dtype | None = None,
         cache_last_tile: bool = True,
@@ -126,25 +194,99 @@ class StreamingCNN:
         output_device: torch.device | str | None = None,
         read_ahead: int = 2,
     ) -> None:
+        if (tile_shape is None) == (segments is None):
+            raise GeometryError("give a tile_shape or segments (one SegmentSpec per segment)")
+        if segments is not None and not segments:
+            raise GeometryError("a segmented trunk needs at least one segment")
         self.trunk = trunk
+        self.specs = tuple(segments) if segments is not None else None
+        first = tile_shape if tile_shape is not None else self.specs[0].tile  # type: ignore[index]
+        self.tile_shape = spatial_tile_shape(first)
+        forward = forward_tile_shape if segments is None else self.specs[0].forward_tile  # type: ignore[index]
+        self.forward_tile_shape = (
+            self.tile_shape if forward is None else spatial_tile_shape(forward)
+        )
+        if len(self.forward_tile_shape) != len(self.tile_shape):
+            raise GeometryError("tile_shape and forward_tile_shape need the same number of axes")
         self.read_ahead = read_ahead
         self.output_device = None if output_device is None else torch.device(output_device)
         self.preprocess = preprocess
-        self.tile_shape = spatial_tile_shape(tile_shape)
-        self.forward_tile_shape = (
-            self.tile_shape if forward_tile_shape is None
-            else spatial_tile_shape(forward_tile_shape)
-        )  # fmt: skip
-        if len(self.forward_tile_shape) != len(self.tile_shape):
-            raise GeometryError("tile_shape and forward_tile_shape need the same number of axes")
         self.input_grad = input_grad
         self.amp_dtype = amp_dtype
         self.cache_last_tile = cache_last_tile
         self.progress = progress
-        self._modes = mode_signature(trunk)
-        self.geometry = analyze_trunk(trunk, len(self.tile_shape))
-        self._cache: _CachedTile | None = None
         self.plan: Plan | None = None
+        self._cache: _CachedTile | None = None
+        self._forward: _Forward | None = None
+        self._build()
+
+    # -- the program ----------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Read the trunk into a program and give every segment its tiles (again when
+        train()/eval() switched modules: the traced code and the statistics may differ)."""
+        n_axes = len(self.tile_shape)
+        self._modes = mode_signature(self.trunk)
+        cuts: list[str] = []
+        if self.specs is not None and len(self.specs) > 1:
+            points = set(map_cut_points(self.trunk, n_axes))
+            cuts = [s.end for s in self.specs[:-1] if s.end in points]  # type: ignore[misc]
+        self.program: Program = build_program(self.trunk, n_axes, cuts)
+        streams = self.program.streams
+        self._tiles: dict[int, _Tiles] = {}
+        if self.specs is not None:
+            self._check_specs(streams)
+            for k, (part, spec) in enumerate(zip(streams, self.specs, strict=True)):
+                tile = spatial_tile_shape(spec.tile)
+                forward = tile if spec.forward_tile is None else spatial_tile_shape(spec.forward_tile)
+                self._tiles[id(part)] = _Tiles(tile, forward, spec.map_on_host and k < len(streams) - 1)
+        else:
+            for part in streams:
+                self._tiles[id(part)] = _Tiles(
+                    _scaled(self.tile_shape, part), _scaled(self.forward_tile_shape, part), False
+                )
+        self._forward = None
+        self._cache = None
+
+    def _check_specs(self, streams: Sequence[StreamPart]) -> None:
+        assert self.specs is not None
+        ends = [p.end for p in streams[:-1]]
+        given = [s.end for s in self.specs[:-1]]
+        if self.specs[-1].end is not None:
+            raise GeometryError("the last segment ends with the trunk: give it end=None")
+        if given == ends:
+            return
+        points = map_cut_points(self.trunk, len(self.tile_shape))
+        bad = next((e for e in given if e not in ends and e not in points), None)
+        if bad is not None and not self.program.reductions:
+            raise GeometryError(
+                f"segment end '{bad}' is not a point where a single map flows on; use one of "
+                f"{', '.join(points[-6:])} ... (executor.map_cut_points)"
+            )
+        order = [points.index(e) for e in given if e in points]
+        if len(order) == len(given) and any(a >= b for a, b in zip(order, order[1:])):
+            raise GeometryError(
+                f"segment ends {', '.join(map(str, given))} must be distinct and in the order "
+                "the trunk computes them"
+            )
+        raise GeometryError(
+            f"this trunk streams as {len(streams)} segment(s) ending at "
+            f"{', '.join(ends) or 'the output'}, then the output (statistics of whole maps "
+            f"and the cuts asked for end them); give one SegmentSpec per segment with those "
+            f"ends, in that order, not {', '.join(map(str, given)) or 'none'}"
+        )
+
+    @property
+    def ends(self) -> tuple[str, ...]:
+        """Where each segment but the last ends (the ``end`` of its ``SegmentSpec``)."""
+        return tuple(p.end for p in self.program.streams[:-1])
+
+    @property
+    def geometry(self) -> TrunkGeometry:
+        """The whole trunk's geometry (statistics taken as constants): output stride, halos,
+        receptive field; the first segment's, when the trunk streams in one."""
+        streams = self.program.streams
+        return streams[0].geometry if len(streams) == 1 else self.program.geometry
 
     @classmethod
     def from_plan(
@@ -152,15 +294,14 @@ class StreamingCNN:
         trunk: nn.Module,
         plan: Plan | str | os.PathLike[str],
         **kwargs: Any,
-    ) -> StreamingCNN | SegmentedStreamingCNN:
+    ) -> StreamingCNN:
         """Stream ``trunk`` with the tiles of a saved plan (``tileplan profile``).
 
         The plan is refused (``PlanError``) if it was made for another trunk architecture or
         its geometry is not the trunk's; images of another shape are refused when a pass
-        starts. A segmented plan gives a ``SegmentedStreamingCNN`` (the same interface). The
-        plan's dtype sets autocast (``executor.Precision``): a bfloat16/float16 plan runs its
-        tiles under autocast with that dtype. The trunk's parameters must already be in the
-        plan's parameter dtype (``plan.precision.param_dtype``).
+        starts. The plan's dtype sets autocast (``executor.Precision``): a bfloat16/float16
+        plan runs its tiles under autocast with that dtype. The trunk's parameters must
+        already be in the plan's parameter dtype (``plan.precision.param_dtype``).
 
         Example:
             >>> scnn = StreamingCNN.from_plan(trunk, "plan.yaml")
@@ -177,27 +318,38 @@ class StreamingCNN:
                 f".to({precision.param_dtype})"
             )
         kwargs.setdefault("amp_dtype", precision.amp_dtype)
-        if plan.segments:  # a chain of segments: the same interface (executor.chain)
-            from executor.chain import SegmentedStreamingCNN, SegmentSpec  # noqa: F811
-
+        if plan.segments:
             specs = [SegmentSpec(s.end, s.tile_px, s.forward_tile_px, s.map_on_host)
                      for s in plan.segments]  # fmt: skip
-            chained = SegmentedStreamingCNN(trunk, specs, **kwargs)
-            chained.plan = plan
-            return chained
-        scnn = cls(trunk, plan.tile_px, forward_tile_shape=plan.forward_tile_px, **kwargs)
+            scnn = cls(trunk, segments=specs, **kwargs)
+        else:
+            scnn = cls(trunk, plan.tile_px, forward_tile_shape=plan.forward_tile_px, **kwargs)
         scnn.plan = plan
         return scnn
 
     # -- public API ---------------------------------------------------------------------------
 
-    def tile_grid(self, image_shape: Sequence[int], *, forward: bool = False) -> TileGrid:
-        """The grid used for an image of spatial shape ``image_shape`` (px)."""
-        tile = self.forward_tile_shape if forward else self.tile_shape
-        return self.geometry.tile_grid(tuple(image_shape), tile)
+    def tile_grids(self, image_shape: Sequence[int], *, forward: bool = False
+                   ) -> list[TileGrid]:  # fmt: skip
+        """Each segment's grid for an image of spatial shape ``image_shape`` (px), over its
+        own input map."""
+        grids = []
+        for part in self.program.streams:
+            tiles = self._tiles[id(part)]
+            shape = self.program.input_shape(part, image_shape)
+            grids.append(part.geometry.tile_grid(shape, tiles.forward if forward else tiles.backward))
+        return grids
 
-    def forward(self, image: torch.Tensor | ImageSource) -> torch.Tensor:
+    def tile_grid(self, image_shape: Sequence[int], *, forward: bool = False) -> TileGrid:
+        """The first segment's grid (over the image) for an image of ``image_shape`` px."""
+        return self.tile_grids(image_shape, forward=forward)[0]
+
+    def forward(self, image: Image) -> torch.Tensor:
         """Trunk output for the whole image, computed tile by tile, without autograd graph.
+
+        With grad mode on, the maps and statistics that the backward pass needs are kept
+        (in inference they are freed as soon as they are used); running statistics are
+        updated once.
 
         Args:
             image: (N, C, *spatial) tensor on any device, or an ``ImageSource``; crops move to
@@ -208,41 +360,17 @@ class StreamingCNN:
             ``requires_grad=False``.
         """
         self._prepare(image)
+        self._forward = None
         self._cache = None
-        grid = self.tile_grid(tuple(image.shape[2:]), forward=True)
-        keep_last = (
-            self.cache_last_tile
-            and torch.is_grad_enabled()
-            and self.forward_tile_shape == self.tile_shape
-            and self._needs_graph()
-        )
-        with CropReader(image, self._tiles(grid, "forward"), ahead=self.read_ahead) as reader:
-            return self._forward_tiles(image, reader, grid.output_shape, keep_last, grid.n_tiles)
-
-    def _forward_tiles(self, image: torch.Tensor | ImageSource, reader: CropReader,
-                       output_shape: tuple[int, ...], keep_last: bool, n_tiles: int
-                       ) -> torch.Tensor:  # fmt: skip
-        out: torch.Tensor | None = None
-        for k, (tile, region) in enumerate(reader):
-            keep = keep_last and k == n_tiles - 1
-            with torch.set_grad_enabled(keep), self.autocast():
-                crop = self._crop(region, requires_grad=keep and self.input_grad)
-                del region
-                y = self.trunk(_fed(crop))  # (N, C_out, *crop_out)
-            if out is None:
-                out = torch.empty((*y.shape[:2], *output_shape), dtype=y.dtype,
-                                  device=self.output_device or y.device)  # fmt: skip
-            out[(..., *tile.output_slices())] = y[(..., *tile.local_output_slices())].detach()
-            if keep:
-                self._cache = _CachedTile(tile, crop, y, weakref.ref(image), image_version(image))
-        assert out is not None
-        return out
+        keep = torch.is_grad_enabled()
+        output, kept = self._run_forward(image, keep=keep, effects=True)
+        if keep:
+            self._forward = kept
+        return output
 
     __call__ = forward
 
-    def backward(
-        self, image: torch.Tensor | ImageSource, grad_output: torch.Tensor
-    ) -> torch.Tensor | None:
+    def backward(self, image: Image, grad_output: torch.Tensor) -> torch.Tensor | None:
         """Add the exact trunk parameter gradients for ``grad_output`` into their ``.grad``.
 
         Args:
@@ -259,50 +387,301 @@ class StreamingCNN:
         On any exception the parameters' ``.grad`` are restored to what they were before.
         """
         self._prepare(image)
-        shape = tuple(image.shape)  # a tensor's or a source's
-        grid = self.tile_grid(shape[2:])
-        expected = (*shape[:1], *grid.output_shape)
+        shape = tuple(image.shape)
+        out_shape = self.program.map_shape(self.program.output, shape[2:])
+        expected = (*shape[:1], *out_shape)
         got = (*grad_output.shape[:1], *grad_output.shape[2:])
         if grad_output.dim() != len(shape) or got != expected:
             raise GeometryError(
                 f"grad_output has shape {tuple(grad_output.shape)} but the trunk's output for "
                 f"this image has batch and spatial shape {expected}; pass out.grad of forward()"
             )
+        kept, self._forward = self._forward, None
+        if kept is None or kept.image() is not image or kept.version != image_version(image):
+            self._cache = None
+            with torch.no_grad():
+                _, kept = self._run_forward(image, keep=True, effects=False)
+        assert kept is not None
+        with _restore_grads_on_error(self.trunk):
+            return self._run_backward(image, kept, grad_output)
+
+    # -- passes -------------------------------------------------------------------------------
+
+    def _run_forward(self, image: Image, *, keep: bool, effects: bool
+                     ) -> tuple[torch.Tensor, _Forward]:  # fmt: skip
+        program = self.program
+        values: dict[str, Any] = {program.image: image}
+        stats: dict[str, Any] = {}
+        last_use = _last_uses(program.parts)
+        for k, part in enumerate(program.parts):
+            if isinstance(part, StreamPart):
+                outputs = self._stream_forward(part, values, stats, image,
+                                               last=k == len(program.parts) - 1)  # fmt: skip
+                values.update(zip(part.outputs, outputs, strict=True))
+            else:
+                outputs = self._reduce_forward(part, values, stats, effects=effects)
+                stats.update(zip(part.outputs, outputs, strict=True))
+            if not keep:  # inference: nothing is needed for a backward pass
+                for name in [n for n, at in last_use.items() if at == k]:
+                    if name not in (program.image, program.output):
+                        values.pop(name, None)
+                        stats.pop(name, None)
+        output = values.pop(program.output)
+        values.pop(program.image)
+        return output, _Forward(weakref.ref(image), image_version(image), values, stats)
+
+    def _run_backward(self, image: Image, kept: _Forward, grad_output: torch.Tensor
+                      ) -> torch.Tensor | None:  # fmt: skip
+        program = self.program
+        values = dict(kept.values)
+        values[program.image] = image
+        needs = self._needs_grad()
+        grads: dict[str, torch.Tensor] = {program.output: grad_output}
+        stat_grads: dict[str, torch.Tensor] = {}
+        first_use = _first_uses(program.parts)
+        stats = kept.stats
+        for k in range(len(program.parts) - 1, -1, -1):
+            part = program.parts[k]
+            if isinstance(part, StreamPart):
+                self._stream_backward(part, values, stats, grads, stat_grads, needs, image)
+            else:
+                self._reduce_backward(part, values, stats, grads, stat_grads, needs)
+            for name in [n for n, at in first_use.items() if at == k]:
+                if name != program.image:
+                    values.pop(name, None)  # no part before this one reads it: free it
+        return grads.get(program.image) if self.input_grad else None
+
+    def _needs_grad(self) -> dict[str, bool]:
+        """Which values need a gradient: those computed from the image (with ``input_grad``)
+        or from parameters that train."""
+        needs = {self.program.image: self.input_grad}
+        for part in self.program.parts:
+            module = part.module if isinstance(part, StreamPart) else part.grad_module
+            flag = any(p.requires_grad for p in module.parameters()) or any(
+                needs.get(n, False) for n in (*part.inputs, *part.stats)
+            )
+            for name in part.outputs:
+                needs[name] = flag
+        return needs
+
+    # -- stream parts -------------------------------------------------------------------------
+
+    def _call(self, part: StreamPart) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """How a tile runs: the user's own module when the trunk streams as one part."""
+        if self.program.local:
+            return lambda crop: (self.trunk(crop),)
+        return part.module
+
+    def _input_shape(self, part: StreamPart, values: dict[str, Any]) -> tuple[int, ...]:
+        shapes = {_spatial(values[n], self.program.maps[n]) for n in part.inputs}
+        if len(shapes) != 1:
+            raise GeometryError(
+                f"the segment ending at {part.where} reads maps of sizes {sorted(shapes)}; use "
+                f"an image size that is a multiple of {'x'.join(map(str, part.stride))} px"
+            )
+        return shapes.pop()
+
+    def _stream_forward(self, part: StreamPart, values: dict[str, Any], stats: dict[str, Any],
+                        image: Image, *, last: bool) -> list[torch.Tensor]:  # fmt: skip
+        tiles = self._tiles[id(part)]
+        grid = part.geometry.tile_grid(self._input_shape(part, values), tiles.forward)
+        keep_last = (
+            last and self.cache_last_tile and torch.is_grad_enabled()
+            and tiles.forward == tiles.backward and self._needs_graph()
+        )  # fmt: skip
+        call = self._call(part)
+        part_stats = tuple(
+            _leaf(stats[n]) if keep_last else stats[n] for n in part.stats
+        )  # fmt: skip
+        outputs: list[torch.Tensor | None] = [None] * len(part.outputs)
+        maps = [self.program.maps[n] for n in part.outputs]
+        on_host = tiles.on_host
+        n = grid.n_tiles
+        crops = self._crops(part, values, grid, "forward", grad_at=n - 1 if keep_last else None)
+        with contextlib.closing(crops):
+            for k, (tile, crop) in enumerate(crops):
+                keep = keep_last and k == n - 1
+                with torch.set_grad_enabled(keep), self.autocast():
+                    ys = call(*map(_fed, crop), *part_stats)
+                for j, (y, value) in enumerate(zip(ys, maps, strict=True)):
+                    if outputs[j] is None:
+                        outputs[j] = self._allocate(y, value, grid.output_shape, on_host,
+                                                    part.outputs[j] == self.program.output)  # fmt: skip
+                    target = outputs[j]
+                    assert target is not None
+                    target[_index(value, tile.output_slices())] = y[
+                        _index(value, tile.local_output_slices())
+                    ].detach()
+                if keep:
+                    self._cache = _CachedTile(tile, tuple(crop), tuple(ys), part_stats,
+                                              weakref.ref(image), image_version(image))  # fmt: skip
+                del crop, ys
+        assert all(o is not None for o in outputs)
+        return outputs  # type: ignore[return-value]
+
+    def _allocate(self, y: torch.Tensor, value: MapValue, spatial: tuple[int, ...],
+                  on_host: bool, final: bool) -> torch.Tensor:  # fmt: skip
+        shape = list(y.shape)
+        for axis, dim in enumerate(value.spatial_dims):
+            shape[dim] = spatial[axis]
+        device = (self.output_device if final else torch.device("cpu") if on_host else None)
+        return torch.empty(shape, dtype=y.dtype, device=device or y.device)
+
+    def _stream_backward(
+        self, part: StreamPart, values: dict[str, Any], stats: dict[str, Any],
+        grads: dict[str, torch.Tensor], stat_grads: dict[str, torch.Tensor],
+        needs: dict[str, bool], image: Image,
+    ) -> None:  # fmt: skip
+        out_grads = [grads.pop(n, None) for n in part.outputs]
+        if all(g is None for g in out_grads):
+            return
+        tiles = self._tiles[id(part)]
+        grid = part.geometry.tile_grid(self._input_shape(part, values), tiles.backward)
+        targets = [self._grad_target(n, values[n], grads) if needs.get(n) else None
+                   for n in part.inputs]  # fmt: skip
         cache, self._cache = self._cache, None
+        order = list(reversed(list(grid)))
         if cache is not None and (
-            cache.image() is not image or cache.version != image_version(image)
-        ):
+            part is not self.program.parts[-1] or cache.image() is not image
+            or cache.version != image_version(image) or cache.tile != order[0]
+        ):  # fmt: skip
             cache = None
-        image_grad = (
-            torch.zeros(shape, dtype=self._grad_dtype(image), device=_device_of(image))
-            if self.input_grad
-            else None
-        )
-        tiles = list(reversed(list(grid)))
-        if cache is not None and cache.tile == tiles[0]:
-            tiles = tiles[1:]  # its crop and graph are cached: nothing to read
-            todo = [(cache.tile, None)]
-        else:
-            cache, todo = None, []
-        reader = CropReader(image, tiles, ahead=self.read_ahead)
-        with reader, _restore_grads_on_error(self.trunk):
-            for tile, region in self._tiles(_chained(todo, reader), "backward", len(grid)):
-                if region is None:
-                    assert cache is not None
-                    crop, y, cache = cache.crop, cache.output, None
+        part_stats = (
+            cache.stats if cache is not None
+            else tuple(_leaf(stats[n], needs.get(n, False)) for n in part.stats)
+        )  # fmt: skip
+        maps = [self.program.maps[n] for n in part.outputs]
+        inputs = [self.program.maps[n] for n in part.inputs]
+        call = self._call(part)
+        todo = order[1:] if cache is not None else order
+        grad_of = [needs.get(n, False) for n in part.inputs]
+        crops_iter = self._crops(part, values, todo, "backward", grad_all=grad_of)
+        with contextlib.closing(crops_iter):
+            for tile, crop in _first_then(cache, crops_iter):
+                if isinstance(crop, _CachedTile):
+                    crop, ys = list(crop.crops), crop.outputs
                 else:
                     with torch.enable_grad(), self.autocast():
-                        crop = self._crop(region, requires_grad=self.input_grad)
-                        del region
-                        y = self.trunk(_fed(crop))
-                owned = y[(..., *tile.local_output_slices())]
-                g = grad_output[(..., *tile.output_slices())].to(owned.device, owned.dtype)
-                torch.autograd.backward(owned, g)
-                if image_grad is not None and crop.grad is not None:
-                    target = image_grad[(..., *tile.input_slices())]
-                    target += crop.grad.to(image_grad.device, image_grad.dtype)
-                del crop, y, owned, g
-        return image_grad
+                        ys = call(*map(_fed, crop), *part_stats)
+                owned, wanted = [], []
+                for y, g, value in zip(ys, out_grads, maps, strict=True):
+                    if g is None or not y.requires_grad:
+                        continue
+                    piece = y[_index(value, tile.local_output_slices())]
+                    owned.append(piece)
+                    wanted.append(g[_index(value, tile.output_slices())].to(piece.device,
+                                                                             piece.dtype))
+                if owned:
+                    torch.autograd.backward(owned, wanted)
+                for c, target, value in zip(crop, targets, inputs, strict=True):
+                    if target is not None and c.grad is not None:
+                        target[_index(value, tile.input_slices())] += c.grad.to(
+                            target.device, target.dtype
+                        )
+                del crop, ys, owned, wanted
+        for name, leaf in zip(part.stats, part_stats, strict=True):
+            if isinstance(leaf, torch.Tensor) and leaf.grad is not None:
+                _add(stat_grads, name, leaf.grad)
+
+    def _grad_target(self, name: str, value: Any, grads: dict[str, torch.Tensor]
+                     ) -> torch.Tensor:  # fmt: skip
+        """The accumulator of a map's gradient (made on first use)."""
+        if name not in grads:
+            if name == self.program.image:
+                dtype = self._grad_dtype(value)
+                device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+            else:
+                dtype, device = value.dtype, value.device
+            grads[name] = torch.zeros(tuple(value.shape), dtype=dtype, device=device)
+        return grads[name]
+
+    def _crops(
+        self, part: StreamPart, values: dict[str, Any], tiles: Iterable[Tile], what: str, *,
+        grad_at: int | None = None, grad_all: Sequence[bool] | None = None,
+    ) -> Iterator[tuple[Tile, list[torch.Tensor]]]:  # fmt: skip
+        """Each tile's crops of the part's inputs: the image's read through a
+        ``CropReader`` (read ahead from a source), the kept maps' sliced; always copies on
+        the trunk's device (the trunk may work in place on its input, and crops overlap)."""
+        tiles = list(tiles)
+        image = self.program.image
+        names = part.inputs
+        with contextlib.ExitStack() as stack:
+            if image in names:
+                reader: Iterable[tuple[Tile, torch.Tensor | None]] = stack.enter_context(
+                    CropReader(values[image], tiles, ahead=self.read_ahead)
+                )
+            else:
+                reader = ((t, None) for t in tiles)
+            device = self.device
+            for k, (tile, region) in enumerate(self._progress(reader, len(tiles), what)):
+                crops = []
+                for i, name in enumerate(names):
+                    wants = grad_all[i] if grad_all is not None else k == grad_at
+                    if name == image:
+                        assert region is not None
+                        crops.append(self._crop(region, requires_grad=wants and self.input_grad))
+                    else:
+                        value = values[name]
+                        crop = value[_index(self.program.maps[name], tile.input_slices())]
+                        crop = crop.to(device=device or crop.device, copy=True)
+                        crops.append(crop.requires_grad_(bool(wants) and crop.is_floating_point()))
+                del region
+                yield tile, crops
+
+    # -- reduce parts -------------------------------------------------------------------------
+
+    def _whole(self, name: str, values: dict[str, Any]) -> torch.Tensor:
+        """A whole map for a statistic, on the trunk's device."""
+        value = values[name]
+        device = self.device
+        if name != self.program.image:
+            return value if device is None else value.to(device)
+        whole = value if isinstance(value, torch.Tensor) else value.read(
+            tuple(slice(0, n) for n in value.shape[2:])
+        )  # fmt: skip
+        whole = whole.to(device or whole.device)
+        return self.preprocess(whole) if self.preprocess is not None else whole
+
+    def _reduce_forward(self, part: ReducePart, values: dict[str, Any], stats: dict[str, Any],
+                        *, effects: bool) -> tuple[Any, ...]:  # fmt: skip
+        module = part.module if effects else part.grad_module
+        with torch.no_grad(), self.autocast():
+            maps = [self._whole(n, values) for n in part.inputs]
+            return tuple(module(*maps, *(stats[n] for n in part.stats)))
+
+    def _reduce_backward(
+        self, part: ReducePart, values: dict[str, Any], stats: dict[str, Any],
+        grads: dict[str, torch.Tensor], stat_grads: dict[str, torch.Tensor],
+        needs: dict[str, bool],
+    ) -> None:  # fmt: skip
+        out_grads = [stat_grads.pop(n, None) for n in part.outputs]
+        if all(g is None for g in out_grads):
+            return
+        with torch.enable_grad(), self.autocast():
+            maps = [_leaf(self._whole(n, values), needs.get(n, False)) for n in part.inputs]
+            leaves = [_leaf(stats[n], needs.get(n, False)) for n in part.stats]
+            outputs = part.grad_module(*maps, *leaves)
+        pairs = [(o, g) for o, g in zip(outputs, out_grads, strict=True)
+                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]  # fmt: skip
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+        del outputs, pairs
+        for name, leaf in zip(part.inputs, maps, strict=True):
+            if leaf.grad is not None:
+                self._add_map_grad(grads, name, leaf.grad, values[name])
+        for name, leaf in zip(part.stats, leaves, strict=True):
+            if isinstance(leaf, torch.Tensor) and leaf.grad is not None:
+                _add(stat_grads, name, leaf.grad)
+
+    def _add_map_grad(self, grads: dict[str, torch.Tensor], name: str, grad: torch.Tensor,
+                      value: Any) -> None:  # fmt: skip
+        if name in grads:
+            grads[name] += grad.to(grads[name].device, grads[name].dtype)
+        elif name == self.program.image:
+            target = self._grad_target(name, value, grads)
+            target += grad.to(target.device, target.dtype)
+        else:
+            grads[name] = grad.to(value.device, value.dtype)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -312,21 +691,19 @@ class StreamingCNN:
             return tensor.device
         return None
 
-    def _prepare(self, image: torch.Tensor | ImageSource) -> None:
+    def _prepare(self, image: Image) -> None:
         shape = tuple(image.shape)  # a tensor's or a source's
-        if len(shape) != 2 + self.geometry.n_axes:
+        n_axes = len(self.tile_shape)
+        if len(shape) != 2 + n_axes:
             raise GeometryError(
-                f"image has shape {shape}; expected (N, C, "
-                f"{', '.join('*' * self.geometry.n_axes)}) with {self.geometry.n_axes} "
-                "spatial axes"
+                f"image has shape {shape}; expected (N, C, {', '.join('*' * n_axes)}) with "
+                f"{n_axes} spatial axes"
             )
         if self.plan is not None:
             check_fits_plan(shape[2:], self.plan)
         check_modes(self.trunk)
-        modes = mode_signature(self.trunk)
-        if modes != self._modes:  # train()/eval() switched: traced control flow may differ
-            self.geometry = analyze_trunk(self.trunk, self.geometry.n_axes)
-            self._modes = modes
+        if mode_signature(self.trunk) != self._modes:  # train()/eval() switched
+            self._build()
 
     def _needs_graph(self) -> bool:
         return self.input_grad or any(p.requires_grad for p in self.trunk.parameters())
@@ -338,7 +715,7 @@ class StreamingCNN:
             crop = self.preprocess(crop)
         return crop.requires_grad_(requires_grad)
 
-    def _grad_dtype(self, image: torch.Tensor | ImageSource) -> torch.dtype:
+    def _grad_dtype(self, image: Image) -> torch.dtype:
         if image.dtype.is_floating_point and self.preprocess is None:
             return image.dtype
         return torch.float32
@@ -354,12 +731,16 @@ class StreamingCNN:
         device = self.device or torch.device("cpu")
         return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
 
-    def _tiles(self, tiles: Iterable[Any], what: str, total: int | None = None
-               ) -> Iterator[Any]:  # fmt: skip
-        n = total if total is not None else len(tiles)  # type: ignore[arg-type]
-        log.debug("%s pass over %d tiles", what, n)
+    def _progress(self, tiles: Iterable[Any], total: int, what: str) -> Iterator[Any]:
+        log.debug("%s pass over %d tiles", what, total)
         show = self.progress and sys.stderr.isatty()
-        return iter(tqdm(tiles, total=n, desc=f"{what} tiles", disable=not show, leave=False))
+        return iter(tqdm(tiles, total=total, desc=f"{what} tiles", disable=not show,
+                         leave=False))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
 
 
 def check_fits_plan(spatial: Sequence[int], plan: Plan) -> None:
@@ -374,13 +755,64 @@ def check_fits_plan(spatial: Sequence[int], plan: Plan) -> None:
         )
 
 
-def _device_of(image: torch.Tensor | ImageSource) -> torch.device:
-    return image.device if isinstance(image, torch.Tensor) else torch.device("cpu")
+def _scaled(tile: tuple[int, ...], part: StreamPart) -> tuple[int, ...]:
+    """A tile of the image in positions of a segment's input: the same image area, at least
+    the segment's smallest tile."""
+    return tuple(
+        max(t // s, part.geometry.min_tile(axis) if t // s < t else 1)
+        for axis, (t, s) in enumerate(zip(tile, part.stride, strict=True))
+    )
 
 
-def _chained(first: list[tuple[Tile, None]], rest: Iterable[tuple[Tile, torch.Tensor]]
-             ) -> Iterator[tuple[Tile, torch.Tensor | None]]:  # fmt: skip
-    yield from first
+def _spatial(value: Any, info: MapValue) -> tuple[int, ...]:
+    shape = tuple(value.shape)
+    return tuple(shape[d] for d in info.spatial_dims)
+
+
+def _index(value: MapValue, slices: Sequence[slice]) -> tuple[slice, ...]:
+    """An index of a map that takes ``slices`` along its spatial dims, all of the others."""
+    index = [slice(None)] * value.rank
+    for dim, s in zip(value.spatial_dims, slices, strict=True):
+        index[dim] = s
+    return tuple(index)
+
+
+def _leaf(value: Any, requires_grad: bool = True) -> Any:
+    """A statistic or map as an autograd leaf of its own (a tile's or a recomputation's)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().requires_grad_(requires_grad)
+    return value
+
+
+def _add(grads: dict[str, torch.Tensor], name: str, grad: torch.Tensor) -> None:
+    if name in grads:
+        grads[name] = grads[name] + grad.to(grads[name].device, grads[name].dtype)
+    else:
+        grads[name] = grad
+
+
+def _last_uses(parts: Sequence[StreamPart | ReducePart]) -> dict[str, int]:
+    """The index of the last part reading each value."""
+    found: dict[str, int] = {}
+    for k, part in enumerate(parts):
+        for name in (*part.inputs, *part.stats):
+            found[name] = k
+    return found
+
+
+def _first_uses(parts: Sequence[StreamPart | ReducePart]) -> dict[str, int]:
+    """The index of the first part reading each value (the last to need it backward)."""
+    found: dict[str, int] = {}
+    for k, part in enumerate(parts):
+        for name in (*part.inputs, *part.stats):
+            found.setdefault(name, k)
+    return found
+
+
+def _first_then(cache: _CachedTile | None, rest: Iterator[tuple[Tile, list[torch.Tensor]]]
+                ) -> Iterator[tuple[Tile, Any]]:  # fmt: skip
+    if cache is not None:
+        yield cache.tile, cache
     yield from rest
 
 

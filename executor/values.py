@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 __all__ = [
-    "Const", "Maps", "Meta", "NotConstantError", "SizeDep", "SpatialSize", "Value", "as_list",
-    "shape_of",
+    "Const", "Flat", "Maps", "Meta", "NotConstantError", "PositionCount", "SizeDep", "SpatialSize",
+    "Stat",
+    "Value", "as_list", "shape_of",
 ]  # fmt: skip
 
 
@@ -51,7 +52,34 @@ class Maps:
     node: int
 
 
-Value = int | Const | Meta | SizeDep | Maps | tuple
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """A statistic of whole maps: a value without spatial extent that depends on maps (a mean
+    over positions, a group variance, what squeeze-excitation computes from them...). A tile
+    cannot compute it; the engine computes it once from the whole map (``executor.program``)
+    and every tile then uses it like a constant."""
+
+
+@dataclass(frozen=True, slots=True)
+class Flat:
+    """A map whose spatial dims were merged into one dim of positions, ``dim`` (attention
+    pooling: ``x.reshape(B, C, H * W)``). Only whole-map computations may use it, and only
+    to reduce over the positions (a softmax over them, a product that sums over them)."""
+
+    dim: int
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class PositionCount(SizeDep):
+    """The product of every spatial size of the maps on grid ``grid`` (``H * W``): the
+    length of the positions dim of a flattened map."""
+
+    grid: int
+    axes: frozenset[int]
+
+
+Value = int | Const | Meta | SizeDep | Maps | Stat | Flat | tuple
 
 
 class NotConstantError(Exception):

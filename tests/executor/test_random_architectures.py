@@ -74,6 +74,9 @@ def test_geometry_matches_empirical_receptive_field(spec: Spec, size: int, where
     except GeometryError:
         assume(False)
     assume(min(out_shape) >= 1)
+    # The geometry describes crops; dynamic 'same' padding pads some image sizes otherwise
+    # (streamed only as one crop along that axis, which is the image itself).
+    assume(all(geometry._same_padding_mismatch(ax, size) is None for ax in range(2)))
     assert tuple(trunk(torch.zeros(1, 2, size, size, dtype=torch.float64)).shape[2:]) == out_shape
     try:  # a size that dynamic 'same' padding pads unlike its tiles is refused for streaming
         geometry.tile_grid((size, size), (geometry.min_tile(0), geometry.min_tile(1)))

@@ -21,9 +21,16 @@ class Attention(nn.Module):
         return self.attn(seq, seq, seq)[0]
 
 
-class Mean(nn.Module):
+class Rows(nn.Module):
+    """Coordinate attention's pooling: a mean along one spatial axis keeps the other."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - x.mean(dim=(2, 3), keepdim=True)
+        return x * x.mean(dim=3, keepdim=True).sigmoid()
+
+
+class ArgMax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.argmax()
 
 
 class PositionalBias(nn.Module):
@@ -53,16 +60,20 @@ def _stream(trunk: nn.Module) -> None:
 
 REFUSED = {
     # name: (trunk, where, words in the reason/fix)
-    "batchnorm_train": (nn.Sequential(_conv(), nn.BatchNorm2d(3)).train(), "1", "eval()"),
-    "adaptive_pool": (nn.Sequential(_conv(), nn.AdaptiveAvgPool2d(1)), "1", "global pooling"),
+    "adaptive_pool": (nn.Sequential(_conv(), nn.AdaptiveAvgPool2d(1)), "output",
+                      "global pooling"),
+    "adaptive_pool_to_regions": (nn.Sequential(_conv(), nn.AdaptiveAvgPool2d(4)), "1",
+                                 "whole map's size"),
+    "coordinate_pooling": (nn.Sequential(_conv(), Rows()), "mean", "not all of them"),
+    "sync_batchnorm_train": (nn.Sequential(_conv(), nn.SyncBatchNorm(3)).train(), "1",
+                             "processes"),
     "linear_on_spatial": (nn.Sequential(_conv(), nn.Linear(16, 4)), "1", "spatial"),
     "attention": (Attention(), "flatten", "merges spatial positions"),
     "circular_padding": (nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular")),
                          "0", "opposite border"),
-    "group_norm": (nn.Sequential(_conv(), nn.GroupNorm(1, 3)), "1", "GroupNorm"),
     "flatten": (nn.Sequential(_conv(), nn.Flatten()), "1", "head"),
     "dropout_train": (nn.Sequential(_conv(), nn.Dropout2d(0.5)).train(), "1", "eval()"),
-    "spatial_mean": (nn.Sequential(_conv(), Mean()), "mean", "squeeze-excitation"),
+    "argmax_position": (nn.Sequential(_conv(), ArgMax()), "argmax", "position"),
     "positional_constant": (nn.Sequential(PositionalBias()), "0", "positional"),
     "data_dependent_control_flow": (DataDependent(), "DataDependent", "torch.fx"),
     "upsample": (nn.Sequential(_conv(), nn.Upsample(scale_factor=2)), "1", "upsampling"),
@@ -78,14 +89,6 @@ def test_unsupported_trunk_is_refused_with_name_and_fix(name: str) -> None:
     assert where in info.value.where
     assert words in message
     assert "\n" not in message
-
-
-def test_batchnorm_switched_to_train_after_construction_is_refused() -> None:
-    trunk = nn.Sequential(_conv(), nn.BatchNorm2d(3)).eval()
-    scnn = StreamingCNN(trunk, (32, 32))
-    trunk.train()
-    with pytest.raises(UnsupportedLayerError, match="BatchNorm in train mode"):
-        scnn.forward(torch.randn(1, 3, 64, 64))
 
 
 def test_tile_smaller_than_receptive_field_is_refused() -> None:
