@@ -40,11 +40,11 @@ from executor.plan import (
     trunk_fingerprint,
 )
 from executor.precision import DTYPE_NAMES, DtypeName, Precision
+from executor.program import Program, ReducePart, Reduction, StreamPart, build_program
 from executor.segments import chain, cut_points, find_node, map_cut_points, prefix, suffix
 from executor.serde import from_data, to_data, to_yaml
 from executor.sources import CropReader, ImageSource, TensorSource
 from executor.steps import streaming_step
-from executor.program import Program, ReducePart, Reduction, StreamPart, build_program
 from executor.streaming import StreamingCNN, spatial_tile_shape
 from executor.trace import trace
 

@@ -53,13 +53,20 @@ from executor.graph import (
 )
 from executor.layout import GLOBAL, LayoutOps
 from executor.statistics import EFFECTS, MOMENTS, NORMALIZERS, decompose_norms
-from executor.trace import Traced, same_padding_functions, space_to_depth_types, trace_leaves
+from executor.trace import (
+    Traced,
+    functionalize,
+    same_padding_functions,
+    space_to_depth_types,
+    trace_leaves,
+)
 from executor.values import (
     Const,
     Flat,
     Maps,
     Meta,
     NotConstantError,
+    PositionCount,
     SizeDep,
     SpatialSize,
     Stat,
@@ -273,9 +280,11 @@ class _Builder(LayoutOps):
     def add(self, node: torch.fx.Node, inputs: Sequence[int], windows: tuple[Window, ...] | None,
             spatial_dims: tuple[int, ...], rank: int) -> int:  # fmt: skip
         self.env[node] = len(self.nodes)
-        # The position grid: a window op (or the image) makes one, pointwise ops keep it.
-        self.grids.append(len(self.nodes) if windows is not None or not inputs
-                          else self.grids[inputs[0]])  # fmt: skip
+        # The position grid: the image or a window op that changes the map's size makes one;
+        # pointwise ops and size-keeping windows (a 'same' convolution) keep it, so a map's
+        # x.shape may reshape another on the same grid.
+        makes = not inputs or (windows is not None and not all(map(_keeps_size, windows)))
+        self.grids.append(len(self.nodes) if makes else self.grids[inputs[0]])
         self.nodes.append(
             SpatialNode(node.name, self.where(node), tuple(inputs), windows, spatial_dims, rank)
         )
@@ -360,6 +369,8 @@ class _Builder(LayoutOps):
         target = str(node.target)
         module = self.modules[target]
         if not inputs:
+            if isinstance(module, nn.MultiheadAttention) and self.on_stats(node):
+                self.refuse(node, "attention mixes all positions", _MOVE_SPLIT)
             if self.on_stats(node):  # e.g. squeeze-excitation's convolutions on the means
                 if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and (
                     module.p > 0
@@ -535,7 +546,7 @@ class _Builder(LayoutOps):
         """A node without spatial inputs: evaluated when its inputs are constants."""
         values = self.values(node)
         if any(isinstance(v, SizeDep) for v in values):
-            self.env[node] = SizeDep()
+            self.env[node] = _position_count(node, values) or SizeDep()
             return
         if _name(node.target).rstrip("_") in _RANDOM:
             self.refuse(node, "random values differ from one call (tile) to the next",
@@ -551,8 +562,12 @@ class _Builder(LayoutOps):
             self.refuse(node, f"computing it from parameters failed ({first})")
         self.env[node] = Const(value)
 
-    def metadata(self, node: torch.fx.Node, src: int, attr: str) -> None:
-        """getattr on a map: its shape, or metadata that tiles share with the image."""
+    def metadata(self, node: torch.fx.Node, src: int | Stat, attr: str) -> None:
+        """getattr on a map: its shape, or metadata that tiles share with the image; on a
+        statistic: the same for every tile."""
+        if isinstance(src, Stat):
+            self.env[node] = Meta()
+            return
         source = self.nodes[src]
         if attr == "shape":
             self.env[node] = self.shape_of(src)
@@ -573,7 +588,7 @@ class _Builder(LayoutOps):
         )
 
     def getitem(self, node: torch.fx.Node, base: Value, key: Any) -> None:
-        if isinstance(base, Stat):
+        if isinstance(base, Stat | Flat):
             self.env[node] = Stat()
         elif isinstance(base, Maps):
             self.pointwise(node, [base.node])
@@ -599,17 +614,10 @@ class _Builder(LayoutOps):
             self.env[node] = Meta()  # a check; nothing flows on
         elif fn is operator.getitem:
             self.getitem(node, self.env[args[0]], args[1])
-        elif fn is getattr and isinstance(self.env.get(args[0]), int):
+        elif fn is getattr and isinstance(self.env.get(args[0]), int | Stat):
             self.metadata(node, self.env[args[0]], str(args[1]))
-        elif fn is getattr and isinstance(self.env.get(args[0]), Stat):
-            self.env[node] = Meta()  # a statistic's shape or dtype: the same for every tile
-        elif fn in EFFECTS:
-            self.effect(node)
-        elif not inputs and self.on_stats(node):
-            if _name(fn).rstrip("_") in _RANDOM:
-                self.refuse(node, "random values on a statistic differ when the backward pass "
-                            "recomputes it", "make it deterministic")  # fmt: skip
-            self.env[node] = Stat()
+        elif fn in EFFECTS or (not inputs and self.on_stats(node)):
+            self.stat_function(node, fn)
         elif not inputs:
             if fn in same_padding_functions():
                 self.refuse(node, "'same' padding of a value that is not a feature map")
@@ -620,14 +628,6 @@ class _Builder(LayoutOps):
                 self.concrete(arg(3, "dilation", (1,) * self.n_axes)), self.n_axes,
             )  # fmt: skip
             self.window(node, inputs[:1], windows, "pad_same")
-        elif fn in MOMENTS:  # executor.statistics: moments of a whole map
-            self.statistic(node, self.standard_input(node, inputs[:1], _name(fn)), _name(fn))
-        elif fn in NORMALIZERS:  # ... and the local normalisation with them
-            if len(inputs) != 1:
-                self.refuse(node, "a normalisation whose statistics are feature maps")
-            src = self.standard_input(node, inputs, _name(fn))
-            self.check_sizes(node)  # its per-channel weights broadcast along dim 1
-            self.add(node, [src], None, self.nodes[src].spatial_dims, self.nodes[src].rank)
         elif fn in self.functions:
             self.functions[fn](node, inputs, arg)
         elif _name(fn) == "stochastic_depth":  # torchvision.ops (fx-wrapped)
@@ -638,19 +638,74 @@ class _Builder(LayoutOps):
         elif _is_torch(fn) and isinstance(self.env.get(args[0]), int):
             # torch.f(x, *rest) is x.f(*rest): one table for both spellings.
             self.tensor_op(node, _name(fn), self.env[args[0]], inputs, _Args(node, args[1:]))
-        elif _is_torch(fn) and _name(fn).rstrip("_") in _ELEMENTWISE:
-            self.pointwise(node, inputs)  # e.g. torch.addcmul(bias, weight, x)
         else:
-            name = _name(fn)
-            why = _REFUSED_FUNCTIONS.get(name, "it is not a supported streaming operation")
-            self.refuse(node, f"the operation '{name}' is not allowed inside the trunk: {why}")
+            self.other_function(node, fn, inputs)
+
+    def other_function(self, node: torch.fx.Node, fn: Any, inputs: list[int]) -> None:
+        """A function whose first argument is not a map: elementwise torch functions are
+        local (``torch.addcmul(bias, weight, x)``), the rest refused."""
+        name = _name(fn)
+        if _is_torch(fn) and name.rstrip("_") in _ELEMENTWISE:
+            self.pointwise(node, inputs)
+            return
+        why = _REFUSED_FUNCTIONS.get(name, "it is not a supported streaming operation")
+        self.refuse(node, f"the operation '{name}' is not allowed inside the trunk: {why}")
+
+    def stat_function(self, node: torch.fx.Node, fn: Any) -> None:
+        """A function of statistics alone (squeeze-excitation's gate), or a running-statistics
+        update (an effect)."""
+        if fn in EFFECTS:
+            self.effect(node)
+            return
+        if _name(fn).rstrip("_") in _RANDOM:
+            self.refuse(node, "random values on a statistic differ when the backward pass "
+                        "recomputes it", "make it deterministic")  # fmt: skip
+        if fn in (operator.matmul, torch.matmul, torch.bmm):
+            self.positions_product(node)
+        if _name(fn) == "scaled_dot_product_attention" and any(
+            isinstance(v, Flat) for v in self.values(node)
+        ):
+            self.refuse(node, "attention mixes all positions")
+        self.stat_value(node)
+
+    def positions_product(self, node: torch.fx.Node) -> None:
+        """A product of two maps flattened to positions must sum over the positions (attention
+        pooling: the result is a statistic); one that keeps them pairs every position with
+        every other (self-attention), which no tile can compute."""
+        a, b = (self.env.get(n) if isinstance(n, torch.fx.Node) else None for n in node.args[:2])
+        if not (isinstance(a, Flat) and isinstance(b, Flat)):
+            return
+        if a.dim != a.rank - 1 or b.dim != b.rank - 2:
+            self.refuse(node, "a product of positions with positions is attention, which mixes "
+                        "all positions")  # fmt: skip
+
+    def stat_value(self, node: torch.fx.Node) -> None:
+        """A value computed from statistics: one too, unless it is given a map's spatial size
+        (attention written back onto the positions), which no tile could index."""
+        if any(isinstance(v, SpatialSize) for v in _flat_values(self.values(node))):
+            self.refuse(node, "a value computed from whole maps is given a map's spatial size "
+                        "(attention over positions written back onto them)")  # fmt: skip
+        self.env[node] = Stat()
+
+    def moments(self, node: torch.fx.Node, inputs: list[int], arg: _Args) -> None:
+        """``executor.statistics``' moments of a whole map: a statistic."""
+        what = _name(node.target)
+        self.statistic(node, self.standard_input(node, inputs[:1], what), what)
+
+    def normalize(self, node: torch.fx.Node, inputs: list[int], arg: _Args) -> None:
+        """``executor.statistics``' normalisation with given moments: local."""
+        if len(inputs) != 1:
+            self.refuse(node, "a normalisation whose statistics are feature maps")
+        src = self.standard_input(node, inputs, _name(node.target))
+        self.check_sizes(node)  # its per-channel weights broadcast along dim 1
+        self.add(node, [src], None, self.nodes[src].spatial_dims, self.nodes[src].rank)
 
     def call_method(self, node: torch.fx.Node, inputs: list[int]) -> None:
         method = str(node.target)
         receiver = self.env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
         if isinstance(receiver, int):
             self.tensor_op(node, method, receiver, inputs, _Args(node, node.args[1:]))
-        elif isinstance(receiver, Stat):
+        elif isinstance(receiver, Stat | Flat):
             self.stat_method(node, method, inputs)
         elif isinstance(receiver, Const) and method.endswith("_") and method != "requires_grad_":
             self.effect(node)  # e.g. timm's BatchNormAct2d counting batches in train mode
@@ -690,7 +745,7 @@ class _Builder(LayoutOps):
             self.refuse(node, "random values on a statistic differ when the backward pass "
                         "recomputes it", "make it deterministic")  # fmt: skip
         else:
-            self.env[node] = Stat()
+            self.stat_value(node)
 
     def tensor_op(
         self, node: torch.fx.Node, name: str, src: int, inputs: list[int], arg: _Args
@@ -722,8 +777,18 @@ class _Builder(LayoutOps):
                 node, inputs, "dropout", arg(2, "training", True), arg(1, "p", 0.5)
             )
         table[F.batch_norm] = self.functional_batch_norm
-        for fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+        for fn in MOMENTS:
+            table[fn] = self.moments
+        for fn in NORMALIZERS:
+            table[fn] = self.normalize
+        for fn in (
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d,
+            F.adaptive_max_pool1d,
+            F.adaptive_max_pool2d,
+            F.adaptive_max_pool3d,
+        ):
             table[fn] = lambda node, inputs, arg: self.adaptive_pool(
                 node, inputs[:1], arg(1, "output_size", None), _name(node.target)
             )
@@ -890,8 +955,15 @@ class _Builder(LayoutOps):
         result = node.args[0]
         value = self.env.get(result) if isinstance(result, torch.fx.Node) else None
         if isinstance(value, Stat | Flat):
-            self.refuse(node, "the trunk ends in a statistic of the whole map (global pooling, "
-                        "a flatten), not a feature map", _MOVE_SPLIT)  # fmt: skip
+            origin = self._origin(result)
+            what = self.reductions[origin.name][0] if origin is not None else "a reduction"
+            how = (
+                "merges spatial positions (attention or pooling over positions)"
+                if "positions" in what
+                else "pools every position of the map (adaptive/global pooling)"
+            )
+            self.refuse(origin or node, f"'{what}' {how}, and a trunk must end in a feature map",
+                        _MOVE_SPLIT)  # fmt: skip
         if not isinstance(value, int):
             self.refuse(node, "the trunk must return one feature map tensor", "return a tensor")
         out = self.nodes[value]
@@ -902,6 +974,53 @@ class _Builder(LayoutOps):
             # Keep the output last so that topological order ends at it; nodes after it
             # (dead code) are dropped by re-adding the output as an alias.
             self.add(node, [value], None, out.spatial_dims, out.rank)
+
+    def _origin(self, node: Any) -> torch.fx.Node | None:
+        """The last reduction that a statistic ``node`` comes from (walking back)."""
+        seen: set[torch.fx.Node] = set()
+        todo = [node] if isinstance(node, torch.fx.Node) else []
+        found: list[torch.fx.Node] = []
+        while todo:
+            current = todo.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current.name in self.reductions:
+                found.append(current)
+                continue
+            todo.extend(current.all_input_nodes)
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        return max(found, key=order.get) if found else None
+
+
+def _keeps_size(window: Window) -> bool:
+    """Whether a window's output has its input's length, whatever that is."""
+    total = window.pad_lo + window.pad_hi
+    return (
+        window.stride == 1 and not window.whole and window.same is None
+        and total == window.dilation * (window.kernel - 1)
+    )  # fmt: skip
+
+
+def _flat_values(values: Sequence[Value]) -> list[Value]:
+    """``values`` with tuples (shapes) unpacked."""
+    found: list[Value] = []
+    for v in values:
+        found += _flat_values(v) if isinstance(v, tuple) else [v]
+    return found
+
+
+def _position_count(node: torch.fx.Node, values: list[Value]) -> PositionCount | None:
+    """``H * W`` of one map's spatial sizes: the number of its positions along those axes."""
+    if node.target not in (operator.mul, operator.imul) or len(node.args) != 2:
+        return None
+    if len(values) != 2 or not all(isinstance(v, SpatialSize | PositionCount) for v in values):
+        return None
+    axes = [frozenset({v.axis}) if isinstance(v, SpatialSize) else v.axes for v in values]
+    grids = {v.grid for v in values}  # type: ignore[union-attr]
+    if len(grids) != 1 or axes[0] & axes[1]:
+        return None
+    return PositionCount(grids.pop(), axes[0] | axes[1])
 
 
 class _Args:
@@ -929,10 +1048,11 @@ def _is_torch(fn: Any) -> bool:
 
 
 def traced_trunk(trunk: nn.Module) -> Traced:
-    """``trunk`` traced (``executor.trace``) with its norms over whole maps decomposed
+    """``trunk`` traced (``executor.trace``), its in-place changes of computed values made
+    out-of-place (``executor.trace.functionalize``) and its norms over whole maps decomposed
     (``executor.statistics.decompose_norms``): the graph every part of the engine reads."""
     traced = trace_leaves(trunk)
-    return Traced(decompose_norms(traced.gm), traced.opaque)
+    return Traced(decompose_norms(functionalize(traced.gm)), traced.opaque)
 
 
 def classify(traced: Traced, n_axes: int, inputs: Sequence[Input] | None = None) -> Classified:

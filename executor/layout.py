@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch.fx
 
-from executor.values import Const, Maps, NotConstantError, SizeDep, SpatialSize, Value, as_list
+from executor.values import (
+    Const,
+    Flat,
+    Maps,
+    NotConstantError,
+    PositionCount,
+    SizeDep,
+    SpatialSize,
+    Value,
+    as_list,
+)
 
 if TYPE_CHECKING:
     from executor.graph import SpatialNode
@@ -183,6 +193,10 @@ class LayoutOps:
         rank, dims = source.rank, source.spatial_dims
         start = int(self.concrete(args[0] if args else kwargs.get("start_dim", 0))) % rank
         end = int(self.concrete(args[1] if len(args) > 1 else kwargs.get("end_dim", -1))) % rank
+        if tuple(range(start, end + 1)) == tuple(sorted(dims)) and len(dims) > 1:
+            # Every spatial dim and nothing else: the map's positions in one dim.
+            self.positions(node, src, "flatten to positions", start, rank - (end - start))
+            return
         if end > start and any(start <= d <= end for d in dims):
             self.refuse(node, f"flattening dims {start}..{end} merges spatial positions")
         new = tuple(d - (end - start) if d > end else d for d in dims)
@@ -200,6 +214,12 @@ class LayoutOps:
             value = self.env[a] if isinstance(a, torch.fx.Node) else Const(a)
             values += list(value) if isinstance(value, tuple) else [value]
         n = len(dims)
+        everything = PositionCount(self.grids[src], frozenset(range(n)))
+        if values and values[-1] == everything and dims == tuple(range(rank - n, rank)):
+            if any(isinstance(v, SizeDep) for v in values[:-1]):
+                self.refuse(node, f"'{method}' merges spatial positions into other dims")
+            self.positions(node, src, f"{method} to positions", len(values) - 1, len(values))
+            return
         expected = [SpatialSize(self.grids[src], axis) for axis in range(n)]
         if dims != tuple(range(rank - n, rank)) or values[-n:] != expected:
             self.refuse(
@@ -210,6 +230,14 @@ class LayoutOps:
         if any(isinstance(v, SizeDep) for v in values[:-n]):
             self.refuse(node, f"'{method}' merges spatial positions into other dims")
         self.reshaped(node, src, tuple(range(len(values) - n, len(values))), len(values))
+
+    def positions(self, node: torch.fx.Node, src: int, what: str, dim: int, rank: int) -> None:
+        """A map flattened into one dim of positions (attention pooling): only whole-map
+        computations may use it, so it is where the map becomes a statistic."""
+        self.check_sizes(node, allowed=(PositionCount(self.grids[src], frozenset(
+            range(len(self.nodes[src].spatial_dims)))),))  # fmt: skip
+        self.env[node] = Flat(dim, rank)
+        self.reductions[node.name] = (what, self.nodes[src].name)  # type: ignore[attr-defined]
 
     def narrow(self, node: torch.fx.Node, src: int, dim: Any) -> None:
         """narrow along a non-spatial dim: a pointwise selection of channels."""

@@ -267,8 +267,11 @@ class _Builder:
         levels = sorted({self.level[n] for n in self.nodes if n in self.live and n in self.level})
         groups = []
         for level in levels:
-            own = [n for n in self.nodes
-                   if n in self.live and self.level.get(n) == level and n is not self.image]
+            own = [
+                n
+                for n in self.nodes
+                if n in self.live and self.level.get(n) == level and n is not self.image
+            ]
             stats = [n for n in own if self.kind[n] != "map"]
             if stats:
                 groups.append(("reduce", level, stats))
@@ -282,7 +285,9 @@ class _Builder:
                 groups.append(("stream", level, chunk))
         return groups
 
-    def closure(self, own: Sequence[torch.fx.Node]) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    def closure(
+        self, own: Sequence[torch.fx.Node]
+    ) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
         """The nodes a part runs (its own and the free ones they read), and what it reads
         from other parts, both in graph order."""
         mine = set(own)
@@ -428,8 +433,7 @@ class _Builder:
                 last,
                 f"the maps it reads after a statistic have different strides "
                 f"{sorted(strides)}, and a segment streams one position grid",
-                "end the trunk before it (split the model there), or open an issue with the "
-                "model",
+                "end the trunk before it (split the model there), or open an issue with the model",
                 outputs[-1].name,
             )
         module = _module(self.gm, runs, [*inputs, *stats], outputs, f"Stream{level}")

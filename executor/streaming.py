@@ -238,8 +238,12 @@ class StreamingCNN:
             self._check_specs(streams)
             for k, (part, spec) in enumerate(zip(streams, self.specs, strict=True)):
                 tile = spatial_tile_shape(spec.tile)
-                forward = tile if spec.forward_tile is None else spatial_tile_shape(spec.forward_tile)
-                self._tiles[id(part)] = _Tiles(tile, forward, spec.map_on_host and k < len(streams) - 1)
+                forward = (
+                    tile if spec.forward_tile is None else spatial_tile_shape(spec.forward_tile)
+                )
+                self._tiles[id(part)] = _Tiles(
+                    tile, forward, spec.map_on_host and k < len(streams) - 1
+                )
         else:
             for part in streams:
                 self._tiles[id(part)] = _Tiles(
@@ -264,7 +268,7 @@ class StreamingCNN:
                 f"{', '.join(points[-6:])} ... (executor.map_cut_points)"
             )
         order = [points.index(e) for e in given if e in points]
-        if len(order) == len(given) and any(a >= b for a, b in zip(order, order[1:])):
+        if len(order) == len(given) and any(a >= b for a, b in zip(order, order[1:], strict=False)):
             raise GeometryError(
                 f"segment ends {', '.join(map(str, given))} must be distinct and in the order "
                 "the trunk computes them"
@@ -337,7 +341,9 @@ class StreamingCNN:
         for part in self.program.streams:
             tiles = self._tiles[id(part)]
             shape = self.program.input_shape(part, image_shape)
-            grids.append(part.geometry.tile_grid(shape, tiles.forward if forward else tiles.backward))
+            grids.append(
+                part.geometry.tile_grid(shape, tiles.forward if forward else tiles.backward)
+            )
         return grids
 
     def tile_grid(self, image_shape: Sequence[int], *, forward: bool = False) -> TileGrid:
@@ -505,8 +511,8 @@ class StreamingCNN:
                     ys = call(*map(_fed, crop), *part_stats)
                 for j, (y, value) in enumerate(zip(ys, maps, strict=True)):
                     if outputs[j] is None:
-                        outputs[j] = self._allocate(y, value, grid.output_shape, on_host,
-                                                    part.outputs[j] == self.program.output)  # fmt: skip
+                        final = part.outputs[j] == self.program.output
+                        outputs[j] = self._allocate(y, value, grid.output_shape, on_host, final)
                     target = outputs[j]
                     assert target is not None
                     target[_index(value, tile.output_slices())] = y[
@@ -524,7 +530,7 @@ class StreamingCNN:
         shape = list(y.shape)
         for axis, dim in enumerate(value.spatial_dims):
             shape[dim] = spatial[axis]
-        device = (self.output_device if final else torch.device("cpu") if on_host else None)
+        device = self.output_device if final else torch.device("cpu") if on_host else None
         return torch.empty(shape, dtype=y.dtype, device=device or y.device)
 
     def _stream_backward(
@@ -569,8 +575,9 @@ class StreamingCNN:
                         continue
                     piece = y[_index(value, tile.local_output_slices())]
                     owned.append(piece)
-                    wanted.append(g[_index(value, tile.output_slices())].to(piece.device,
-                                                                             piece.dtype))
+                    wanted.append(
+                        g[_index(value, tile.output_slices())].to(piece.device, piece.dtype)
+                    )
                 if owned:
                     torch.autograd.backward(owned, wanted)
                 for c, target, value in zip(crop, targets, inputs, strict=True):

@@ -22,6 +22,7 @@ import bisect
 import dis
 import importlib
 import inspect
+import operator
 import sys
 import types
 from collections.abc import Callable
@@ -34,7 +35,10 @@ from torch import nn
 
 from executor.errors import UnsupportedLayerError
 
-__all__ = ["Traced", "same_padding_functions", "space_to_depth_types", "trace", "trace_leaves"]
+__all__ = [
+    "Traced", "functionalize", "same_padding_functions", "space_to_depth_types", "trace",
+    "trace_leaves",
+]  # fmt: skip
 
 
 def _optional(*names: tuple[str, str]) -> tuple[Any, ...]:
@@ -171,6 +175,52 @@ def trace_leaves(module: nn.Module, *, max_leaves: int = 64) -> Traced:
         type(module).__name__, f"more than {max_leaves} submodule types cannot be traced",
         "define split(model) in the model file",
     )  # fmt: skip
+
+
+# In-place operators and their out-of-place forms (``x += y`` is ``operator.iadd``).
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+    operator.ipow: operator.pow, operator.iand: operator.and_, operator.ior: operator.or_,
+    operator.ixor: operator.xor,
+}  # fmt: skip
+_NOT_MUTATING = frozenset({"requires_grad_", "share_memory_"})
+
+
+def functionalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with in-place changes of computed values made out-of-place (a copy; ``gm``
+    itself when it has none).
+
+    ``x.mul_(gain)`` as a statement changes ``x`` for every later use, but the traced graph
+    still reads the node of ``x``: run whole, the graph mutates the same tensor; cut into parts
+    that keep maps whole and crop them, it would not. So the change becomes ``y = x.mul(gain)``
+    and every later use of ``x`` reads ``y``, which is what the code computes. In-place changes
+    of buffers and parameters (a batch counter) are left as they are: they are effects.
+    """
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    changed = False
+    for node in gm.graph.nodes:
+        new = graph.node_copy(node, lambda n: env[n])
+        env[node] = new
+        receiver = node.args[0] if node.args else None
+        if not isinstance(receiver, torch.fx.Node) or receiver.op == "get_attr":
+            continue
+        if node.op == "call_method" and str(node.target).endswith("_") and (
+            str(node.target) not in _NOT_MUTATING and hasattr(torch.Tensor, str(node.target)[:-1])
+        ):  # fmt: skip
+            new.target = str(node.target)[:-1]
+        elif node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+            new.target = _INPLACE_OPERATORS[node.target]
+        elif node.op == "call_function" and node.kwargs.get("inplace") is True:
+            new.kwargs = {**new.kwargs, "inplace": False}
+        else:
+            continue
+        env[receiver] = new  # later uses of the changed value read the change
+        changed = True
+    if not changed:
+        return gm
+    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 def trace(module: nn.Module) -> torch.fx.GraphModule:

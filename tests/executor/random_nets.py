@@ -50,6 +50,29 @@ def specs(*, nonlinear: bool = True) -> st.SearchStrategy[Spec]:
     return st.lists(layer(nonlinear=nonlinear), min_size=1, max_size=6).map(tuple)
 
 
+@st.composite
+def global_layer(draw: st.DrawFn) -> tuple[Any, ...]:
+    """A global-context layer: its statistic needs the whole map."""
+    kind = draw(st.sampled_from(["se", "gn", "in", "grn", "bn", "se_block", "eca"]))
+    if kind == "se_block":  # squeeze-excitation inside a residual block, maybe downsampling
+        return ("se_block", draw(st.integers(1, 2)), draw(st.booleans()))
+    if kind == "in":
+        return ("in", draw(st.booleans()))
+    return (kind,)
+
+
+@st.composite
+def global_specs(draw: st.DrawFn) -> Spec:
+    """Random trunks with one to three global-context layers at random places among local
+    ones. Each comes after a convolution and an activation of its own: a norm right after
+    another whose statistics it undoes (instance norm after a per-channel scaling) has
+    gradients that cancel to rounding noise, which no float64 comparison can judge."""
+    layers = list(draw(st.lists(layer(), max_size=4)))
+    for entry in draw(st.lists(global_layer(), min_size=1, max_size=3)):
+        layers.insert(draw(st.integers(0, len(layers))), entry)
+    return tuple(layers)
+
+
 class Branchy(nn.Module):
     def __init__(self, kind: str, c: int, k: int, s: int) -> None:
         super().__init__()
@@ -129,6 +152,65 @@ class ChannelsLastNorm(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation as timm writes it: means over positions, two 1x1 convs, a gate."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(c, 3, 1)
+        self.expand = nn.Conv2d(3, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
+
+
+class EfficientChannelAttention(nn.Module):
+    """ECA as timm writes it: a 1-D conv across the channels' means, expanded back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean((2, 3)).view(x.shape[0], 1, -1)
+        y = self.conv(y).view(x.shape[0], -1, 1, 1).sigmoid()
+        return x * y.expand_as(x)
+
+
+class ResponseNorm(nn.Module):
+    """ConvNeXt-V2's global response norm, channels-last between permutes."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, c))
+        self.bias = nn.Parameter(torch.linspace(-0.1, 0.1, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return (x + torch.addcmul(self.bias, self.weight, x * n)).permute(0, 3, 1, 2)
+
+
+class SEBlock(nn.Module):
+    """A residual block with squeeze-excitation on its main branch; a strided one has a 1x1
+    strided shortcut (which must be kept whole across the statistic, or recomputed)."""
+
+    def __init__(self, c: int, stride: int, group_norm: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=stride, padding=1)
+        self.norm = nn.GroupNorm(1, c) if group_norm else nn.Identity()
+        self.se = SqueezeExcite(c)
+        self.down = nn.Conv2d(c, c, 1, stride=stride) if stride > 1 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(F.relu(self.norm(self.conv(x)))) + self.down(x)
+
+
+_GLOBAL = frozenset({"se", "gn", "in", "grn", "bn", "se_block", "eca"})
+
+
 def _same_conv(c: int, k: int, s: int, d: int) -> nn.Module:
     from timm.layers import Conv2dSame  # TensorFlow 'same' padding computed from the input size
 
@@ -152,6 +234,17 @@ _LAYERS: dict[str, Any] = {
     "channel_gate": lambda e, c: ChannelGate(),
     "channels_last_norm": lambda e, c: ChannelsLastNorm(c),
     "act": lambda e, c: _ACTIVATIONS[e[1]](),
+    "se": lambda e, c: SqueezeExcite(c),
+    "gn": lambda e, c: nn.GroupNorm(c if c % 2 else 2 if c > 2 else 1, c),
+    # A 1x1 convolution after it: torch's own instance_norm computes wrong gradients for a
+    # batch of one when the gradient reaching it is channels-last (as after a permute; CPU,
+    # torch 2.14), which would fail the conventional side of the oracle.
+    "in": lambda e, c: nn.Sequential(
+        nn.InstanceNorm2d(c, affine=True, track_running_stats=e[1]).train(), nn.Conv2d(c, c, 1)),
+    "grn": lambda e, c: ResponseNorm(c),
+    "bn": lambda e, c: nn.BatchNorm2d(c, momentum=0.3).train(),
+    "se_block": lambda e, c: SEBlock(c, e[1], e[2]),
+    "eca": lambda e, c: EfficientChannelAttention(),
 }  # fmt: skip
 
 
@@ -168,6 +261,12 @@ def build(spec: Spec, channels: int = 2) -> nn.Module:
                 c += 1
             layers.append(ChannelShuffle())
             continue
+        if kind in _GLOBAL:
+            layers += [nn.Conv2d(c, c, 3, padding=1), nn.GELU()]
         layers.append(_LAYERS[kind](entry, c))
         c += kind == "concat"
-    return nn.Sequential(*layers).eval()
+    trunk = nn.Sequential(*layers).eval()
+    for module in trunk.modules():  # norms with batch statistics stay in train mode
+        if isinstance(module, nn.BatchNorm2d | nn.InstanceNorm2d):
+            module.train()
+    return trunk

@@ -60,15 +60,14 @@ def _stream(trunk: nn.Module) -> None:
 
 REFUSED = {
     # name: (trunk, where, words in the reason/fix)
-    "adaptive_pool": (nn.Sequential(_conv(), nn.AdaptiveAvgPool2d(1)), "output",
-                      "global pooling"),
+    "adaptive_pool": (nn.Sequential(_conv(), nn.AdaptiveAvgPool2d(1)), "1", "global pooling"),
     "adaptive_pool_to_regions": (nn.Sequential(_conv(), nn.AdaptiveAvgPool2d(4)), "1",
                                  "whole map's size"),
     "coordinate_pooling": (nn.Sequential(_conv(), Rows()), "mean", "not all of them"),
     "sync_batchnorm_train": (nn.Sequential(_conv(), nn.SyncBatchNorm(3)).train(), "1",
                              "processes"),
     "linear_on_spatial": (nn.Sequential(_conv(), nn.Linear(16, 4)), "1", "spatial"),
-    "attention": (Attention(), "flatten", "merges spatial positions"),
+    "attention": (Attention(), "attn", "mixes all positions"),
     "circular_padding": (nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular")),
                          "0", "opposite border"),
     "flatten": (nn.Sequential(_conv(), nn.Flatten()), "1", "head"),

@@ -20,7 +20,6 @@ import torch
 
 from executor import (
     Precision,
-    SegmentedStreamingCNN,
     SegmentSpec,
     StreamingCNN,
     analyze_trunk,
@@ -151,11 +150,11 @@ def _training_step(
     optimizer.zero_grad(set_to_none=False)  # gradients persist between steps, as in training
     target = torch.zeros(shape[0], dtype=torch.long)
     if spec["mode"] == "step":
-        scnn: StreamingCNN | SegmentedStreamingCNN
+        scnn: StreamingCNN
         if spec.get("segments"):
             chain = [SegmentSpec(end, tuple(tile), tuple(forward), bool(on_host))
                      for end, tile, forward, on_host in spec["segments"]]  # fmt: skip
-            scnn = SegmentedStreamingCNN(trunk, chain, amp_dtype=precision.amp_dtype)
+            scnn = StreamingCNN(trunk, segments=chain, amp_dtype=precision.amp_dtype)
         else:
             scnn = StreamingCNN(
                 trunk,

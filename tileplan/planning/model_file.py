@@ -7,11 +7,13 @@ The convention, kept small:
 
 Without ``split``, the trunk ends at the last point of the model's traced graph where a single
 feature map is all that flows on, and everything before it can be streamed: that is before the
-first non-local layer (global pooling, flatten, a linear classifier...). ``--split NAME`` ends the
-trunk after the module (or graph node) called NAME instead.
+global pooling that starts the classifier (global-context layers inside the trunk, such as
+squeeze-excitation or GroupNorm, stream with their statistics) or before the first layer that
+cannot stream at all. ``--split NAME`` ends the trunk after the module (or graph node) called
+NAME instead.
 
-The loaded model is put in eval mode: BatchNorm inside the trunk streams only with frozen
-statistics (its affine weights still train).
+The loaded model is put in eval mode (frozen BatchNorm statistics, its affine weights still
+train); ``tileplan train --bn train`` trains BatchNorm with batch statistics instead.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 from executor import (
     StreamingError,
     UnsupportedLayerError,
-    analyze_trunk,
+    build_program,
     cut_points,
     find_node,
     prefix,
@@ -112,7 +114,7 @@ def load_model_file(path: str | Path, split: str = "auto") -> LoadedModel:
         )):  # fmt: skip
             raise ModelFileError(f"split(model) in '{path}' must return (trunk, head) modules")
         trunk, head = parts
-        analyze_trunk(trunk)  # refuse an unstreamable trunk now, naming the layer
+        build_program(trunk)  # refuse an unstreamable trunk now, naming the layer
         return LoadedModel(path, entry, model, trunk, head, "split(model) in the model file")
     parts = split_model(model, None if split == "auto" else split)
     return LoadedModel(path, entry, model, parts.trunk, parts.head, parts.where, parts.stopped_by)
@@ -238,7 +240,7 @@ def split_model(model: nn.Module, name: str | None = None) -> Split:
             continue
         trunk = prefix(gm, nodes[index].name)
         try:
-            analyze_trunk(trunk)
+            build_program(trunk)
         except UnsupportedLayerError as err:
             last_error = err
             limit = min(limit, position.get(err.node or "", limit))
@@ -272,7 +274,7 @@ def _split_at_name(
             "choose the end of a whole block"
         )
     trunk = prefix(gm, nodes[index].name)
-    analyze_trunk(trunk)
+    build_program(trunk)
     head = finish(suffix(gm, nodes[index].name))
     return Split(trunk, head, f"trunk ends after {_describe(nodes[index])}")
 

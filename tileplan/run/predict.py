@@ -24,7 +24,6 @@ from torch import nn
 
 from executor import (
     ImageSource,
-    SegmentedStreamingCNN,
     StreamingCNN,
     atomic_write,
     check_plan_matches,
@@ -56,7 +55,7 @@ class Prediction:
 
 
 def predict_image(
-    scnn: StreamingCNN | SegmentedStreamingCNN, head: nn.Module,
+    scnn: StreamingCNN, head: nn.Module,
     image: torch.Tensor | ImageSource, *, task: Task, saliency: bool = False,
 ) -> Prediction:  # fmt: skip
     """Stream ``image`` (a (C, *spatial) tensor, or an ``ImageSource`` of (1, C, *spatial))

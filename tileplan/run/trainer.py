@@ -36,7 +36,6 @@ from executor import (
     GeometryError,
     ImageSource,
     Plan,
-    SegmentedStreamingCNN,
     StreamingCNN,
     StreamingError,
     streaming_step,
@@ -429,7 +428,7 @@ def _finish(future: concurrent.futures.Future, label: torch.Tensor
 
 
 def check_image_sizes(
-    scnn: StreamingCNN | SegmentedStreamingCNN,
+    scnn: StreamingCNN,
     head: nn.Module,
     data: Dataset,
     *,
@@ -470,8 +469,7 @@ def check_image_sizes(
             continue
         seen.add((h, w))
         try:
-            grids = scnn.tile_grids((h, w)) if isinstance(scnn, SegmentedStreamingCNN) else [
-                scnn.tile_grid((h, w))]  # fmt: skip
+            grids = scnn.tile_grids((h, w))
             out_shape = grids[-1].output_shape
         except GeometryError as err:
             raise TrainError(f"{where} row {sample.row}: an image of {h}x{w} px cannot be "

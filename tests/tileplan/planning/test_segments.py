@@ -19,7 +19,6 @@ import torch
 from executor import (
     MemoryBreakdown,
     PlanError,
-    SegmentedStreamingCNN,
     StreamingCNN,
     check_plan_matches,
     load_plan,
@@ -237,7 +236,7 @@ def test_segmented_plan_round_trips_and_drives_the_engine(
     trunk = resnet18.trunk  # type: ignore[attr-defined]
     check_plan_matches(loaded, trunk)
     engine = StreamingCNN.from_plan(trunk, loaded)
-    assert isinstance(engine, SegmentedStreamingCNN)
+    assert len(engine.program.streams) == len(loaded.segments)
     grids = engine.tile_grids(IMAGE)
     assert [g.counts for g in grids] == [s.grid for s in loaded.segments]
     assert [g.tile_shape for g in grids] == [s.tile_px for s in loaded.segments]
