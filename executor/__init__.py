@@ -6,6 +6,7 @@ Everything outside this package uses only the names exported here::
 """
 
 from executor.chain import SegmentedStreamingCNN, SegmentSpec
+from executor.classify import traced_trunk
 from executor.errors import ContractError, GeometryError, StreamingError, UnsupportedLayerError
 from executor.fileio import atomic_write, atomic_write_path
 from executor.geometry import (
@@ -18,8 +19,10 @@ from executor.geometry import (
     build_tile_grid,
 )
 from executor.plan import (
+    BATCH_NORM_MODES,
     OPTIMIZER_NAMES,
     SCHEMA_VERSION,
+    BatchNormMode,
     Candidate,
     LayerMemory,
     MemoryBreakdown,
@@ -30,6 +33,7 @@ from executor.plan import (
     Provenance,
     Segment,
     Segmentation,
+    Statistic,
     TimeFit,
     TimeSample,
     Verification,
@@ -49,11 +53,13 @@ from executor.streaming import StreamingCNN, spatial_tile_shape
 from executor.trace import trace
 
 __all__ = [
+    "BATCH_NORM_MODES",
     "DTYPE_NAMES",
     "OPTIMIZER_NAMES",
     "SCHEMA_VERSION",
     "AxisGeometry",
     "AxisTile",
+    "BatchNormMode",
     "Candidate",
     "ContractError",
     "CropReader",
@@ -75,6 +81,7 @@ __all__ = [
     "SegmentSpec",
     "Segmentation",
     "SegmentedStreamingCNN",
+    "Statistic",
     "StreamingCNN",
     "StreamPart",
     "StreamingError",
@@ -107,5 +114,6 @@ __all__ = [
     "to_data",
     "to_yaml",
     "trace",
+    "traced_trunk",
     "trunk_fingerprint",
 ]

@@ -39,13 +39,15 @@ from executor.geometry import (
     build_tile_grid,
 )
 from executor.precision import DtypeName, Precision
-from executor.segments import chain, map_cut_points
+from executor.program import Program, build_program
+from executor.segments import map_cut_points
 from executor.serde import from_data, to_data, to_yaml
-from executor.trace import trace
 
 __all__ = [
+    "BATCH_NORM_MODES",
     "OPTIMIZER_NAMES",
     "SCHEMA_VERSION",
+    "BatchNormMode",
     "Candidate",
     "LayerMemory",
     "MemoryBreakdown",
@@ -54,6 +56,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Provenance",
+    "Statistic",
     "TimeFit",
     "TimeSample",
     "Verification",
@@ -68,6 +71,8 @@ SCHEMA_VERSION = 2
 
 OptimizerName = Literal["adam", "adamw", "sgd"]
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+BatchNormMode = Literal["frozen", "train"]
+BATCH_NORM_MODES: tuple[str, ...] = get_args(BatchNormMode)
 
 
 class PlanError(ContractError):
@@ -372,14 +377,27 @@ def _check_grid(
 
 
 @dataclass(frozen=True, kw_only=True)
-class Segment:
-    """One segment of a segmented plan (see [Segments] in ``executor.chain``).
+class Statistic:
+    """A statistic of whole maps that the trunk's program computes between segments (see
+    [Statistics] in ``executor.statistics``): ``kind`` over the map ``source``, at node
+    ``node`` of the traced trunk (``where``: the module, for people)."""
 
-    Its geometry and tiles are in positions of its own input map: the image for the first
-    segment, the previous segment's output (a cut map) for the others.
+    node: str
+    kind: str
+    source: str
+    where: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segment:
+    """One segment of a segmented plan (see [Segments] in ``executor.streaming``).
+
+    Its geometry and tiles are in positions of its own input maps: the image for the first
+    segment, maps kept whole by segments before it for the others (the previous segment's
+    output, a cut map; or, after a statistic, every map its part of the trunk reads).
     """
 
-    end: str | None  # the cut node of the traced trunk after which it ends; None: the last
+    end: str | None  # where it ends (``executor.StreamingCNN.ends``); None: the last
     where: str  # the module where it ends, for people
     input_shape_px: tuple[int, ...]  # its input map, positions per axis
     output_shape: tuple[int, ...]  # its output map
@@ -394,9 +412,13 @@ class Segment:
     overlap_factor: float  # of its backward grid (4 decimals)
     tile_forward_bytes: int  # one forward tile's activations (calibrated estimate)
     tile_backward_bytes: int  # one backward tile's activations (calibrated estimate)
-    map_bytes: int  # its output map (a cut map, or the trunk's output for the last)
-    map_on_host: bool = False  # the cut map is kept in host memory
+    map_bytes: int  # its output maps (cut maps, or the trunk's output for the last)
+    map_on_host: bool = False  # the cut maps are kept in host memory
     predicted_time_s: float | None = None
+    # What it reads (empty: the previous segment's output) and their stride (image px per
+    # position; empty: the product of the strides before it).
+    inputs: tuple[str, ...] = ()
+    input_stride_px: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         label = f"segment ending at {self.where}"
@@ -444,7 +466,7 @@ class Segmentation:
         )
         for before, after in zip(self.segments, self.segments[1:], strict=False):
             _require(
-                after.input_shape_px == before.output_shape,
+                bool(after.inputs) or after.input_shape_px == before.output_shape,
                 f"{label}: a segment's input is not the previous one's output",
             )
         _require(
@@ -455,6 +477,17 @@ class Segmentation:
     @property
     def cuts(self) -> tuple[str, ...]:
         return tuple(s.end for s in self.segments[:-1] if s.end)
+
+    def stride(self) -> tuple[int, ...]:
+        """The trunk's output stride as its segments make it."""
+        last = self.segments[-1]
+        if last.input_stride_px:
+            return tuple(a * b for a, b in zip(last.input_stride_px, last.output_stride_px,
+                                               strict=True))  # fmt: skip
+        return tuple(
+            math.prod(axis) for axis in zip(*(s.output_stride_px for s in self.segments),
+                                            strict=True)
+        )  # fmt: skip
 
     @property
     def label(self) -> str:
@@ -522,6 +555,11 @@ class Plan:
     # segmentations considered. With segments, tile_px/forward_tile_px are the first one's.
     segments: tuple[Segment, ...] = field(default_factory=tuple)
     segmentations: tuple[Segmentation, ...] = field(default_factory=tuple)
+    # Statistics of whole maps the trunk computes between its segments (global-context
+    # layers), and whether its BatchNorm layers use batch statistics (``train``) or their
+    # running ones (``frozen``): each changes where the trunk's segments end.
+    statistics: tuple[Statistic, ...] = field(default_factory=tuple)
+    batch_norm: BatchNormMode = "frozen"
 
     def __post_init__(self) -> None:
         _require(
@@ -579,12 +617,8 @@ class Plan:
                      f"segmentation {option.label} starts on another image")  # fmt: skip
             _require(option.segments[-1].output_shape == self.output_shape,
                      f"segmentation {option.label} ends on another output")  # fmt: skip
-            stride = tuple(
-                math.prod(axis)
-                for axis in zip(*(s.output_stride_px for s in option.segments), strict=True)
-            )
             _require(
-                stride == self.output_stride_px,
+                option.stride() == self.output_stride_px,
                 f"segmentation {option.label}: its strides do not make the trunk's",
             )
             _require(not option.fits or option.peak_bytes <= usable,
@@ -786,6 +820,31 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         raise PlanError(f"'{path}': {err}") from None
 
 
+def _check_statistics(plan: Plan, program: Program) -> None:
+    """The plan's statistics must be the ones the model computes (kind and source)."""
+    derived = [(r.kind, r.source) for r in program.reductions]
+    stated = [(s.kind, s.source) for s in plan.statistics]
+    if derived != stated:
+        first = next(
+            (f"{a[0]} of {a[1]}" for a, b in zip(derived + [("", "")] * len(stated),
+                                                  stated + [("", "")] * len(derived),
+                                                  strict=False) if a != b),
+            "",
+        )  # fmt: skip
+        raise PlanError(
+            f"the plan states {len(stated)} statistic(s) of whole maps but this model computes "
+            f"{len(derived)} (first difference: {first or 'none stated'}); re-run "
+            f"`tileplan profile`{_bn_hint(plan)}"
+        )
+
+
+def _bn_hint(plan: Plan) -> str:
+    """A hint when the plan's BatchNorm mode may be why its segments do not match."""
+    if plan.batch_norm == "train":
+        return " (the plan is for BatchNorm with batch statistics: train with --bn train)"
+    return " (or train with the BatchNorm mode the plan was made for: --bn frozen)"
+
+
 def check_plan_matches(
     plan: Plan,
     trunk: nn.Module,
@@ -807,17 +866,31 @@ def check_plan_matches(
             "for this model"
         )
     plan.check_geometry(analyze_trunk(trunk, plan.n_axes))
+    ends = [s.end for s in plan.segments[:-1] if s.end]
+    points = set(map_cut_points(trunk, plan.n_axes)) if ends else set()
+    program = build_program(trunk, plan.n_axes, [e for e in ends if e in points])
+    _check_statistics(plan, program)
     if plan.segments:
-        cuts = [s.end for s in plan.segments[:-1] if s.end]
-        valid = map_cut_points(trunk, plan.n_axes)
-        missing = [c for c in cuts if c not in valid]
-        if missing:
+        derived = [p.end for p in program.streams[:-1]]
+        if derived != ends:
+            missing = next((e for e in ends if e not in derived and e not in points), None)
+            if missing is not None and not program.reductions:
+                raise PlanError(
+                    f"the plan cuts the trunk at {missing}, which is not a single-map point of "
+                    "this model; re-run `tileplan profile`"
+                )
             raise PlanError(
-                f"the plan cuts the trunk at {missing[0]}, which is not a single-map point of "
-                "this model; re-run `tileplan profile`"
+                f"the plan's segments end at {', '.join(ends)} but this model's at "
+                f"{', '.join(derived) or 'its output only'}; re-run `tileplan profile`"
+                f"{_bn_hint(plan)}"
             )
-        parts = chain(trace(trunk), cuts)
-        plan.check_segments([analyze_trunk(part, plan.n_axes) for part in parts])
+        plan.check_segments([part.geometry for part in program.streams])
+    elif len(program.streams) > 1:
+        raise PlanError(
+            f"the plan streams the trunk as one segment, but this model computes statistics "
+            f"of whole maps between {len(program.streams)} segments; re-run `tileplan profile`"
+            f"{_bn_hint(plan)}"
+        )
     if image_shape is not None and tuple(image_shape) != tuple(plan.image_shape_px):
         raise PlanError(
             f"plan was made for images of {_shape_text(plan.image_shape_px)} px, not "

@@ -341,6 +341,14 @@ class _Builder:
             for outputs in self.by_stride([n for n in own if n in wanted]):
                 split.append((kind, level, self.one_grid(self._ancestors(own, outputs))))
         wanted = self.wanted(split)
+        # Where a segment that a statistic ends ends, for people: before that statistic.
+        before: dict[torch.fx.Node, str] = {}
+        for kind, _, own in split:
+            if kind == "reduce":
+                first = next((n for n in own if n.name in self.found.reductions), None)
+                for read in self.closure(own)[1]:
+                    if first is not None:
+                        before.setdefault(read, f"before {self._where(first)}")
         parts: list[Part] = []
         maps: dict[str, MapValue] = {self.image.name: self.map_value(self.image)}
         for kind, level, own in split:
@@ -348,7 +356,8 @@ class _Builder:
             if kind == "reduce":
                 parts.append(self.reduce_part(own, outputs, level))
             elif outputs:
-                part, values = self.stream_part(own, outputs, level, n_axes)
+                where = next((before[n] for n in outputs if n in before), None)
+                part, values = self.stream_part(own, outputs, level, n_axes, where)
                 parts.append(part)
                 maps.update(values)
         geometry = TrunkGeometry.from_graph(self.found.graph)
@@ -420,7 +429,8 @@ class _Builder:
         return [n for n in own if n in needed]
 
     def stream_part(self, own: Sequence[torch.fx.Node], outputs: Sequence[torch.fx.Node],
-                    level: int, n_axes: int) -> tuple[StreamPart, dict[str, MapValue]]:  # fmt: skip
+                    level: int, n_axes: int, where: str | None = None,
+                    ) -> tuple[StreamPart, dict[str, MapValue]]:  # fmt: skip
         own = self._ancestors(own, outputs)
         runs, reads = self.closure(own)
         inputs = [n for n in reads if self.kind[n] == "map"]
@@ -444,8 +454,8 @@ class _Builder:
         geometry = TrunkGeometry.from_graph(sub)
         part = StreamPart(
             module, tuple(n.name for n in inputs), tuple(n.name for n in stats),
-            tuple(n.name for n in outputs), geometry, values[inputs[0].name].stride, last,
-            level,
+            tuple(n.name for n in outputs), geometry, values[inputs[0].name].stride,
+            where or last, level,
         )  # fmt: skip
         return part, values
 

@@ -238,12 +238,21 @@ def _slide_options(*, oversize: bool = True) -> Decorator:
     help="Where to write the plan.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
+@click.option(
+    "--bn",
+    "batch_norm",
+    type=click.Choice(["frozen", "train"]),
+    default="frozen",
+    show_default=True,
+    help="BatchNorm with its running statistics (frozen) or with batch statistics (train: "
+    "every BatchNorm ends a segment, its input kept whole); train with the same --bn.",
+)
 @_slide_options(oversize=False)
 def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, channels: int,
             device: str, budget: int | None, margin: float, dtype: str,
             tile: tuple[int, ...] | None, split: str, optimizer: str, measure: bool,
             verify: bool | None, verify_limit: float, segments: str, cuts: str | None,
-            max_tile: int | None, out: Path, as_json: bool, mpp: float | None,
+            max_tile: int | None, out: Path, as_json: bool, batch_norm: str, mpp: float | None,
             level: int | None, tissue: bool) -> None:  # fmt: skip
     """Choose the tile shape for MODEL_FILE at an image size and save the plan as YAML.
 
@@ -280,7 +289,7 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
                 budget_bytes=budget, margin=margin, dtype=dtype, tile=tile, split=split,
                 optimizer=optimizer, measure=measure, verify=verify, verify_limit_s=verify_limit,
                 segments=None if segments == "auto" else int(segments), cuts=cut_names,
-                max_tile=max_tile,
+                max_tile=max_tile, batch_norm=batch_norm,
             )  # fmt: skip
             plan = run_profile(request, progress=sys.stderr.isatty())
             save_plan(plan, out)
@@ -322,7 +331,7 @@ def validate(plan_file: Path, model_file: Path | None) -> None:
     with _one_line_errors():
         plan = load_plan(plan_file)
         path = model_file or Path(plan.model.file)
-        loaded = load_model_file(path, plan.model.split_option)
+        loaded = load_model_file(path, plan.model.split_option, batch_norm=plan.batch_norm)
         check_plan_matches(plan, loaded.trunk)
     click.echo(f"{plan_file}: valid plan for {path} at {format_shape(plan.image_shape_px)} px, "
                f"{plan.dtype}, tile {format_shape(plan.tile_px)}")  # fmt: skip
@@ -397,12 +406,21 @@ def validate(plan_file: Path, model_file: Path | None) -> None:
     show_default=True,
     help="Measure the memory-savings report at the end.",
 )
+@click.option(
+    "--bn",
+    "batch_norm",
+    type=click.Choice(["frozen", "train"]),
+    default=None,
+    help="Train BatchNorm with batch statistics (train: validation and checkpoints use the "
+    "running statistics it updates) or keep its statistics frozen (default: the plan's "
+    "--bn; a plan is made for one of them).",
+)
 @_slide_options()
 def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: Path,
           epochs: int, lr: float, optimizer: str | None, batch: int,
           mean: tuple[float, ...] | None, std: tuple[float, ...] | None, amp: bool, resume: bool,
-          seed: int, num_workers: int, device: str, report: bool, mpp: float | None,
-          level: int | None, tissue: bool, oversize: str) -> None:  # fmt: skip
+          seed: int, num_workers: int, device: str, report: bool, batch_norm: str | None,
+          mpp: float | None, level: int | None, tissue: bool, oversize: str) -> None:  # fmt: skip
     """Train MODEL_FILE with the trunk streamed as PLAN says, on images listed in a CSV.
 
     Data parallel: torchrun --nproc-per-node N -m tileplan train ...
@@ -415,7 +433,7 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
         settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize)  # type: ignore[arg-type]
         options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
                    "epochs": epochs, "seed": seed, "num_workers": num_workers,
-                   "data": settings}  # fmt: skip
+                   "data": settings, "batch_norm": batch_norm}  # fmt: skip
         request = TrainRequest(model_file=model_file, plan_file=plan_file, data=data, val=val,
                                out=out, options=options, resume=resume, device=device,
                                report=report, require_mixed_precision=amp)  # fmt: skip

@@ -22,7 +22,15 @@ from typing import Literal, get_args
 
 import torch
 
-from executor import OPTIMIZER_NAMES, DtypeName, OptimizerName, Plan, Precision
+from executor import (
+    BATCH_NORM_MODES,
+    OPTIMIZER_NAMES,
+    BatchNormMode,
+    DtypeName,
+    OptimizerName,
+    Plan,
+    Precision,
+)
 
 __all__ = [
     "OPTIMIZERS", "DataSettings", "Normalization", "OptimizerSpec", "RunSpec", "SettingsError",
@@ -210,6 +218,9 @@ class RunSpec:
         num_workers: image-reading worker processes.
         normalization: per-channel normalisation of each crop.
         data: how images are read (resolution, tissue crop, oversize policy).
+        batch_norm: ``frozen`` (running statistics, the affine weights train) or ``train``
+            (batch statistics in training steps, running statistics updated as conventional
+            training updates them and used for validation).
     """
 
     dtype: DtypeName
@@ -221,6 +232,7 @@ class RunSpec:
     num_workers: int = 2
     normalization: Normalization = field(default_factory=lambda: Normalization.default(3))
     data: DataSettings = field(default_factory=DataSettings)
+    batch_norm: BatchNormMode = "frozen"
 
     def __post_init__(self) -> None:
         if self.dtype not in get_args(DtypeName):
@@ -231,6 +243,8 @@ class RunSpec:
             )
         if self.epochs < 1 or self.batch < 1 or not self.lr > 0 or self.num_workers < 0:
             raise SettingsError("epochs, batch and lr must be positive and num-workers >= 0")
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise SettingsError(f"--bn {self.batch_norm}: use one of {', '.join(BATCH_NORM_MODES)}")
 
     @classmethod
     def from_plan(
@@ -240,10 +254,13 @@ class RunSpec:
         optimizer: str | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        batch_norm: str | None = None,
         **options: object,
     ) -> RunSpec:
         """The run settings for ``plan``: its dtype, its optimizer unless another is asked
-        for, and the default normalisation for its channel count unless ``mean``/``std``."""
+        for, its BatchNorm mode unless another is asked for (the plan then refuses the
+        model: its segments are another mode's), and the default normalisation for its
+        channel count unless ``mean``/``std``."""
         normalization = Normalization.default(plan.channels)
         if mean is not None or std is not None:
             normalization = Normalization(
@@ -255,7 +272,8 @@ class RunSpec:
                 f"{plan.channels} channels; give one value per channel"
             )
         return cls(dtype=plan.dtype, optimizer=optimizer or plan.optimizer,
-                   normalization=normalization, **options)  # type: ignore[arg-type]  # fmt: skip
+                   normalization=normalization, batch_norm=batch_norm or plan.batch_norm,
+                   **options)  # type: ignore[arg-type]  # fmt: skip
 
     @property
     def precision(self) -> Precision:

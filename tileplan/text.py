@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from executor import Candidate, Plan, VerifyStatus
+from executor import Candidate, Plan, Segmentation, VerifyStatus
 from tileplan.run.report import RunReport
 from tileplan.units import format_bytes, format_shape
 
 __all__ = [
     "describe_segmentations",
     "describe_segments",
+    "describe_statistics",
     "describe_time",
     "describe_trunk",
     "shallow_trunk_note",
@@ -80,7 +81,26 @@ def describe_trunk(plan: Plan) -> list[str]:
     )  # fmt: skip
     lines = [f"warning: {note}"] if note else []
     lines.append(f"trunk: {plan.model.split}, output stride {format_shape(plan.output_stride_px)}")
+    lines += describe_statistics(plan)
     return lines
+
+
+def describe_statistics(plan: Plan) -> list[str]:
+    """The statistics of whole maps that end segments, and what the plan does about them
+    (nothing for a trunk of local layers)."""
+    if not plan.statistics:
+        return []
+    kinds: dict[str, int] = {}
+    for stat in plan.statistics:
+        kinds[stat.kind] = kinds.get(stat.kind, 0) + 1
+    listed = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    bn = " (BatchNorm with batch statistics)" if plan.batch_norm == "train" else ""
+    first = plan.statistics[0].where
+    return [
+        f"statistics of whole maps{bn}: {len(plan.statistics)} ({listed}; the first at "
+        f"{first}): each ends a segment, and the maps it reduces are kept whole until the "
+        "backward pass (stored; recomputing them instead is not implemented)"
+    ]
 
 
 def describe_time(plan: Plan) -> str:
@@ -142,7 +162,7 @@ def describe_segments(plan: Plan) -> list[str]:
         return []
     lines = [
         f"streamed in {len(plan.segments)} segments (cut maps kept whole between them):",
-        f"  {'#':>1} {'ends at':<22} {'input':>11} {'tile':>11} {'forward':>11} {'tiles':>7} "
+        f"  {'#':>2} {'ends at':<34} {'input':>11} {'tile':>11} {'forward':>11} {'tiles':>7} "
         f"{'overlap':>7} {'map':>9} {'s/image':>8}",
     ]
     for i, s in enumerate(plan.segments, 1):
@@ -150,7 +170,7 @@ def describe_segments(plan: Plan) -> list[str]:
         where = "the trunk's output" if s.end is None else s.where
         place = " (host)" if s.map_on_host else ""
         lines.append(
-            f"  {i:>1} {where[:22]:<22} {format_shape(s.input_shape_px):>11} "
+            f"  {i:>2} {where[:34]:<34} {format_shape(s.input_shape_px):>11} "
             f"{format_shape(s.tile_px):>11} {format_shape(s.forward_tile_px):>11} "
             f"{format_shape(s.grid):>7} {s.overlap_factor:>7.2f} "
             f"{format_bytes(s.map_bytes) + place:>9} {seconds:>8}"
@@ -173,10 +193,20 @@ def describe_segmentations(plan: Plan) -> list[str]:
         tiles = " | ".join(format_shape(s.tile_px) for s in g.segments)
         seconds = "-" if g.predicted_time_s is None else f"{g.predicted_time_s:.1f}"
         lines.append(
-            f"  {mark} {g.label[:34]:<34} {tiles[:34]:<34} {format_bytes(g.peak_bytes):>10} "
+            f"  {mark} {_label(g)[:34]:<34} {tiles[:34]:<34} {format_bytes(g.peak_bytes):>10} "
             f"{seconds:>8} {'yes' if g.fits else 'no'}"
         )
     return lines
+
+
+def _label(option: Segmentation) -> str:
+    """Where a segmentation cuts: the cuts chosen, after those that statistics make."""
+    forced = sum(s.where.startswith("before ") for s in option.segments[:-1])
+    cuts = [s.where for s in option.segments[:-1] if not s.where.startswith("before ")]
+    if not forced:
+        return option.label
+    extra = " | ".join(cuts) if cuts else "no other cut"
+    return f"{forced} statistics + {extra}"
 
 
 def render_report(r: RunReport) -> str:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from executor import MemoryBreakdown, StreamingError
+from executor import MemoryBreakdown, Program, StreamingError, StreamPart, traced_trunk
+from executor.statistics import EFFECTS
 from tileplan.settings import OPTIMIZERS
 
 __all__ = [
@@ -40,8 +42,12 @@ __all__ = [
     "estimate_conventional",
     "estimate_fixed",
     "estimate_streaming",
+    "node_shapes",
+    "part_flops",
+    "part_peak",
     "pass_flops",
     "pass_peak",
+    "value_shapes",
     "with_tiles",
 ]
 
@@ -165,6 +171,146 @@ def pass_flops(module: nn.Module, input_shape: tuple[int, ...], dtype: torch.dty
     ):
         functional_call(module, state, (torch.empty(input_shape, device="meta", dtype=dtype),))
     return int(counter.get_total_flops())
+
+
+Shape = tuple[int, ...]
+
+
+def _meta(shape: Shape, dtype: torch.dtype, grad: bool = False) -> torch.Tensor:
+    return torch.empty(shape, device="meta", dtype=dtype).requires_grad_(grad)
+
+
+def part_peak(
+    module: nn.Module, inputs: Sequence[Shape], stats: Sequence[tuple[Shape, torch.dtype]],
+    dtype: torch.dtype, *, grad: bool, count_inputs: bool = True,
+) -> int:  # fmt: skip
+    """Peak bytes of one pass of a program part (``executor.program``) on meta tensors:
+    ``module(*maps, *stats)`` returning a tuple.
+
+    Args:
+        inputs: (N, C, ...) of each input map (a tile's crops, or whole maps).
+        stats: shape and dtype of each statistic it reads (alive before the pass: not
+            counted).
+        grad: forward with autograd then backward with dense output gradients (statistics
+            get gradients too); else a no-grad forward.
+        count_inputs: count the input maps (a tile's crops are made for it; whole maps that
+            a statistic reads are kept anyway).
+
+    Raises:
+        EstimateError: the module's code fails on these shapes.
+    """
+    first = tuple(inputs[0]) if inputs else ()
+    with (
+        _meta_state(module, dtype) as state,
+        torch.set_grad_enabled(grad),
+        _model_code("model's trunk", first),
+    ):
+        held = [_meta(s, d, grad and d.is_floating_point) for s, d in stats]
+        maps = [] if count_inputs else [_meta(s, dtype, grad) for s in inputs]
+        counter = LiveBytes()
+        with counter:
+            if count_inputs:
+                maps = [_meta(s, dtype, grad) for s in inputs]
+            outputs = [o for o in functional_call(module, state, (*maps, *held))
+                       if isinstance(o, torch.Tensor)]  # fmt: skip
+            wanted = [o for o in outputs if o.requires_grad]
+            if grad and wanted:
+                torch.autograd.backward(wanted, [torch.empty_like(o) for o in wanted])
+            del maps, outputs, wanted
+        return counter.peak
+
+
+def part_flops(module: nn.Module, inputs: Sequence[Shape],
+               stats: Sequence[tuple[Shape, torch.dtype]], dtype: torch.dtype) -> int:  # fmt: skip
+    """Forward FLOPs of a program part on meta tensors (see ``pass_flops``)."""
+    first = tuple(inputs[0]) if inputs else ()
+    with (
+        _meta_state(module, dtype) as state,
+        torch.no_grad(),
+        _model_code("model's trunk", first),
+        FlopCounterMode(display=False) as counter,
+    ):
+        maps = [_meta(s, dtype) for s in inputs]
+        functional_call(module, state, (*maps, *(_meta(s, d) for s, d in stats)))
+    return int(counter.get_total_flops())
+
+
+def value_shapes(
+    program: Program, image_shape: Shape, dtype: torch.dtype
+) -> dict[str, tuple[Shape, torch.dtype]]:
+    """Shape and dtype of every value that crosses a program's parts, for an image of
+    ``image_shape`` (N, C, *spatial): its parts run whole on meta tensors, in order.
+
+    Raises:
+        EstimateError: the model's code fails on this shape.
+    """
+    values: dict[str, tuple[Shape, torch.dtype]] = {program.image: (tuple(image_shape), dtype)}
+    for part in program.parts:
+        module = part.module if isinstance(part, StreamPart) else part.grad_module
+        inputs = [values[n][0] for n in part.inputs]
+        with (
+            _meta_state(module, dtype) as state,
+            torch.no_grad(),
+            _model_code("model", tuple(image_shape)),
+        ):
+            maps = [_meta(s, dtype) for s in inputs]
+            stats = [_meta(*values[n]) for n in part.stats]
+            outputs = functional_call(module, state, (*maps, *stats))
+        for name, out in zip(part.outputs, outputs, strict=True):
+            if isinstance(out, torch.Tensor):
+                values[name] = (tuple(out.shape), out.dtype)
+            else:  # a statistic that is a number (a shape read): nothing to hold
+                values[name] = ((), torch.float32)
+    return values
+
+
+class _MetaRun(torch.fx.Interpreter):
+    """Runs a traced trunk on meta tensors: its parameters and buffers as meta copies, its
+    running-statistics updates skipped (the user's buffers are never touched)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.state = state
+
+    def fetch_attr(self, target: str) -> Any:
+        return self.state[target] if target in self.state else super().fetch_attr(target)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = super().fetch_attr(target)
+        inner = {k[len(target) + 1:]: v for k, v in self.state.items()
+                 if k.startswith(f"{target}.")}  # fmt: skip
+        return functional_call(module, inner, args, kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in EFFECTS:
+            return None
+        return super().call_function(target, args, kwargs)
+
+
+def node_shapes(trunk: nn.Module, image_shape: Shape, dtype: torch.dtype) -> dict[str, Shape]:
+    """The shape of every tensor node of the trunk's traced graph (``executor``'s, with its
+    norms decomposed) for an image of ``image_shape``, on meta tensors.
+
+    Raises:
+        EstimateError: the model's code fails on this shape.
+    """
+    gm = traced_trunk(trunk).gm
+    with _meta_state(gm, dtype) as state, torch.no_grad(), _model_code("model", image_shape):
+        run = _MetaRun(gm, state)
+        shapes: dict[str, Shape] = {}
+        nodes = iter(gm.graph.nodes)
+        run.env = {}
+        for node in nodes:
+            if node.op == "placeholder":
+                run.env[node] = _meta(image_shape, dtype)
+                continue
+            if node.op == "output":
+                break
+            value = run.run_node(node)
+            run.env[node] = value
+            if isinstance(value, torch.Tensor):
+                shapes[node.name] = tuple(value.shape)
+    return shapes
 
 
 def head_peak(head: nn.Module, features_shape: tuple[int, ...], dtype: torch.dtype) -> int:

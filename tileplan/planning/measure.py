@@ -186,6 +186,7 @@ class MeasureSpec:
     shapes: tuple[tuple[int, ...], ...] = ()  # tiles: crops (N, C, *spatial) to measure
     # step of a segmented plan: (end, tile, forward tile, map on host) per segment
     segments: tuple[ChainEntry, ...] = ()
+    batch_norm: str = "frozen"  # the BatchNorm mode to split and run the model in
 
     @staticmethod
     def chain_of(segments: Sequence[Segment]) -> tuple[ChainEntry, ...]:

@@ -41,7 +41,9 @@ from executor import (
     trace,
 )
 
-__all__ = ["LoadedModel", "ModelFileError", "Split", "load_model_file", "split_model"]
+__all__ = [
+    "LoadedModel", "ModelFileError", "Split", "load_model_file", "set_batch_norm", "split_model",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +73,45 @@ class LoadedModel:
     head: nn.Module
     split: str
     stopped_by: str | None = None
+    batch_norm: str = "frozen"  # the BatchNorm mode the model was split (traced) in
+    _user_split: object = None
+    _split_option: str = "auto"
 
     @property
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def resplit(self, batch_norm: str) -> LoadedModel:
+        """The same model (the same parameters and buffers) split again with its BatchNorm
+        layers in ``batch_norm`` mode, e.g. a frozen trunk for validation next to a trunk
+        trained with batch statistics. The model's layers are left in that mode."""
+        if batch_norm == self.batch_norm:
+            set_batch_norm(self.model, batch_norm)
+            return self
+        return _split(self.path, self.entry, self.model, self._user_split, self._split_option,
+                      batch_norm)  # fmt: skip
 
-def load_model_file(path: str | Path, split: str = "auto") -> LoadedModel:
+
+def set_batch_norm(model: nn.Module, mode: str) -> None:
+    """Put the model's BatchNorm layers in train mode (``"train"``: batch statistics, running
+    ones updated) or eval mode (``"frozen"``), and nothing else (dropout stays off)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(mode == "train")
+
+
+def load_model_file(path: str | Path, split: str = "auto", *, batch_norm: str = "frozen"
+                    ) -> LoadedModel:  # fmt: skip
     """Import ``path``, build the model and split it.
 
     Args:
         path: a Python file defining ``build_model()`` or ``model`` (and maybe ``split``).
         split: ``"auto"`` (default: the file's ``split`` if it has one, else the largest
             streamable prefix) or the name of the module after which the trunk ends.
+        batch_norm: ``"frozen"`` (eval mode) or ``"train"``: BatchNorm layers normalise with
+            batch statistics. The model is traced in that mode (code such as timm's
+            ``BatchNormAct2d`` reads ``self.training`` while it is traced), so a trunk for the
+            other mode is another split of the same model (``LoadedModel.resplit``).
 
     Raises:
         ModelFileError: missing or broken file, no model in it, no streamable trunk.
@@ -106,7 +134,12 @@ def load_model_file(path: str | Path, split: str = "auto") -> LoadedModel:
             f"{entry} in '{path}' returned {type(model).__name__}, not a torch.nn.Module"
         )
     model.eval()
-    user_split = getattr(namespace, "split", None)
+    return _split(path, entry, model, getattr(namespace, "split", None), split, batch_norm)
+
+
+def _split(path: Path, entry: str, model: nn.Module, user_split: object, split: str,
+           batch_norm: str) -> LoadedModel:  # fmt: skip
+    set_batch_norm(model, batch_norm)
     if split == "auto" and callable(user_split):
         parts = _call(path, lambda: user_split(model), "split(model)")
         if not (isinstance(parts, tuple) and len(parts) == 2 and all(
@@ -115,9 +148,13 @@ def load_model_file(path: str | Path, split: str = "auto") -> LoadedModel:
             raise ModelFileError(f"split(model) in '{path}' must return (trunk, head) modules")
         trunk, head = parts
         build_program(trunk)  # refuse an unstreamable trunk now, naming the layer
-        return LoadedModel(path, entry, model, trunk, head, "split(model) in the model file")
+        return LoadedModel(path, entry, model, trunk, head, "split(model) in the model file",
+                           batch_norm=batch_norm, _user_split=user_split,
+                           _split_option=split)  # fmt: skip
     parts = split_model(model, None if split == "auto" else split)
-    return LoadedModel(path, entry, model, parts.trunk, parts.head, parts.where, parts.stopped_by)
+    return LoadedModel(path, entry, model, parts.trunk, parts.head, parts.where, parts.stopped_by,
+                       batch_norm=batch_norm, _user_split=user_split,
+                       _split_option=split)  # fmt: skip
 
 
 def _import(path: Path) -> object:

@@ -25,14 +25,17 @@ from tqdm.auto import tqdm
 
 import tileplan
 from executor import (
+    BATCH_NORM_MODES,
     Candidate,
     LayerMemory,
     MemoryBreakdown,
     ModelIdentity,
     Plan,
     Precision,
+    Program,
     Provenance,
     Segmentation,
+    Statistic,
     StreamingError,
     TileGrid,
     TimeFit,
@@ -40,8 +43,8 @@ from executor import (
     Verification,
     VerifyStatus,
     analyze_trunk,
-    chain,
-    trace,
+    build_program,
+    map_cut_points,
     trunk_fingerprint,
 )
 from tileplan.planning.estimate import (
@@ -51,7 +54,7 @@ from tileplan.planning.estimate import (
     estimate_fixed,
     with_tiles,
 )
-from tileplan.planning.layers import layer_memory
+from tileplan.planning.layers import layer_memory, layer_shapes
 from tileplan.planning.measure import (
     DeviceInfo,
     MeasureSpec,
@@ -110,6 +113,7 @@ class ProfileRequest:
     segments: int | None = None  # None: choose (1 or more); 1: one tile shape; N: N segments
     cuts: tuple[str, ...] = ()  # cut the trunk here (node or module names), nothing else
     max_tile: int | None = None  # largest backward tile side (px of each segment's input)
+    batch_norm: str = "frozen"  # BatchNorm with running ("frozen") or batch ("train") stats
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin < 1.0:
@@ -129,6 +133,8 @@ class ProfileRequest:
             raise ValueError(f"--max-tile {self.max_tile} must be a positive size in px")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {list(OPTIMIZERS)}")
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"--bn {self.batch_norm}: use one of {', '.join(BATCH_NORM_MODES)}")
         Precision.of(self.dtype)
 
     @property
@@ -218,7 +224,7 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
         NoFeasiblePlanError: nothing fits the budget (all candidates are attached).
     """
     bar = tqdm(total=7, desc="profile", disable=not progress, leave=False)
-    loaded = load_model_file(req.model_file, req.split)
+    loaded = load_model_file(req.model_file, req.split, batch_norm=req.batch_norm)
     info = device_info(req.device, assume=not req.measure)
     budget = req.budget_bytes or (
         info.total_bytes if info.device != "cpu" else info.available_bytes
@@ -232,16 +238,23 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     if req.measure:
         loaded.model.to(device=torch.device(info.device), dtype=precision.param_dtype)
     geometry = analyze_trunk(loaded.trunk)
+    program = build_program(loaded.trunk, geometry.n_axes)
+    forced = len(program.streams)  # statistics of whole maps end segments: at least this many
+    _check_forced(req, forced)
     image = (req.batch, req.channels, *req.image_shape)
     state = ModelState.of(loaded.model, req.optimizer, precision.param_dtype)
     cuts = resolve_cuts(loaded.trunk, req.cuts) if req.cuts else []
     bar.update()
 
+    # One tile shape for the whole trunk, unless statistics end segments (then it would be
+    # none of the shapes the engine runs).
     tiles = [req.tile] if req.tile else candidate_tiles(geometry, req.image_shape)
     fixed = estimate_fixed(trunk=loaded.trunk, head=loaded.head, state=state, image_shape=image,
                            dtype=precision.dtype,
                            image_on_device=info.device == "cpu")  # fmt: skip
-    rows = [_estimate_row(loaded, geometry, fixed, image, t, precision.dtype) for t in tiles]
+    rows = [] if forced > 1 else [
+        _estimate_row(loaded, geometry, fixed, image, t, precision.dtype) for t in tiles
+    ]  # fmt: skip
     conventional = estimate_conventional(
         trunk=loaded.trunk, head=loaded.head, state=state, image_shape=image,
         dtype=precision.dtype,
@@ -249,19 +262,19 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     bar.update()
 
     if req.measure:
-        ctx = replace(ctx, time_fit=_time_fit(loaded, rows, image, ctx))
+        ctx = replace(ctx, time_fit=_time_fit(loaded, rows, image, ctx, program))
     for row in rows:
         row.time_s, row.cost = ctx.predict(row.grid, row.grid)
     bar.update()
 
-    if req.measure:
+    if req.measure and rows:
         ctx = replace(ctx, factor=_calibrate(ctx, rows))
     bar.update()
 
     # Every candidate served to time and calibrate; beyond --max-tile none is a choice.
-    single_allowed = req.segments in (None, 1) and not cuts
+    single_allowed = req.segments in (None, 1) and not cuts and forced == 1
     rows = _limited(rows, geometry, req.max_tile, needed=req.segments == 1)
-    chains = _segmentations(ctx, loaded, rows, fixed, image, cuts)
+    chains = _segmentations(ctx, loaded, rows, fixed, image, cuts, forced)
     bar.update()
     shallow = shallow_trunk_note(
         split=loaded.split, stride=geometry.output_stride, stopped_by=loaded.stopped_by,
@@ -278,7 +291,25 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     bar.close()
     layers = _layers(loaded, geometry, image, chosen, precision.dtype)
     return _plan(ctx, loaded, geometry, rows, chains, chosen, budget, verification,
-                 conventional, layers)  # fmt: skip
+                 conventional, layers, program)  # fmt: skip
+
+
+def _check_forced(req: ProfileRequest, forced: int) -> None:
+    """Options that ask for one segment, for a trunk whose statistics make several.
+
+    Raises:
+        ValueError: ``--tile`` or ``--segments`` asks for fewer segments than it has.
+    """
+    if forced == 1:
+        return
+    why = (f"this trunk computes statistics of whole maps (global-context layers) that end "
+           f"{forced - 1} segment(s), so it streams in at least {forced} segments")  # fmt: skip
+    if req.tile:
+        raise ValueError(f"--tile sets one tile for the whole trunk, but {why}; use "
+                         "--max-tile to cap every segment's tile")  # fmt: skip
+    if req.segments is not None:
+        raise ValueError(f"--segments {req.segments}: {why}; use --segments auto, and --cut "
+                         "to cut it in more places")  # fmt: skip
 
 
 def _limited(rows: list[_Row], geometry: TrunkGeometry, max_tile: int | None, *, needed: bool
@@ -349,23 +380,30 @@ def _no_fit(
 
 
 def _time_fit(
-    loaded: LoadedModel, rows: Sequence[_Row], image: tuple[int, ...], ctx: _Context
-) -> TimeFit:
+    loaded: LoadedModel, rows: Sequence[_Row], image: tuple[int, ...], ctx: _Context,
+    program: Program,
+) -> TimeFit:  # fmt: skip
     """Time two crop sizes: the smallest candidate's (at least 512 px per side, so that the
     per-pixel cost is not lost in per-call overhead) and one about 1.5x (CPU) or 2x larger per
-    side, both within memory."""
-    smallest = min(rows, key=lambda r: math.prod(r.grid.largest_crop))
-    small = tuple(
-        max(s, min(_MIN_TIMING_PX, n))
-        for s, n in zip(smallest.grid.largest_crop, image[2:], strict=True)
-    )
+    side, both within memory. A trunk whose statistics end segments has no single-tile
+    candidates: the crops start at its first segment's smallest tile."""
+    if rows:
+        smallest = min(rows, key=lambda r: math.prod(r.grid.largest_crop))
+        first = smallest.grid.largest_crop
+    else:
+        geometry = program.streams[0].geometry
+        first = tuple(min(geometry.min_tile(ax), n) for ax, n in enumerate(image[2:]))
+    small = tuple(max(s, min(_MIN_TIMING_PX, n)) for s, n in zip(first, image[2:], strict=True))
     device = torch.device(ctx.info.device)
     scale = 1.5 if device.type == "cpu" else 2.0
     large = tuple(min(n, round(s * scale)) for s, n in zip(small, image[2:], strict=True))
-    fixed = smallest.estimate.total_bytes - smallest.estimate.tile_backward_bytes
-    grow = math.prod(large) / math.prod(small)
     crops = [(*image[:2], *small)]
-    if large != small and fixed + smallest.estimate.tile_backward_bytes * grow <= ctx.usable:
+    grow = math.prod(large) / math.prod(small)
+    fits = not rows or (
+        smallest.estimate.total_bytes + smallest.estimate.tile_backward_bytes * (grow - 1)
+        <= ctx.usable
+    )  # fmt: skip
+    if large != small and fits:
         crops.append((*image[:2], *large))
     try:
         return measure_time_model(loaded.trunk, crops, precision=ctx.req.precision,
@@ -385,7 +423,7 @@ def _measure_spec(
     return MeasureSpec(
         model_file=str(req.model_file), split=req.split, mode=mode,  # type: ignore[arg-type]
         shape=shape, dtype=req.dtype, device=ctx.info.device, tile=tile,
-        forward_tile=forward_tile, optimizer=req.optimizer,
+        forward_tile=forward_tile, optimizer=req.optimizer, batch_norm=req.batch_norm,
     )  # fmt: skip
 
 
@@ -451,16 +489,19 @@ def _forward_tile(ctx: _Context, rows: Sequence[_Row], chosen: _Row) -> _Row:
 
 def _segmentations(
     ctx: _Context, loaded: LoadedModel, rows: Sequence[_Row], fixed: MemoryBreakdown,
-    image: tuple[int, ...], cuts: Sequence[tuple[str, str]],
+    image: tuple[int, ...], cuts: Sequence[tuple[str, str]], forced: int,
 ) -> list[_Chain]:  # fmt: skip
     """Every segmentation that fits, priced (see ``planning.segments``); none when only one
     segment is asked for, or when the best single tile covers the whole image (no
-    segmentation computes less than that)."""
+    segmentation computes less than that). A trunk whose statistics end segments always
+    has some: where they end them, and maybe cut further."""
     req = ctx.req
-    if req.segments == 1 or req.tile:
+    if forced == 1 and (req.segments == 1 or req.tile):
         return []
     best = _choose(ctx, rows)
-    if not cuts and req.segments is None and best is not None and best.grid.n_tiles == 1:
+    if forced == 1 and not cuts and req.segments is None and best is not None and (
+        best.grid.n_tiles == 1
+    ):  # fmt: skip
         return []
     costs = Costs(
         fixed=fixed, usable_bytes=ctx.usable, dtype=req.precision.dtype,
@@ -474,6 +515,12 @@ def _segmentations(
         if priced is None and costs.host_allowed:
             priced = search.price([c for c, _ in cuts], on_host=True)
         found = [priced] if priced is not None else []
+    elif forced > 1:  # where statistics end segments, and up to two more cuts
+        search = SegmentSearch(loaded.trunk, image, [], costs)
+        ends = {e for part in search.program(()).streams for e in part.end.split(",")}
+        options = [c for c in candidate_cuts(loaded.trunk) if c[0] not in ends]
+        search.cuts = options
+        found = search.search([k for k in (1, *_AUTO_SEGMENTS) if k - 1 <= len(options)])
     else:
         options = candidate_cuts(loaded.trunk)
         counts = [req.segments] if req.segments else list(_AUTO_SEGMENTS)
@@ -563,16 +610,17 @@ def _layers(loaded: LoadedModel, geometry: TrunkGeometry, image: tuple[int, ...]
         crop = (*image[:2], *chosen.row.grid.largest_crop)
         return layer_memory(loaded.trunk, geometry, image, crop, dtype)
     segments = chosen.option.segments
-    parts = chain(trace(loaded.trunk), [s.end for s in segments[:-1] if s.end])
+    ends = [s.end for s in segments[:-1] if s.end]
+    n_axes = len(image) - 2
+    points = set(map_cut_points(loaded.trunk, n_axes))
+    program = build_program(loaded.trunk, n_axes, [e for e in ends if e in points])
+    shapes = layer_shapes(loaded.trunk, image[1], geometry)
     layers: list[LayerMemory] = []
-    channels = image[1]
-    for index, (part, segment) in enumerate(zip(parts, segments, strict=True)):
-        part_geometry = analyze_trunk(part, len(image) - 2)
-        shape = (image[0], channels, *segment.input_shape_px)
-        crop = (image[0], channels, *segment.tile_grid().largest_crop)
-        found = layer_memory(part, part_geometry, shape, crop, dtype)
+    for index, (part, segment) in enumerate(zip(program.streams, segments, strict=True)):
+        shape = (image[0], image[1], *segment.input_shape_px)
+        crop = (image[0], image[1], *segment.tile_grid().largest_crop)
+        found = layer_memory(part.module, part.geometry, shape, crop, dtype, shapes=shapes)
         layers += [replace(layer, segment=index) for layer in found]
-        channels = found[-1].channels if found else channels
     return tuple(layers)
 
 
@@ -605,6 +653,7 @@ def _plan(
     verification: Verification,
     conventional: Conventional,
     layers: tuple[LayerMemory, ...],
+    program: Program,
 ) -> Plan:
     req, info = ctx.req, ctx.info
     time_s = _time_s(ctx, chosen)
@@ -670,4 +719,9 @@ def _plan(
         layers=layers,
         segments=segments,
         segmentations=tuple(c.recorded() for c in ranked),
+        statistics=tuple(
+            Statistic(node=r.node, kind=r.kind, source=r.source, where=r.where)
+            for r in program.reductions
+        ),
+        batch_norm=req.batch_norm,  # type: ignore[arg-type]
     )

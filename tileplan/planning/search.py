@@ -9,7 +9,7 @@ Choice: the minimum predicted cost per image among candidates whose predicted pe
 usable budget ``budget * (1 - margin)``; ties go to the smaller peak. The cost is the predicted
 time when tile timings were measured, else ``proxy_cost``: pixels processed, with a backward
 tile counted as three forward passes (forward with grad, then a backward of about twice its
-cost).
+cost), and each tile's launches of the trunk's ops counted as some pixels more.
 """
 
 from __future__ import annotations
@@ -20,15 +20,26 @@ from dataclasses import dataclass
 
 from executor import TileGrid, TrunkGeometry
 
-__all__ = ["BACKWARD_WEIGHT", "Scored", "candidate_tiles", "choose", "proxy_cost", "search"]
+__all__ = [
+    "BACKWARD_WEIGHT", "TILE_OVERHEAD_PX", "Scored", "candidate_tiles", "choose", "proxy_cost",
+    "search",
+]  # fmt: skip
 
 # Cost of a backward-pass tile relative to a no-grad forward of the same crop.
 BACKWARD_WEIGHT = 3
+# What one tile costs besides its pixels, in pixels of the whole trunk: launching every op of
+# the trunk once more (what a time fit's intercept measures). Without it, a part without halo
+# would cost the same in one tile or in thousands.
+TILE_OVERHEAD_PX = 128 * 128
 
 
 def proxy_cost(forward: TileGrid, backward: TileGrid, batch: int = 1) -> int:
-    """Pixels processed per image, a backward-pass pixel weighing three forward ones (px)."""
-    pixels = [sum(math.prod(t.input_shape) for t in grid) * batch for grid in (forward, backward)]
+    """Pixels processed per image, a backward-pass pixel weighing three forward ones, and
+    each tile ``TILE_OVERHEAD_PX`` more (px)."""
+    pixels = [
+        sum(math.prod(t.input_shape) * batch + TILE_OVERHEAD_PX for t in grid)
+        for grid in (forward, backward)
+    ]
     return pixels[0] + BACKWARD_WEIGHT * pixels[1]
 
 

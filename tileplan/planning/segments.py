@@ -1,31 +1,39 @@
 """Choosing how to stream the trunk in segments: where to cut it and each segment's tiles.
 
-Segments (``executor.chain``, [Segments]) pay each part's halo on that part alone, at the price
-of holding the cut maps from the forward to the backward pass. Here every way of cutting the
-trunk into up to ``max_segments`` parts at the candidate cuts is priced:
+Segments (``executor.streaming``, [Segments]) pay each part's halo on that part alone, at the
+price of holding the maps that cross them from the forward to the backward pass. A trunk with
+global-context layers is always segmented: its program (``executor.program``, [Program]) ends
+a segment wherever a statistic of whole maps is taken; such forced ends are always present.
+Here every way of cutting the trunk further at the candidate cuts is priced:
 
 * Candidate cuts: the last single-map point of each stride level inside the trunk, i.e. the
   end of each stage. Its map is the smallest of its level and the halo accumulated before it
   the largest a cut there can save. ``--cut`` names others.
 * Memory, by phase. ``F`` is what every phase holds (model and optimizer state, the image when
-  it is in device memory, the trunk's output map and its gradient, the head), ``S_j``/``G_j``
-  cut map ``j`` and its gradient. Segment ``i``'s forward pass holds the cut maps made so far
-  and its own output being filled, plus one forward tile; its backward pass holds the cut maps
-  it and the segments before it still need, the gradient of its output map and of its input
-  map, plus one backward tile. Phases share no tile, so each segment gets its fastest tile
-  that fits its own two phases: the choice per segment is the choice for the chain. With one
-  segment this is exactly the single-segment estimate (``MemoryBreakdown.total_bytes``).
+  it is in device memory, the trunk's output map and its gradient, the head). A kept map is
+  alive from the forward pass of the part that makes it until the backward pass of the first
+  part that reads it; its gradient from the backward pass of the last part that reads it until
+  that of the part that makes it. So part ``k``'s forward phase holds the maps made before it
+  and its own outputs being filled, plus one forward tile; its backward phase holds the maps
+  that part ``k`` and those before it still read, the gradients in flight, plus one backward
+  tile. A statistic's phases hold the transients of its reduction over the whole maps. Phases
+  share no tile, so each segment gets its fastest tile that fits its own two phases: the
+  choice per segment is the choice for the chain. With one segment this is exactly the
+  single-segment estimate (``MemoryBreakdown.total_bytes``); with a chain of single cut maps
+  it is ``S_0..S_{k-1}`` made before, ``S_k`` and ``G_k`` and ``G_{k-1}``.
 * Time: a tile of one part costs ``a * s + b * p``: ``a`` and ``b`` are the whole trunk's
   measured time fit (seconds per tile, seconds per pixel), ``p`` the trunk pixels of the same
   forward FLOPs as the tile (FLOPs counted on meta tensors) and ``s`` the part's share of the
   trunk's ops (the per-tile overhead is per op launched); summed over each grid. Without a
-  fit, FLOPs weigh candidates (a backward tile as three forward ones).
-* On a GPU, cut maps that do not fit the device stay in host memory and move per tile (at a
+  fit, FLOPs weigh candidates (a backward tile as three forward ones). Statistics cost a pass
+  over their maps, which is small against the convolutions around them, and are not priced.
+* On a GPU, kept maps that do not fit the device stay in host memory and move per tile (at a
   nominal host-to-device bandwidth).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import Counter
@@ -37,21 +45,27 @@ from torch import nn
 
 from executor import (
     MemoryBreakdown,
+    Program,
+    ReducePart,
     Segment,
     Segmentation,
+    StreamPart,
     TileGrid,
     TimeFit,
     TrunkGeometry,
     analyze_trunk,
+    build_program,
     chain,
     find_node,
     map_cut_points,
     trace,
 )
-from tileplan.planning.estimate import pass_flops, pass_peak
-from tileplan.planning.search import BACKWARD_WEIGHT, candidate_tiles
+from tileplan.planning.estimate import part_flops, part_peak, pass_flops, value_shapes
+from tileplan.planning.search import BACKWARD_WEIGHT, TILE_OVERHEAD_PX, candidate_tiles
 
 __all__ = ["Costs", "SegmentSearch", "candidate_cuts", "resolve_cuts"]
+
+Shape = tuple[int, ...]
 
 # Host <-> device copies of cut maps, bytes per second (nominal PCIe 4.0 x16 in practice).
 HOST_BANDWIDTH = 12e9
@@ -122,17 +136,21 @@ class Costs:
 
 @dataclass
 class _Part:
-    """A segment between two cuts: its module, geometry, input map and cost models."""
+    """A segment (a stream part of the trunk's program): what it reads and makes, its
+    geometry, and cost models."""
 
-    end: str | None
-    where: str
-    module: nn.Module
-    geometry: TrunkGeometry
-    input_shape: tuple[int, ...]  # (N, C, *spatial) of its input map
-    output_shape: tuple[int, ...]  # (N, C, *spatial) of its output map
+    stream: StreamPart
+    index: int  # in the program's parts
+    last: bool  # it makes the trunk's output
+    inputs: tuple[Shape, ...]  # (N, C, ...) of each map it reads, whole
+    stats: tuple[tuple[Shape, torch.dtype], ...]  # each statistic it reads
+    output_shape: Shape  # (N, C, *spatial) of its first output map
+    map_bytes: int  # its output maps
     costs: Costs
     flops_per_px: float  # the trunk's forward FLOPs per image pixel (N x px): the time unit
     ops_share: float  # its share of the trunk's ops: of the per-tile overhead of a time fit
+    spatial: Shape  # its input maps' spatial shape (one grid)
+    dims: tuple[tuple[int, ...], ...]  # each input's spatial dims
     exact: bool = False  # every crop on meta tensors (else an a + b * pixels fit of two)
     _memory: dict[tuple[tuple[int, ...], bool], int] = field(default_factory=dict)
     _flops: dict[tuple[int, ...], int] = field(default_factory=dict)
@@ -140,21 +158,47 @@ class _Part:
     _grids: list[TileGrid] = field(default_factory=list)
 
     @property
-    def map_bytes(self) -> int:
-        return math.prod(self.output_shape) * self.costs.dtype.itemsize
+    def end(self) -> str | None:
+        return None if self.last else self.stream.end
+
+    @property
+    def where(self) -> str:
+        return "the trunk's output" if self.last else self.stream.where
+
+    @property
+    def geometry(self) -> TrunkGeometry:
+        return self.stream.geometry
+
+    @property
+    def module(self) -> nn.Module:
+        return self.stream.module
+
+    @property
+    def input_shape(self) -> Shape:
+        """(N, C, *spatial) of its first input map."""
+        return (*self.inputs[0][:2], *self.spatial)
+
+    def crops(self, crop: Shape) -> list[Shape]:
+        """Each input map's shape for a crop of ``crop`` positions."""
+        shapes = []
+        for shape, dims in zip(self.inputs, self.dims, strict=True):
+            cropped = list(shape)
+            for axis, dim in enumerate(dims):
+                cropped[dim] = crop[axis]
+            shapes.append(tuple(cropped))
+        return shapes
 
     def grids(self) -> list[TileGrid]:
-        """The grid of every candidate tile over its input map, smallest tile first."""
+        """The grid of every candidate tile over its input maps, smallest tile first."""
         if not self._grids:
-            spatial = self.input_shape[2:]
-            tiles = candidate_tiles(self.geometry, spatial)
-            self._grids = [self.geometry.tile_grid(spatial, t) for t in tiles]
+            tiles = candidate_tiles(self.geometry, self.spatial)
+            self._grids = [self.geometry.tile_grid(self.spatial, t) for t in tiles]
         return self._grids
 
     def _samples(self) -> list[tuple[int, ...]]:
         """Crops to interpolate between: the smallest tile, one twice as large per side, and
         the whole input map (often the tile of late segments, so it is counted exactly)."""
-        spatial = self.input_shape[2:]
+        spatial = self.spatial
         small = tuple(min(n, self.geometry.min_tile(ax)) for ax, n in enumerate(spatial))
         large = tuple(min(n, 2 * s) for s, n in zip(small, spatial, strict=True))
         return sorted({small, large, tuple(spatial)}, key=math.prod)
@@ -179,8 +223,8 @@ class _Part:
         def measure(c: tuple[int, ...]) -> int:
             key = (c, grad)
             if key not in self._memory:
-                shape = (*self.input_shape[:2], *c)
-                self._memory[key] = pass_peak(self.module, shape, self.costs.dtype, grad=grad)[0]
+                self._memory[key] = part_peak(self.module, self.crops(c), self.stats,
+                                              self.costs.dtype, grad=grad)  # fmt: skip
             return self._memory[key]
 
         return round(self._fitted(f"memory {grad}", crop, measure) * self.costs.factor)
@@ -188,21 +232,22 @@ class _Part:
     def flops(self, crop: tuple[int, ...]) -> float:
         def measure(c: tuple[int, ...]) -> int:
             if c not in self._flops:
-                shape = (*self.input_shape[:2], *c)
-                self._flops[c] = pass_flops(self.module, shape, self.costs.dtype)
+                self._flops[c] = part_flops(self.module, self.crops(c), self.stats,
+                                            self.costs.dtype)  # fmt: skip
             return self._flops[c]
 
         return self._fitted("flops", crop, measure)
 
     def tile_cost(self, crop: tuple[int, ...], *, step: bool) -> float:
         """Seconds of one tile of this crop, or without a time fit the planner's proxy
-        (``search.proxy_cost``: pixels, a backward tile weighing three forward ones). A
+        (``search.proxy_cost``: pixels and a per-tile overhead, a backward tile weighing three
+        forward ones). A
         part's tile counts as the trunk pixels of the same FLOPs, so that parts and the whole
         trunk are priced in one unit."""
         px = self.flops(crop) / self.flops_per_px  # flops of the whole batch
         fit = self.costs.time_fit
-        if fit is None:
-            return px * (BACKWARD_WEIGHT if step else 1)
+        if fit is None:  # per tile: its share of the trunk's op launches, in pixels
+            return (px + TILE_OVERHEAD_PX * self.ops_share) * (BACKWARD_WEIGHT if step else 1)
         # The fit's intercept is the per-tile overhead of running the whole trunk (one call
         # per op): a part pays its share of the ops.
         if step:
@@ -230,8 +275,17 @@ class _Choice:
     tile_forward_bytes: int
     tile_backward_bytes: int
     cost: float
-    forward_phase: int  # cut maps alive in its forward phase (bytes on the device)
+    forward_phase: int  # kept maps alive in its forward phase (bytes on the device)
     backward_phase: int
+
+
+@dataclass(frozen=True)
+class _Phases:
+    """Bytes of kept maps, gradients and statistics' transients alive in each phase of a
+    program's parts (see the module docstring), indexed by the program's parts."""
+
+    forward: tuple[int, ...]
+    backward: tuple[int, ...]
 
 
 class SegmentSearch:
@@ -250,18 +304,26 @@ class SegmentSearch:
         self.exact = exact
         self.trunk = trunk
         self.image_shape = image_shape
+        self.n_axes = len(image_shape) - 2
         self.cuts = list(cuts)
         self.costs = costs
         self.gm = trace(trunk)
-        self._parts: dict[tuple[str | None, str | None], _Part] = {}
-        self._shapes: dict[str | None, tuple[int, ...]] = {None: image_shape}
+        self._programs: dict[tuple[str, ...], Program] = {}
+        self._parts: dict[tuple[tuple[str, ...], tuple[str, ...]], _Part] = {}
+        self._values: dict[str, tuple[Shape, torch.dtype]] = {}
+        self._transients: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[int, int]] = {}
         self.flops_per_px = self._flops_per_px()
+
+    @property
+    def forced(self) -> int:
+        """How many segments the trunk's statistics make it stream in, at least."""
+        return len(self.program(()).streams)
 
     def _flops_per_px(self) -> float:
         """The whole trunk's forward FLOPs per image pixel (batch x spatial, as the time fit
         and the proxy count crops): the slope between its smallest crop and one twice as
         large per side (border effects cancel in the slope)."""
-        geometry = analyze_trunk(self.trunk, len(self.image_shape) - 2)
+        geometry = analyze_trunk(self.trunk, self.n_axes)
         spatial = self.image_shape[2:]
         small = tuple(min(n, geometry.min_tile(ax)) for ax, n in enumerate(spatial))
         large = tuple(min(n, 2 * v) for v, n in zip(small, spatial, strict=True))
@@ -272,57 +334,132 @@ class SegmentSearch:
             return (flops[1] - flops[0]) / (pixels[1] - pixels[0])
         return max(flops[1], 1) / pixels[1]
 
-    # -- parts --------------------------------------------------------------------------------
+    # -- programs and parts -------------------------------------------------------------------
 
-    def _input_shape(self, start: str | None) -> tuple[int, ...]:
-        """(N, C, *spatial) of the map at cut ``start`` (the image for None)."""
-        if start not in self._shapes:
-            head = chain(self.gm, [start])[0]  # type: ignore[list-item]
-            _, shape = pass_peak(head, self.image_shape, self.costs.dtype, grad=False)
-            self._shapes[start] = shape
-        return self._shapes[start]
+    def program(self, cuts: Sequence[str]) -> Program:
+        """The trunk's program cut at ``cuts`` as well as where its statistics end segments."""
+        key = tuple(cuts)
+        if key not in self._programs:
+            program = build_program(self.trunk, self.n_axes, key)
+            if any(n not in self._values for p in program.parts for n in p.outputs):
+                self._values.update(value_shapes(program, self.image_shape, self.costs.dtype))
+            self._programs[key] = program
+        return self._programs[key]
+
+    def _shape(self, name: str) -> Shape:
+        return self._values[name][0]
+
+    def _bytes(self, name: str) -> int:
+        shape, dtype = self._values[name]
+        return math.prod(shape) * (self.costs.dtype if dtype.is_floating_point else dtype).itemsize
+
+    def parts(self, cuts: Sequence[str]) -> list[_Part]:
+        """The segments of the program cut at ``cuts``."""
+        program = self.program(cuts)
+        found = []
+        for index, stream in enumerate(program.parts):
+            if not isinstance(stream, StreamPart):
+                continue
+            key = (stream.inputs, stream.outputs)
+            if key not in self._parts:
+                self._parts[key] = self._part(program, stream, index)
+            part = self._parts[key]
+            found.append(dataclasses.replace(part, index=index) if part.index != index else part)
+        return found
+
+    def _part(self, program: Program, stream: StreamPart, index: int) -> _Part:
+        maps = program.maps
+        first = self._shape(stream.inputs[0])
+        spatial = tuple(first[d] for d in maps[stream.inputs[0]].spatial_dims)
+        output = self._shape(stream.outputs[0])
+        out_map = maps[stream.outputs[0]]
+        output_shape = (*output[:2], *(output[d] for d in out_map.spatial_dims))
+        last = stream.outputs == (program.output,)
+        return _Part(
+            stream, index, last, tuple(self._shape(n) for n in stream.inputs),
+            tuple(self._values[n] for n in stream.stats), output_shape,
+            sum(self._bytes(n) for n in stream.outputs), self.costs, self.flops_per_px,
+            _n_ops(stream.module) / _n_ops(self.gm), spatial,
+            tuple(maps[n].spatial_dims for n in stream.inputs), self.exact,
+        )  # fmt: skip
 
     def part(self, start: str | None, end: str | None) -> _Part:
-        """The segment from cut ``start`` (None: the image) to cut ``end`` (None: the output)."""
-        key = (start, end)
-        if key not in self._parts:
-            cuts = [c for c in (start, end) if c is not None]
-            pieces = chain(self.gm, cuts)
-            module = pieces[1] if start is not None else pieces[0]
-            input_shape = self._input_shape(start)
-            geometry = analyze_trunk(module, len(input_shape) - 2)
-            if end is not None:
-                output = self._input_shape(end)
-            else:
-                _, output = pass_peak(module, input_shape, self.costs.dtype, grad=False)
-            where = next((w for c, w in self.cuts if c == end), "the trunk's output")
-            share = _n_ops(module) / _n_ops(self.gm)
-            self._parts[key] = _Part(end, where, module, geometry, input_shape, tuple(output),
-                                     self.costs, self.flops_per_px, share, self.exact)  # fmt: skip
-        return self._parts[key]
+        """The segment from cut ``start`` (None: the image) to cut ``end`` (None: the output)
+        of a trunk without statistics."""
+        cuts = [c for c in (start, end) if c is not None]
+        parts = self.parts(cuts)
+        return parts[1] if start is not None else parts[0]
+
+    def _reduce_transients(self, part: ReducePart) -> tuple[int, int]:
+        """Bytes a statistic's forward and backward passes add to the maps they read."""
+        key = (part.inputs, part.outputs)
+        if key not in self._transients:
+            inputs = [self._shape(n) for n in part.inputs]
+            stats = [self._values[n] for n in part.stats]
+            dtype = self.costs.dtype
+            self._transients[key] = (
+                part_peak(part.grad_module, inputs, stats, dtype, grad=False, count_inputs=False),
+                part_peak(part.grad_module, inputs, stats, dtype, grad=True, count_inputs=False),
+            )  # fmt: skip
+        return self._transients[key]
+
+    def phases(self, program: Program, on_host: bool) -> _Phases:
+        """Bytes alive besides ``F`` and the tiles in every phase (see the module docstring):
+        kept maps (not on the device when ``on_host``), their gradients, statistics and the
+        transients of their reductions."""
+        parts = program.parts
+        made: dict[str, int] = {}
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for k, part in enumerate(parts):
+            for name in part.outputs:
+                made[name] = k
+            for name in (*part.inputs, *part.stats):
+                first.setdefault(name, k)
+                last[name] = k
+        kept = [n for n in made if n != program.output]
+        device = self.costs.maps_in_device_memory or not on_host
+        size = {n: self._bytes(n) if (device or n not in program.maps) else 0 for n in kept}
+        forward, backward = [], []
+        for k, part in enumerate(parts):
+            extra_f, extra_b = (0, 0)
+            if isinstance(part, ReducePart):
+                extra_f, extra_b = self._reduce_transients(part)
+                if not device:  # the maps it reduces move to the device whole
+                    extra_f += sum(self._bytes(n) for n in part.inputs if n in program.maps)
+                    extra_b += 2 * sum(self._bytes(n) for n in part.inputs if n in program.maps)
+            alive = sum(size[n] for n in kept if made[n] < k or (made[n] == k))
+            forward.append(alive + extra_f)
+            maps = sum(size[n] for n in kept if first.get(n, -1) >= 0 and first[n] <= k)
+            grads = sum(size[n] for n in kept if made[n] <= k <= last.get(n, -1))
+            backward.append(maps + grads + extra_b)
+        return _Phases(tuple(forward), tuple(backward))
 
     # -- one segmentation ---------------------------------------------------------------------
 
     def price(self, cuts: Sequence[str], on_host: bool = False
               ) -> tuple[float, Segmentation] | None:  # fmt: skip
-        """The segmentation at ``cuts`` with each segment's fastest fitting tiles, and its cost
-        (seconds, or the FLOP proxy without a time fit); None when a segment has no tile that
-        fits."""
-        bounds: list[str | None] = [None, *cuts, None]
-        parts = [self.part(a, b) for a, b in itertools.pairwise(bounds)]
-        k = len(parts)
-        device = self.costs.maps_in_device_memory or not on_host
-        maps = [p.map_bytes if device else 0 for p in parts[:-1]]  # S_j = G_j in size
+        """The segmentation at ``cuts`` (and where statistics end segments) with each
+        segment's fastest fitting tiles, and its cost (seconds, or the FLOP proxy without a
+        time fit); None when a segment has no tile that fits."""
+        program = self.program(cuts)
+        on_host = on_host and not self.costs.maps_in_device_memory
+        phases = self.phases(program, on_host)
         choices = []
-        for i, part in enumerate(parts):
-            made = sum(maps[:i])
-            forward_phase = made + (maps[i] if i < k - 1 else 0)
-            backward_phase = made + (maps[i] if i < k - 1 else 0) + (maps[i - 1] if i else 0)
-            choice = self._choose(part, forward_phase, backward_phase, last=i == k - 1)
+        for part in self.parts(cuts):
+            choice = self._choose(part, phases.forward[part.index],
+                                  phases.backward[part.index], last=part.last)  # fmt: skip
             if choice is None:
                 return None
             choices.append(choice)
-        return self._segmentation(choices, on_host and not self.costs.maps_in_device_memory)
+        # A statistic's phases hold no tile.
+        reduce_peak = max(
+            (max(phases.forward[k], phases.backward[k]) for k, p in enumerate(program.parts)
+             if isinstance(p, ReducePart)), default=0,
+        )  # fmt: skip
+        if self.costs.fixed.total_bytes + reduce_peak > self.costs.usable_bytes:
+            return None
+        return self._segmentation(choices, on_host, reduce_peak)
 
     def _choose(self, part: _Part, forward_phase: int, backward_phase: int, *, last: bool
                 ) -> _Choice | None:  # fmt: skip
@@ -358,9 +495,9 @@ class SegmentSearch:
                                    forward_phase, backward_phase)  # fmt: skip
         return best
 
-    def _segmentation(self, choices: Sequence[_Choice], on_host: bool
+    def _segmentation(self, choices: Sequence[_Choice], on_host: bool, reduce_peak: int
                       ) -> tuple[float, Segmentation]:  # fmt: skip
-        phases = []
+        phases = [(reduce_peak, reduce_peak, 0, 0)]
         for c in choices:
             phases.append((c.forward_phase + c.tile_forward_bytes, c.forward_phase,
                            c.tile_forward_bytes, 0))  # fmt: skip
@@ -382,7 +519,8 @@ class SegmentSearch:
         return cost, option
 
     def _transfer_s(self, made: _Choice, used: _Choice) -> float:
-        """Seconds to move a cut map and its gradient between host and device per tile."""
+        """Seconds to move a part's kept maps and their gradient between host and device per
+        tile of the part after it."""
         size = made.part.map_bytes
         overlap = used.grid.overlap_factor + used.forward_grid.overlap_factor
         return size * (1 + overlap + 2) / HOST_BANDWIDTH
@@ -390,8 +528,10 @@ class SegmentSearch:
     # -- the search ---------------------------------------------------------------------------
 
     def search(self, counts: Sequence[int]) -> list[tuple[float, Segmentation]]:
-        """Every segmentation with a number of segments in ``counts`` (2 or more) that fits,
-        with its cost (seconds, or the FLOP proxy), cheapest first."""
+        """Every segmentation with a number of cuts of ``counts`` minus one (2 or more
+        segments of a trunk without statistics; cuts added to where statistics end segments
+        of one with them, 1 meaning none) that fits, with its cost (seconds, or the FLOP
+        proxy), cheapest first."""
         names = [c for c, _ in self.cuts]
         found = []
         for k in counts:
@@ -399,21 +539,33 @@ class SegmentSearch:
                 priced = self.price(cuts)
                 if priced is None and self.costs.host_allowed:
                     priced = self.price(cuts, on_host=True)
-                if priced is not None:
+                if priced is not None and len(priced[1].segments) >= 2:
                     found.append(priced)
-        return sorted(found, key=lambda pair: (pair[0], pair[1].estimated_peak_bytes))
+        found.sort(key=lambda pair: (pair[0], pair[1].estimated_peak_bytes))
+        # A cut where a segment ends anyway changes nothing: one of each chain.
+        seen: set[tuple[str | None, ...]] = set()
+        unique = []
+        for cost, option in found:
+            ends = tuple(s.end for s in option.segments)
+            if ends not in seen:
+                seen.add(ends)
+                unique.append((cost, option))
+        return unique
 
 
-def _n_ops(gm: torch.fx.GraphModule) -> int:
+def _n_ops(gm: nn.Module) -> int:
     """Ops a call of ``gm`` runs (each a kernel launch or more)."""
-    return max(1, sum(n.op.startswith("call_") for n in gm.graph.nodes))
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return 1
+    return max(1, sum(n.op.startswith("call_") for n in graph.nodes))
 
 
 def _segment(choice: _Choice, on_host: bool, timed: bool) -> Segment:
     part, grid = choice.part, choice.grid
     geometry = part.geometry
     return Segment(
-        end=part.end, where=part.where, input_shape_px=tuple(part.input_shape[2:]),
+        end=part.end, where=part.where, input_shape_px=tuple(part.spatial),
         output_shape=tuple(part.output_shape[2:]), output_stride_px=geometry.output_stride,
         halo_lo_px=geometry.halo_lo, halo_hi_px=geometry.halo_hi, align_px=geometry.align,
         tile_px=grid.tile_shape, forward_tile_px=choice.forward_grid.tile_shape,
@@ -422,4 +574,5 @@ def _segment(choice: _Choice, on_host: bool, timed: bool) -> Segment:
         tile_backward_bytes=choice.tile_backward_bytes, map_bytes=part.map_bytes,
         map_on_host=on_host and part.end is not None,
         predicted_time_s=round(choice.cost, 3) if timed else None,
+        inputs=part.stream.inputs, input_stride_px=part.stream.stride,
     )  # fmt: skip

@@ -100,8 +100,11 @@ def run_training(
         )
     spec = RunSpec.from_plan(plan, **req.options)  # type: ignore[arg-type]
     _seed_everything(spec.seed)  # the model's initial weights too
-    loaded = load_model_file(req.model_file, plan.model.split_option)
+    loaded = load_model_file(req.model_file, plan.model.split_option,
+                             batch_norm=spec.batch_norm)  # fmt: skip
     check_plan_matches(plan, loaded.trunk)
+    # Validation normalises with the running statistics: a frozen trunk of the same model.
+    frozen = loaded.resplit("frozen") if spec.batch_norm == "train" else loaded
     # Images stream at their own size up to the plan's (a plan states the largest image).
     largest = plan.image_shape_px
     train_data = load_csv(req.data, target_shape=largest, settings=spec.data)
@@ -122,6 +125,7 @@ def run_training(
         trainer = Trainer(
             model=loaded.model, trunk=loaded.trunk, head=loaded.head, plan=plan, spec=spec,
             train_data=train_data, val_data=val_data, out_dir=req.out, device=device,
+            frozen_trunk=frozen.trunk, frozen_head=frozen.head,
         )  # fmt: skip
         if req.resume:
             trainer.resume()

@@ -33,7 +33,7 @@ from tileplan.planning.model_file import load_model_file
 from tileplan.run.checkpoint import CheckpointError, load_checkpoint
 from tileplan.run.data import DataError, Task, describe_error
 from tileplan.run.slides import Region, SlideSource, resolve, thumbnail
-from tileplan.run.trainer import decide
+from tileplan.run.trainer import decide, inference_engine
 from tileplan.settings import resolve_device
 
 __all__ = [
@@ -122,8 +122,12 @@ def predict_files(
     ckpt = load_checkpoint(checkpoint)
     if ckpt.meta.plan.model.trunk_fingerprint != plan.model.trunk_fingerprint:
         raise CheckpointError(f"checkpoint '{checkpoint}' was trained for another model")
-    loaded = load_model_file(model_file, plan.model.split_option)
+    # Inference normalises with running statistics: the plan is checked against the model in
+    # its own BatchNorm mode, and a plan for batch statistics streams the frozen trunk with
+    # its forward tile (``inference_engine``).
+    loaded = load_model_file(model_file, plan.model.split_option, batch_norm=plan.batch_norm)
     check_plan_matches(plan, loaded.trunk)
+    loaded = loaded.resplit("frozen")
     try:
         loaded.model.load_state_dict(ckpt.model)
     except RuntimeError as err:
@@ -134,7 +138,7 @@ def predict_files(
     loaded.model.to(resolve_device(device), dtype=plan.precision.param_dtype).eval()
     normalization = spec.normalization
     dtype = plan.precision.param_dtype
-    scnn = StreamingCNN.from_plan(
+    scnn = inference_engine(
         loaded.trunk, plan, input_grad=saliency_dir is not None,
         preprocess=lambda crop: normalization.apply(crop, dtype),
     )  # fmt: skip

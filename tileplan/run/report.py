@@ -215,7 +215,7 @@ def measure_run_report(
             model_file=str(model_file), split=plan.model.split_option, mode=mode, shape=image,
             dtype=plan.dtype, device=device, tile=plan.tile_px,
             forward_tile=plan.forward_tile_px, optimizer=plan.optimizer,
-            segments=MeasureSpec.chain_of(plan.segments),
+            segments=MeasureSpec.chain_of(plan.segments), batch_norm=plan.batch_norm,
         )  # fmt: skip
 
     streaming = measure_peak(spec("step"))

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,7 @@ from executor import (
     StreamingError,
     streaming_step,
 )
+from tileplan.planning.model_file import set_batch_norm
 from tileplan.run.checkpoint import (
     Checkpoint,
     CheckpointMeta,
@@ -129,8 +131,13 @@ class Trainer:
 
     Args:
         model: the whole model; its state is what checkpoints hold. It is moved to ``device``
-            and the plan's parameter dtype, and put in eval mode (frozen BatchNorm).
-        trunk, head: the split of ``model`` (sharing its parameters).
+            and the plan's parameter dtype, and put in eval mode (frozen BatchNorm), except its
+            BatchNorm layers in training steps with ``spec.batch_norm == "train"``.
+        trunk, head: the split of ``model`` (sharing its parameters), traced with BatchNorm in
+            the run's mode.
+        frozen_trunk, frozen_head: the split traced with frozen BatchNorm, for validation
+            when BatchNorm trains (default: ``trunk``, ``head``). It streams forward only,
+            with the plan's first forward tile (at least its smallest tile).
         plan: the streaming plan (tiles, dtype).
         spec: the run's settings (optimizer, batch, normalisation, ...).
         train_data, val_data: datasets of images (see ``tileplan.run.data``).
@@ -150,6 +157,8 @@ class Trainer:
         val_data: Dataset | None,
         out_dir: Path,
         device: torch.device,
+        frozen_trunk: nn.Module | None = None,
+        frozen_head: nn.Module | None = None,
     ) -> None:
         self.model, self.trunk, self.head = model, trunk, head
         self.plan, self.spec, self.out_dir, self.device = plan, spec, Path(out_dir), device
@@ -166,10 +175,17 @@ class Trainer:
         precision = spec.precision
         self.model.to(device=device, dtype=precision.param_dtype)
         self.model.eval()  # BatchNorm statistics stay frozen; the head could train() itself
+        set_batch_norm(self.model, spec.batch_norm)
         self.scnn = StreamingCNN.from_plan(
             trunk, plan, preprocess=spec.preprocess(),
             progress=self.rank == 0,  # a bar over tiles, on a terminal only
         )  # fmt: skip
+        self.eval_head = frozen_head or head
+        self.eval_scnn = self.scnn
+        if spec.batch_norm == "train":
+            set_batch_norm(self.model, "frozen")
+            self.eval_scnn = inference_engine(frozen_trunk or trunk, plan,
+                                              preprocess=spec.preprocess())  # fmt: skip
         self.task: Task = self._task()
         for data in (train_data, val_data):
             if data is not None and data.regions is not None:
@@ -320,6 +336,7 @@ class Trainer:
     ) -> tuple[float, float | None, int]:
         """One epoch; returns (mean loss, accuracy or None, images seen by this rank)."""
         losses, correct, seen = 0.0, 0, 0
+        set_batch_norm(self.model, self.spec.batch_norm)
         batches = list(self._my_batches(epoch))
         images = self._images([i for batch, _ in batches for i in batch])
         for batch, global_size in batches:
@@ -345,11 +362,12 @@ class Trainer:
     def evaluate(self, data: Dataset) -> tuple[float, float | None, float | None]:
         """(mean loss, accuracy, AUC) over ``data`` with streamed forward passes only."""
         losses, correct, scores, labels = 0.0, 0, [], []
+        set_batch_norm(self.model, "frozen")  # the running statistics, as inference uses
         for index in range(len(data)):
             image, target = self._image(data, index)
-            features = self.scnn.forward(image)
-            with self.scnn.autocast():
-                logits = self.head(features)
+            features = self.eval_scnn.forward(image)
+            with self.eval_scnn.autocast():
+                logits = self.eval_head(features)
             losses += float(self.loss(logits, target.to(logits.device)))
             decision = decide(logits, self.task)
             correct += int(decision.label == float(target[0]))
@@ -425,6 +443,22 @@ def _opened_ahead(
 def _finish(future: concurrent.futures.Future, label: torch.Tensor
             ) -> tuple[ImageSource | torch.Tensor, torch.Tensor]:  # fmt: skip
     return future.result(), label
+
+
+def inference_engine(trunk: nn.Module, plan: Plan, **kwargs: Any) -> StreamingCNN:
+    """An engine for forward passes (and saliency) with a plan made for another BatchNorm
+    mode: a plan for batch statistics does not fit the frozen trunk's segments, so every
+    segment streams the plan's first forward tile in its own positions (at least its smallest
+    tile). Without autograd a forward tile holds less than the planned backward tiles."""
+    if plan.batch_norm == "frozen":
+        return StreamingCNN.from_plan(trunk, plan, **kwargs)
+    kwargs.setdefault("amp_dtype", plan.precision.amp_dtype)
+    probe = StreamingCNN(trunk, plan.forward_tile_px, **kwargs)
+    first = probe.program.streams[0].geometry
+    tile = tuple(max(t, first.min_tile(ax)) for ax, t in enumerate(plan.forward_tile_px))
+    if tile == tuple(plan.forward_tile_px):
+        return probe
+    return StreamingCNN(trunk, tile, **kwargs)
 
 
 def check_image_sizes(
