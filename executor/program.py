@@ -318,6 +318,15 @@ class _Builder:
         return MapValue(node.name, value, spatial.spatial_dims, spatial.rank,
                         self.strides[value])  # fmt: skip
 
+    def _reduction_where(self, node: torch.fx.Node) -> str:
+        """The module where a statistic is taken and what it computes: 'layer1.0.se (mean)'."""
+        kind = self.found.reductions[node.name][0]
+        if node.op == "call_module":
+            return f"{node.target} ({kind})"
+        stack = node.meta.get("nn_module_stack")
+        path = list(stack.values())[-1][0] if stack else ""
+        return f"{path} ({kind})" if path else f"{kind} (at {node.name})"
+
     def _where(self, node: torch.fx.Node) -> str:
         if node.op == "call_module":
             return str(node.target)
@@ -348,7 +357,7 @@ class _Builder:
                 first = next((n for n in own if n.name in self.found.reductions), None)
                 for read in self.closure(own)[1]:
                     if first is not None:
-                        before.setdefault(read, f"before {self._where(first)}")
+                        before.setdefault(read, f"before {self._reduction_where(first)}")
         parts: list[Part] = []
         maps: dict[str, MapValue] = {self.image.name: self.map_value(self.image)}
         for kind, level, own in split:
@@ -362,7 +371,7 @@ class _Builder:
                 maps.update(values)
         geometry = TrunkGeometry.from_graph(self.found.graph)
         reductions = tuple(
-            Reduction(name, kind, source, self._where(self._node(name)))
+            Reduction(name, kind, source, self._reduction_where(self._node(name)))
             for name, (kind, source) in self.found.reductions.items()
             if self._node(name) in self.live
         )  # fmt: skip
@@ -480,7 +489,7 @@ class _Builder:
                               f"Statistics{level}", keep=set(grad_reads))  # fmt: skip
         mine = {n.name for n in own}
         reductions = tuple(
-            Reduction(name, kind, source, self._where(self._node(name)))
+            Reduction(name, kind, source, self._reduction_where(self._node(name)))
             for name, (kind, source) in self.found.reductions.items()
             if name in mine
         )  # fmt: skip

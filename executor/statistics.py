@@ -98,7 +98,10 @@ def _output_dtype(kind: str, device: str, dtype: torch.dtype, autocast: tuple[An
 
 def _finish(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     device = x.device.type
-    state = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    try:
+        state = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    except RuntimeError:  # a device without autocast (meta tensors of an estimate)
+        return y.to(x.dtype)
     return y.to(_output_dtype(kind, device, x.dtype, state))
 
 

@@ -439,7 +439,9 @@ class StreamingCNN:
     def _run_backward(self, image: Image, kept: _Forward, grad_output: torch.Tensor
                       ) -> torch.Tensor | None:  # fmt: skip
         program = self.program
-        values = dict(kept.values)
+        # Take the kept maps over (not a copy): each is freed as soon as no part before the
+        # current one reads it, which only happens when nothing else holds it.
+        values, kept.values = kept.values, {}
         values[program.image] = image
         needs = self._needs_grad()
         grads: dict[str, torch.Tensor] = {program.output: grad_output}

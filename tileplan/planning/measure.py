@@ -187,6 +187,8 @@ class MeasureSpec:
     # step of a segmented plan: (end, tile, forward tile, map on host) per segment
     segments: tuple[ChainEntry, ...] = ()
     batch_norm: str = "frozen"  # the BatchNorm mode to split and run the model in
+    part: int = -1  # tiles: of this segment of the trunk's program (-1: the whole trunk)
+    ends: tuple[str, ...] = ()  # where the program's segments end (single-map cuts among them)
 
     @staticmethod
     def chain_of(segments: Sequence[Segment]) -> tuple[ChainEntry, ...]:

@@ -23,6 +23,8 @@ from executor import (
     SegmentSpec,
     StreamingCNN,
     analyze_trunk,
+    build_program,
+    map_cut_points,
     streaming_step,
 )
 from tileplan.planning.model_file import load_model_file
@@ -76,6 +78,11 @@ def run_measurement(spec: Any) -> dict[str, Any]:
     small = min(max(geometry.receptive_field) + 1, max(512, 4 * max(geometry.output_stride)))
     small_shape = (1, shape[1], *(small,) * (len(shape) - 2))
     _tile_pass(trunk, small_shape, device, precision)
+    tile_pass = _tile_pass
+    if spec.get("part", -1) >= 0:  # tiles of one segment of the trunk's program
+        tile_pass = _part_pass(trunk, spec["part"], tuple(spec.get("ends", ())), shape, device,
+                               precision)  # fmt: skip
+        tile_pass(trunk, small_shape, device, precision)
     if spec["mode"] != "tiles":  # also the head, the loss and an optimizer's step kernels
         warm = OPTIMIZERS[spec["optimizer"]].build(
             [p for p in model.parameters() if p.requires_grad], _LR
@@ -105,7 +112,7 @@ def run_measurement(spec: Any) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats(device)
             else:
                 base = reset_peak_rss()
-            _tile_pass(trunk, tuple(crop), device, precision)
+            tile_pass(trunk, tuple(crop), device, precision)
             peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
             peaks.append([list(crop), int(peak - base)])
         return {"tiles": peaks, "seconds": time.perf_counter() - start}
@@ -220,6 +227,35 @@ def _tile_pass(trunk: torch.nn.Module, shape: tuple[int, ...], device: torch.dev
     with precision.autocast(device):
         y = trunk(x)
     y.backward(torch.ones_like(y))
+
+
+def _part_pass(trunk: torch.nn.Module, index: int, ends: tuple[str, ...],
+               image: tuple[int, ...], device: torch.device, precision: Precision
+               ) -> Any:  # fmt: skip
+    """A backward tile of segment ``index`` of the trunk's program (cut where ``ends`` says):
+    its maps cropped to the spatial size of the shape it is called with, its statistics held
+    (random values)."""
+    from tileplan.planning.estimate import value_shapes
+
+    points = set(map_cut_points(trunk, len(image) - 2))
+    program = build_program(trunk, len(image) - 2, [e for e in ends if e in points])
+    part = program.streams[index]
+    values = value_shapes(program, image, precision.param_dtype)
+    stats = [torch.randn(values[n][0], device=device).to(values[n][1]) for n in part.stats]
+
+    def run(_: torch.nn.Module, shape: tuple[int, ...], device: torch.device,
+            precision: Precision) -> None:  # fmt: skip
+        crops = []
+        for name in part.inputs:
+            full = list(values[name][0])
+            for axis, dim in enumerate(program.maps[name].spatial_dims):
+                full[dim] = min(shape[2 + axis], full[dim])
+            crops.append(torch.randn(full, device=device, dtype=precision.param_dtype))
+        with precision.autocast(device):
+            outputs = [o for o in part.module(*crops, *stats) if o.requires_grad]
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+
+    return run
 
 
 def _generic_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

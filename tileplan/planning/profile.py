@@ -275,6 +275,11 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     single_allowed = req.segments in (None, 1) and not cuts and forced == 1
     rows = _limited(rows, geometry, req.max_tile, needed=req.segments == 1)
     chains = _segmentations(ctx, loaded, rows, fixed, image, cuts, forced)
+    if req.measure and forced > 1 and chains:  # calibrate on a segment's tiles, price again
+        factor = _calibrate_segments(ctx, chains)
+        if factor is not None:
+            ctx = replace(ctx, factor=factor)
+            chains = _segmentations(ctx, loaded, rows, fixed, image, cuts, forced)
     bar.update()
     shallow = shallow_trunk_note(
         split=loaded.split, stride=geometry.output_stride, stopped_by=loaded.stopped_by,
@@ -468,6 +473,30 @@ def _calibrate(ctx: _Context, rows: Sequence[_Row]) -> float | None:
     # Never below the exact live-tensor count: a lower RSS only means some pages were not
     # touched yet at the peak, which a later step cannot rely on.
     return round(max(1.0, best[1] / best[0]), 4)
+
+
+def _calibrate_segments(ctx: _Context, chains: Sequence[_Chain]) -> float | None:
+    """Measured ÷ estimated activations of the largest backward tile of the cheapest
+    segmentation (a trunk whose statistics end segments has no single-tile rows to calibrate
+    on): one real tile of that segment in a child process (CPU) or with the allocator's
+    counters, its maps and statistics as the engine gives them."""
+    req = ctx.req
+    option = min(chains, key=lambda c: (c.cost, c.peak)).option
+    index, segment = max(enumerate(option.segments), key=lambda p: p[1].tile_backward_bytes)
+    if segment.tile_backward_bytes < _MIN_CALIBRATION_BYTES:
+        return None
+    crop = (req.batch, req.channels, *segment.tile_grid().largest_crop)
+    image = (req.batch, req.channels, *req.image_shape)
+    ends = tuple(s.end for s in option.segments[:-1] if s.end)
+    spec = replace(_measure_spec(ctx, "tiles", image), shapes=(crop,), part=index, ends=ends)
+    measured = measure_peak(spec)
+    if not measured.ok or not measured.tiles:
+        log.warning("measuring a segment's tile failed: %s", measured.error)
+        return None
+    tile = measured.tiles[0][1]
+    log.info("segment %d tile %s: measured %s, estimated %s", index + 1, crop,
+             format_bytes(tile), format_bytes(segment.tile_backward_bytes))  # fmt: skip
+    return round(max(1.0, tile / segment.tile_backward_bytes), 4)
 
 
 def _forward_tile(ctx: _Context, rows: Sequence[_Row], chosen: _Row) -> _Row:

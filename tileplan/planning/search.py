@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from executor import TileGrid, TrunkGeometry
 
 __all__ = [
-    "BACKWARD_WEIGHT", "TILE_OVERHEAD_PX", "Scored", "candidate_tiles", "choose", "proxy_cost",
-    "search",
+    "BACKWARD_WEIGHT", "SMALLEST_TILE", "TILE_OVERHEAD_PX", "Scored", "candidate_tiles",
+    "choose", "proxy_cost", "search",
 ]  # fmt: skip
 
 # Cost of a backward-pass tile relative to a no-grad forward of the same crop.
@@ -58,8 +58,15 @@ def _count(geometry: TrunkGeometry, image: tuple[int, ...], outputs: tuple[int, 
     return max(counts)
 
 
+# Tiles below this many positions per side are never candidates: each tile costs a call of
+# every op of its segment and the engine's own work, and a segment without halo (pointwise and
+# 1x1 layers between two statistics) would otherwise be priced the same in 4 px tiles.
+SMALLEST_TILE = 64
+
+
 def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    """Square tile shapes worth considering, from the whole image down to halo-dominated.
+    """Square tile shapes worth considering, from the whole image down to halo-dominated (and
+    no smaller than ``SMALLEST_TILE`` positions, or the image).
 
     Raises:
         GeometryError: the image is too small for the trunk.
@@ -68,6 +75,7 @@ def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int]) -> list
     outputs = geometry.output_shape(image)
     align = max(geometry.align)
     smallest = max(geometry.min_tile(ax) for ax in range(geometry.n_axes))
+    smallest = max(smallest, min(SMALLEST_TILE, min(image)))
     smallest = -(-smallest // align) * align
     largest = -(-max(image) // align) * align
     if smallest >= largest:

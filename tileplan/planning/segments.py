@@ -69,6 +69,9 @@ Shape = tuple[int, ...]
 
 # Host <-> device copies of cut maps, bytes per second (nominal PCIe 4.0 x16 in practice).
 HOST_BANDWIDTH = 12e9
+# The engine's own work per forward tile (crops, calls, output writes), seconds: a floor under
+# a time fit's per-tile intercept; a backward tile counts three.
+ENGINE_TILE_S = 1e-3
 
 
 def _where(node: torch.fx.Node) -> str:
@@ -249,10 +252,13 @@ class _Part:
         if fit is None:  # per tile: its share of the trunk's op launches, in pixels
             return (px + TILE_OVERHEAD_PX * self.ops_share) * (BACKWARD_WEIGHT if step else 1)
         # The fit's intercept is the per-tile overhead of running the whole trunk (one call
-        # per op): a part pays its share of the ops.
+        # per op): a part pays its share of the ops, and at least the engine's own work per
+        # tile (a fit of two crops can put its intercept near zero).
         if step:
-            return fit.step_a_s * self.ops_share + fit.step_b_s_per_px * px
-        return fit.forward_a_s * self.ops_share + fit.forward_b_s_per_px * px
+            return max(fit.step_a_s * self.ops_share, 3 * ENGINE_TILE_S) + (
+                fit.step_b_s_per_px * px
+            )
+        return max(fit.forward_a_s * self.ops_share, ENGINE_TILE_S) + fit.forward_b_s_per_px * px
 
     def grid_cost(self, grid: TileGrid, *, step: bool) -> float:
         """Seconds (or the FLOP proxy) of one pass over ``grid``: tiles grouped by crop shape

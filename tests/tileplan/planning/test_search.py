@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from executor import analyze_trunk
-from tileplan.planning.search import Scored, candidate_tiles, choose, search
+from tileplan.planning.search import SMALLEST_TILE, Scored, candidate_tiles, choose, search
 
 
 def _geometry() -> object:
@@ -30,9 +30,18 @@ def test_candidates_are_the_smallest_tiles_per_tile_count() -> None:
         assert t[0] % 4 == 0
         # Minimal: one alignment step smaller needs more tiles (or is below the minimum).
         smaller = t[0] - 4
-        if smaller >= g.min_tile(0):
+        if smaller >= max(g.min_tile(0), SMALLEST_TILE):
             assert max(g.tile_grid(image, (smaller, smaller)).counts) > k
-    assert tiles[0][0] == -(-g.min_tile(0) // 4) * 4
+    assert tiles[0][0] == -(-max(g.min_tile(0), SMALLEST_TILE) // 4) * 4
+
+
+def test_no_candidate_below_the_smallest_tile() -> None:
+    """A part without halo would be priced the same in 4 px tiles: never below 64 px."""
+    g = analyze_trunk(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+    assert g.min_tile(0) == 1
+    tiles = candidate_tiles(g, (512, 512))
+    assert tiles[0] == (SMALLEST_TILE, SMALLEST_TILE)
+    assert all(min(t) >= 40 for t in candidate_tiles(g, (40, 48)))
 
 
 def test_image_smaller_than_minimum_tile_gives_one_candidate() -> None:

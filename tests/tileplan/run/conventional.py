@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tests.oracle import RTOL_FLOAT64, rel_error
-from tileplan.planning.model_file import load_model_file
+from tileplan.planning.model_file import load_model_file, set_batch_norm
 from tileplan.run.data import Dataset
 from tileplan.run.trainer import Trainer
 from tileplan.settings import RunSpec
@@ -23,10 +23,11 @@ def train_conventionally(
     check: Callable[[int, torch.Tensor], None] = lambda index, image: None,
 ) -> nn.Module:
     """Train ``model_file``'s model in float64 with the trainer's data order, the spec's
-    normalisation, loss scaling and SGD, on every image of ``data`` read whole;
+    normalisation, loss scaling, BatchNorm mode and SGD, on every image of ``data`` read whole;
     ``check(index, image)`` sees each image first."""
     torch.manual_seed(0)
     ref = load_model_file(model_file).model.double().eval()
+    set_batch_norm(ref, spec.batch_norm)  # BatchNorm trains with batch statistics, or not
     optimizer = torch.optim.SGD(ref.parameters(), lr=spec.lr, momentum=0.9)
     mean = torch.tensor(spec.normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
     std = torch.tensor(spec.normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
@@ -46,8 +47,11 @@ def train_conventionally(
 
 
 def assert_same_weights(streamed: nn.Module, ref: nn.Module) -> None:
-    """Every floating-point tensor of the two state dicts agrees to float64 precision."""
+    """Every floating-point tensor of the two state dicts (running statistics included)
+    agrees to float64 precision, and every other (batch counters) exactly."""
     for (name, a), b in zip(streamed.state_dict().items(), ref.state_dict().values(),
                             strict=True):  # fmt: skip
         if a.is_floating_point():
             assert rel_error(a, b) <= RTOL_FLOAT64, name
+        else:
+            assert torch.equal(a, b), name

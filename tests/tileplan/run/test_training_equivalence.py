@@ -25,10 +25,11 @@ SIZE = 160
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tileplan.conftest import TINY_MODEL
+    from tests.tileplan.conftest import TINY_GLOBAL_MODEL, TINY_MODEL
 
     root = tmp_path_factory.mktemp("eq")
     (root / "tiny.py").write_text(TINY_MODEL)
+    (root / "global.py").write_text(TINY_GLOBAL_MODEL)
     runner = CliRunner()
     for args in (
         ["demo-data", root / "demo", "--n", 8, "--size", SIZE, "--seed", 3],
@@ -38,35 +39,64 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["profile", root / "tiny.py", "--image", SIZE, "--cut", "features.2", "--max-tile", 48,
          "--dtype", "float64", "--no-measure", "--budget", "2GiB",
          "--out", root / "segmented.yaml"],
+        # BatchNorm with batch statistics, squeeze-excitation and GroupNorm: statistics end
+        # segments; every tile at most 40 px of its input.
+        ["profile", root / "global.py", "--image", SIZE, "--bn", "train", "--max-tile", 40,
+         "--dtype", "float64", "--no-measure", "--budget", "2GiB",
+         "--out", root / "global.yaml"],
     ):  # fmt: skip
         result = runner.invoke(cli, [str(a) for a in args])
         assert result.exit_code == 0, result.output
     return root
 
 
-@pytest.mark.parametrize("plan_file", ["plan.yaml", "segmented.yaml"])
-def test_streamed_training_equals_conventional(setup: Path, tmp_path: Path, plan_file: str) -> None:
+@pytest.mark.parametrize(
+    ("model_file", "plan_file"),
+    [("tiny.py", "plan.yaml"), ("tiny.py", "segmented.yaml"), ("global.py", "global.yaml")],
+)
+def test_streamed_training_equals_conventional(
+    setup: Path, tmp_path: Path, model_file: str, plan_file: str
+) -> None:
+    """Two epochs: the same weights as conventional training; with BatchNorm trained on batch
+    statistics (``global.yaml``), the same running statistics and batch counts too, and
+    validation on the frozen trunk."""
     plan = load_plan(setup / plan_file)
-    assert bool(plan.segments) == (plan_file == "segmented.yaml")
+    assert bool(plan.segments) == (plan_file != "plan.yaml")
     data = load_csv(setup / "demo" / "train.csv", target_shape=plan.image_shape_px)
+    val = load_csv(setup / "demo" / "val.csv", target_shape=plan.image_shape_px)
     # SGD: the update is linear in the gradient, so weights compare as tightly as gradients
     # (Adam divides by the gradient's running RMS, which magnifies noise in near-zero ones).
     spec = RunSpec.from_plan(plan, epochs=2, batch=3, lr=1e-2, optimizer="sgd", num_workers=0,
                              seed=5)  # fmt: skip
+    assert spec.batch_norm == plan.batch_norm
 
     torch.manual_seed(0)
-    streamed = load_model_file(setup / "tiny.py")
+    streamed = load_model_file(setup / model_file, batch_norm=spec.batch_norm)
+    frozen = streamed.resplit("frozen")
     trainer = Trainer(model=streamed.model, trunk=streamed.trunk, head=streamed.head, plan=plan,
-                      spec=spec, train_data=data, val_data=None, out_dir=tmp_path / "s",
-                      device=torch.device("cpu"))  # fmt: skip
-    assert all(g.n_tiles > 1 for g in plan.tile_grids())
+                      spec=spec, train_data=data, val_data=val, out_dir=tmp_path / "s",
+                      device=torch.device("cpu"), frozen_trunk=frozen.trunk,
+                      frozen_head=frozen.head)  # fmt: skip
+    grids = plan.tile_grids()
+    assert sum(g.n_tiles > 1 for g in grids) >= min(2, len(grids))  # streamed, not whole
     assert trainer.scnn.tile_grid(plan.image_shape_px).n_tiles > 1
-    trainer.fit(progress=False)
+    history = trainer.fit(progress=False)
 
-    # The oracle: the same model, data order, normalisation, loss scaling and optimizer, with
-    # conventional backprop on whole images.
-    ref = train_conventionally(setup / "tiny.py", spec, trainer, data)
+    # The oracle: the same model, data order, normalisation, loss scaling, BatchNorm mode and
+    # optimizer, with conventional backprop on whole images.
+    ref = train_conventionally(setup / model_file, spec, trainer, data)
     assert_same_weights(streamed.model, ref)
+    # Validation normalises with the running statistics, as the conventional model in eval.
+    ref.eval()
+    val_loss = 0.0
+    mean = torch.tensor(spec.normalization.mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(spec.normalization.std, dtype=torch.float64).view(1, -1, 1, 1)
+    with torch.no_grad():
+        for index in range(len(val)):
+            image, label = val[index]
+            x = (image.unsqueeze(0).double() / 255 - mean) / std
+            val_loss += float(torch.nn.functional.cross_entropy(ref(x), label.reshape(1).long()))
+    assert history[-1].val_loss == pytest.approx(val_loss / len(val), rel=1e-9)
 
 
 def test_two_processes_equal_one(setup: Path, tmp_path: Path) -> None:
