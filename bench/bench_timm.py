@@ -1,6 +1,7 @@
 """How far tileplan streams timm's CNN families (random init, nothing downloaded).
 
-For each model: where the automatic split ends the trunk, its output stride, what stopped it,
+For each model: where the automatic split ends the trunk, its output stride, how many
+statistics of whole maps it streams with (global-context layers), what stopped it,
 the trunk's share of a conventional training step's activation memory at ``--image`` px
 (meta-tensor estimates: what streaming can save at best), and the float64 error of streaming
 against conventional backprop (output, every parameter gradient, the input gradient) on the
@@ -24,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the exactness check is the test suite's
 
-from executor import analyze_trunk  # noqa: E402
+from executor import analyze_trunk, build_program  # noqa: E402
 from tests.tileplan.planning.test_timm_models import (  # noqa: E402
     REFUSED,
     STREAMED,
@@ -47,8 +48,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     families = {name: family for family, (name, *_) in {**STREAMED, **REFUSED}.items()}
     names = args.models or list(families)
-    print(f"{'model':<22} {'trunk ends after':<44} {'stride':>6} {'share':>6} {'float64 error':>13}"
-          "  stopped by")  # fmt: skip
+    print(f"{'model':<22} {'trunk ends after':<44} {'stride':>6} {'stats':>5} {'share':>6} "
+          f"{'float64 error':>13}  stopped by")  # fmt: skip
     for name in names:
         start = time.perf_counter()
         model = timm_model(name)
@@ -63,11 +64,12 @@ def main() -> None:
         except EstimateError:  # e.g. attention built for one input size
             share = math.nan
         worst = check_exact(split)
+        stats = len(build_program(split.trunk).reductions)
         where = split.where.removeprefix("auto: trunk ends after ")
         stop = (split.stopped_by or "-").removeprefix("cannot stream ")
-        print(f"{name:<22} {where[:44]:<44} {geometry.output_stride[0]:>6} {share:>6.0%} "
-              f"{worst:>13.1e}  {stop[:110]} ({time.perf_counter() - start:.0f} s)",
-              flush=True)  # fmt: skip
+        print(f"{name:<22} {where[:44]:<44} {geometry.output_stride[0]:>6} {stats:>5} "
+              f"{share:>6.0%} {worst:>13.1e}  {stop[:110]} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

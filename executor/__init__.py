@@ -48,6 +48,7 @@ from executor.program import Program, ReducePart, Reduction, StreamPart, build_p
 from executor.segments import chain, cut_points, find_node, map_cut_points, prefix, suffix
 from executor.serde import from_data, to_data, to_yaml
 from executor.sources import CropReader, ImageSource, TensorSource
+from executor.statistics import EFFECTS
 from executor.steps import streaming_step
 from executor.streaming import StreamingCNN, spatial_tile_shape
 from executor.trace import trace
@@ -55,6 +56,7 @@ from executor.trace import trace
 __all__ = [
     "BATCH_NORM_MODES",
     "DTYPE_NAMES",
+    "EFFECTS",
     "OPTIMIZER_NAMES",
     "SCHEMA_VERSION",
     "AxisGeometry",

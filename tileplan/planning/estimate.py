@@ -30,8 +30,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from executor import MemoryBreakdown, Program, StreamingError, StreamPart, traced_trunk
-from executor.statistics import EFFECTS
+from executor import EFFECTS, MemoryBreakdown, Program, StreamingError, StreamPart, traced_trunk
 from tileplan.settings import OPTIMIZERS
 
 __all__ = [

@@ -64,9 +64,10 @@ def _count(geometry: TrunkGeometry, image: tuple[int, ...], outputs: tuple[int, 
 SMALLEST_TILE = 64
 
 
-def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int]) -> list[tuple[int, ...]]:
+def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int],
+                    floor: int = SMALLEST_TILE) -> list[tuple[int, ...]]:  # fmt: skip
     """Square tile shapes worth considering, from the whole image down to halo-dominated (and
-    no smaller than ``SMALLEST_TILE`` positions, or the image).
+    no smaller than ``floor`` positions, or the image).
 
     Raises:
         GeometryError: the image is too small for the trunk.
@@ -75,7 +76,7 @@ def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int]) -> list
     outputs = geometry.output_shape(image)
     align = max(geometry.align)
     smallest = max(geometry.min_tile(ax) for ax in range(geometry.n_axes))
-    smallest = max(smallest, min(SMALLEST_TILE, min(image)))
+    smallest = max(smallest, min(floor, min(image)))
     smallest = -(-smallest // align) * align
     largest = -(-max(image) // align) * align
     if smallest >= largest:

@@ -61,7 +61,12 @@ from executor import (
     trace,
 )
 from tileplan.planning.estimate import part_flops, part_peak, pass_flops, value_shapes
-from tileplan.planning.search import BACKWARD_WEIGHT, TILE_OVERHEAD_PX, candidate_tiles
+from tileplan.planning.search import (
+    BACKWARD_WEIGHT,
+    SMALLEST_TILE,
+    TILE_OVERHEAD_PX,
+    candidate_tiles,
+)
 
 __all__ = ["Costs", "SegmentSearch", "candidate_cuts", "resolve_cuts"]
 
@@ -194,7 +199,9 @@ class _Part:
     def grids(self) -> list[TileGrid]:
         """The grid of every candidate tile over its input maps, smallest tile first."""
         if not self._grids:
-            tiles = candidate_tiles(self.geometry, self.spatial)
+            limit = self.costs.max_tile
+            floor = SMALLEST_TILE if limit is None else min(SMALLEST_TILE, limit)
+            tiles = candidate_tiles(self.geometry, self.spatial, floor)
             self._grids = [self.geometry.tile_grid(self.spatial, t) for t in tiles]
         return self._grids
 
