@@ -128,7 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*",
                         default=["efficientnet_b0:2048", "efficientnet_b0:4096",
-                                 "gn_resnet18:4096"], help="MODEL:SIZE pairs")  # fmt: skip
+                                 "gn_resnet18:4096:1.0"],
+                        help="MODEL:SIZE[:SHARE] (SHARE overrides --share)")  # fmt: skip
     parser.add_argument(
         "--share",
         type=float,
@@ -139,8 +140,9 @@ def main() -> None:
     args = parser.parse_args()
     scale_from: dict[str, tuple[int, float]] = {}
     for case in args.cases:
-        name, size = case.split(":")
-        run_case(name, int(size), args.share, args.repeats, scale_from)
+        name, size, *share = case.split(":")
+        run_case(name, int(size), float(share[0]) if share else args.share, args.repeats,
+                 scale_from)  # fmt: skip
 
 
 if __name__ == "__main__":

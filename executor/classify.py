@@ -581,7 +581,7 @@ class _Builder(LayoutOps):
     def shape_of(self, src: int) -> tuple[Value, ...]:
         source = self.nodes[src]
         return tuple(
-            SpatialSize(self.grids[src], source.spatial_dims.index(d))
+            SpatialSize(self.grids[src], source.spatial_dims.index(d), src)
             if d in source.spatial_dims
             else Meta()
             for d in range(source.rank)
@@ -657,9 +657,10 @@ class _Builder(LayoutOps):
         if fn in EFFECTS:
             self.effect(node)
             return
-        if _name(fn).rstrip("_") in _RANDOM:
+        if _name(fn).rstrip("_") in _RANDOM or self.active_dropout(node, fn):
             self.refuse(node, "random values on a statistic differ when the backward pass "
-                        "recomputes it", "make it deterministic")  # fmt: skip
+                        "recomputes it",
+                        "make it deterministic (call eval() on dropout)")  # fmt: skip
         if fn in (operator.matmul, torch.matmul, torch.bmm):
             self.positions_product(node)
         if _name(fn) == "scaled_dot_product_attention" and any(
@@ -667,6 +668,20 @@ class _Builder(LayoutOps):
         ):
             self.refuse(node, "attention mixes all positions")
         self.stat_value(node)
+
+    def active_dropout(self, node: torch.fx.Node, fn: Any) -> bool:
+        """Whether a dropout-like call is active (training and p > 0)."""
+        dropouts = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                    F.feature_alpha_dropout)  # fmt: skip
+        if fn not in dropouts:
+            return False
+        arg = _Args(node, node.args)
+        try:
+            return bool(self.concrete(arg(2, "training", True))) and (
+                self.concrete(arg(1, "p", 0.5)) > 0
+            )
+        except NotConstantError:
+            return True
 
     def positions_product(self, node: torch.fx.Node) -> None:
         """A product of two maps flattened to positions must sum over the positions (attention
@@ -707,7 +722,13 @@ class _Builder(LayoutOps):
             self.tensor_op(node, method, receiver, inputs, _Args(node, node.args[1:]))
         elif isinstance(receiver, Stat | Flat):
             self.stat_method(node, method, inputs)
-        elif isinstance(receiver, Const) and method.endswith("_") and method != "requires_grad_":
+        elif (
+            method.endswith("_")
+            and method != "requires_grad_"
+            and (
+                isinstance(receiver, Const) or node.args[0].name in self.effects  # type: ignore[union-attr]
+            )
+        ):
             self.effect(node)  # e.g. timm's BatchNormAct2d counting batches in train mode
         elif isinstance(receiver, SizeDep) or any(
             isinstance(v, SizeDep) for v in self.values(node)
@@ -728,12 +749,14 @@ class _Builder(LayoutOps):
         elif method == "expand_as" and inputs:
             self.expanded(node, inputs[0])
         elif method == "expand" and not inputs:
-            sizes = [v for v in self.values(node)[1:] if isinstance(v, SizeDep)]
-            grids = {v.grid for v in sizes if isinstance(v, SpatialSize)}
+            sizes = [v for v in _flat_values(self.values(node)[1:]) if isinstance(v, SizeDep)]
+            sources = {v.source for v in sizes if isinstance(v, SpatialSize)}
             if not sizes:
                 self.env[node] = Stat()
-            elif len(grids) == 1 and all(isinstance(v, SpatialSize) for v in sizes):
-                self.expanded(node, grids.pop())
+            elif len(sources) == 1 and min(sources) >= 0 and all(
+                isinstance(v, SpatialSize) for v in sizes
+            ):  # fmt: skip
+                self.expanded(node, sources.pop())  # to the size of the map it was read from
             else:
                 self.refuse(node, "a statistic expanded to sizes computed from several maps")
         elif inputs and method.rstrip("_") in _ELEMENTWISE:

@@ -42,6 +42,7 @@ from torch import nn
 from executor.classify import Classified, classify, traced_trunk
 from executor.errors import GeometryError, UnsupportedLayerError
 from executor.geometry import TrunkGeometry
+from executor.trace import INPLACE_VIEW
 from executor.values import Flat, Maps, Stat
 
 __all__ = ["MapValue", "Program", "ReducePart", "Reduction", "StreamPart", "build_program"]
@@ -217,6 +218,7 @@ class _Builder:
         for node in self.nodes:
             self._place(node)
         self.strides = _strides(found)
+        self.whole = TrunkGeometry.from_graph(found.graph)
         self.cuts = set(cuts)
 
     def _kind(self, node: torch.fx.Node) -> str:
@@ -343,13 +345,17 @@ class _Builder:
         # A stream part owns its outputs together, so they must share a grid: one part per
         # stride; and it reads one grid: coarser inputs are recomputed from finer ones.
         split: list[tuple[str, int, list[torch.fx.Node]]] = []
+        hands_on: list[set[torch.fx.Node]] = []  # what each part may hand on
         for kind, level, own in groups:
             if kind == "reduce":
                 split.append((kind, level, own))
+                hands_on.append(set(own))
                 continue
             for outputs in self.by_stride([n for n in own if n in wanted]):
                 split.append((kind, level, self.one_grid(self._ancestors(own, outputs))))
+                hands_on.append(set(outputs))
         wanted = self.wanted(split)
+        self.designate(split, hands_on, wanted)
         # Where a segment that a statistic ends ends, for people: before that statistic.
         before: dict[torch.fx.Node, str] = {}
         for kind, _, own in split:
@@ -360,8 +366,8 @@ class _Builder:
                         before.setdefault(read, f"before {self._reduction_where(first)}")
         parts: list[Part] = []
         maps: dict[str, MapValue] = {self.image.name: self.map_value(self.image)}
-        for kind, level, own in split:
-            outputs = [n for n in own if n in wanted]
+        for (kind, level, own), mine in zip(split, hands_on, strict=True):
+            outputs = [n for n in own if n in wanted and n in mine]
             if kind == "reduce":
                 parts.append(self.reduce_part(own, outputs, level))
             elif outputs:
@@ -369,7 +375,9 @@ class _Builder:
                 part, values = self.stream_part(own, outputs, level, n_axes, where)
                 parts.append(part)
                 maps.update(values)
-        geometry = TrunkGeometry.from_graph(self.found.graph)
+        if len(parts) > 1:
+            self.refuse_views()
+        geometry = self.whole
         reductions = tuple(
             Reduction(name, kind, source, self._reduction_where(self._node(name)))
             for name, (kind, source) in self.found.reductions.items()
@@ -377,6 +385,47 @@ class _Builder:
         )  # fmt: skip
         return Program(tuple(parts), maps, self.image.name, self.result.name, geometry,
                        reductions)  # fmt: skip
+
+    def designate(
+        self,
+        split: Sequence[tuple[str, int, list[torch.fx.Node]]],
+        hands_on: list[set[torch.fx.Node]],
+        wanted: set[torch.fx.Node],
+    ) -> None:
+        """Give every wanted map a part that hands it on: one that computes it among maps of
+        its own grid (recomputing a coarse map from a finer one makes a part read maps that
+        no part handed on before)."""
+        given = set().union(*hands_on)
+        for node in wanted:
+            if node in given or self.kind[node] != "map" or node is self.image:
+                continue
+            key = self._key(node)
+            for (kind, _, own), mine in zip(split, hands_on, strict=True):
+                if kind == "stream" and node in own and all(self._key(n) == key for n in mine):
+                    mine.add(node)
+                    break
+            else:
+                raise UnsupportedLayerError(
+                    self._where(node), "no segment computes it on the grid of the maps it hands "
+                    "on", "end the trunk before it (split the model there)", node.name,
+                )  # fmt: skip
+
+    def _key(self, node: torch.fx.Node) -> tuple[object, ...]:
+        value = self.map_value(node)
+        return (value.stride, self._lengths(value.node))
+
+    def refuse_views(self) -> None:
+        """An in-place change of part of a map (``x[:, :8].relu_()``) changes the map it
+        views; parts that keep maps whole and crop them would not see it."""
+        for node in self.nodes:
+            if node.meta.get(INPLACE_VIEW):
+                raise UnsupportedLayerError(
+                    self._where(node),
+                    "it changes part of a map in place (a view or slice), which the segments "
+                    "that statistics of whole maps make would not see",
+                    "make it out of place (e.g. torch.cat of the changed and unchanged parts)",
+                    node.name,
+                )
 
     def wanted(self, groups: Sequence[tuple[str, int, list[torch.fx.Node]]]
                ) -> set[torch.fx.Node]:  # fmt: skip
@@ -417,11 +466,26 @@ class _Builder:
         return next(n for n in self.nodes if n.name == name)
 
     def by_stride(self, outputs: Sequence[torch.fx.Node]) -> list[list[torch.fx.Node]]:
-        """Outputs grouped by their stride (each group is owned together)."""
-        groups: dict[tuple[int, ...], list[torch.fx.Node]] = {}
+        """Outputs grouped by their stride and length (each group is owned together, so its
+        maps must have one size whatever the image's: an unpadded convolution next to a
+        padded one is another group)."""
+        groups: dict[tuple[object, ...], list[torch.fx.Node]] = {}
         for node in outputs:
-            groups.setdefault(self.map_value(node).stride, []).append(node)
+            groups.setdefault(self._key(node), []).append(node)
         return list(groups.values())
+
+    def _lengths(self, index: int) -> tuple[int, ...]:
+        """A map's lengths for a run of image sizes (one period of every stride, far from
+        the smallest): equal for maps of one size whatever the image's."""
+        geometry = self.whole
+        lengths = []
+        for axis, align in enumerate(geometry.align):
+            for n in range(64 * align, 66 * align):
+                try:
+                    lengths.append(geometry.node_lengths(axis, n)[index])
+                except GeometryError:
+                    lengths.append(-1)
+        return tuple(lengths)
 
     def _ancestors(self, own: Sequence[torch.fx.Node], outputs: Sequence[torch.fx.Node]
                    ) -> list[torch.fx.Node]:  # fmt: skip
@@ -484,9 +548,10 @@ class _Builder:
         module = _module(self.gm, runs, [*inputs, *stats], outputs, f"Statistics{level}")
         effects = [n for n in own if self.kind[n] == "effect"]
         pure = self._ancestors(own, outputs)
-        grad_runs, grad_reads = self.closure(pure)
+        grad_runs, _ = self.closure(pure)
+        # The same signature as ``module``: inputs that only the effects read are ignored.
         grad_module = _module(self.gm, grad_runs, [*inputs, *stats], outputs,
-                              f"Statistics{level}", keep=set(grad_reads))  # fmt: skip
+                              f"Statistics{level}")  # fmt: skip
         mine = {n.name for n in own}
         reductions = tuple(
             Reduction(name, kind, source, self._reduction_where(self._node(name)))
@@ -499,11 +564,10 @@ class _Builder:
 
 
 def _module(gm: torch.fx.GraphModule, runs: Sequence[torch.fx.Node],
-            inputs: Sequence[torch.fx.Node], outputs: Sequence[torch.fx.Node], name: str,
-            keep: set[torch.fx.Node] | None = None) -> torch.fx.GraphModule:  # fmt: skip
+            inputs: Sequence[torch.fx.Node], outputs: Sequence[torch.fx.Node], name: str
+            ) -> torch.fx.GraphModule:  # fmt: skip
     """A graph module of ``runs`` (in order) taking ``inputs`` and returning ``outputs`` as a
-    tuple; it shares ``gm``'s parameters and buffers. ``keep``: the inputs it really reads
-    (the others are taken and ignored, so every part of one kind has one signature)."""
+    tuple; it shares ``gm``'s parameters and buffers."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in inputs:
@@ -513,7 +577,6 @@ def _module(gm: torch.fx.GraphModule, runs: Sequence[torch.fx.Node],
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[n] for n in outputs))
-    del keep
     return torch.fx.GraphModule(gm, graph, class_name=name)
 
 

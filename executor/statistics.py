@@ -326,8 +326,10 @@ def _decompose(gm: torch.fx.GraphModule, graph: torch.fx.Graph, node: torch.fx.N
     path = str(node.target)
     module = gm.get_submodule(path)
     x = env(node.args[0])
-    if isinstance(module, nn.SyncBatchNorm):
-        return None  # refused by executor.modes in train mode: its statistics span processes
+    if not _plain(module):
+        # A subclass with its own forward (timm's BatchNormAct2d adds an activation) is a
+        # module call only when torch.fx could not trace into it: refused by name later.
+        return None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if module.training or not module.track_running_stats:
             return _module_batch_norm(emit, module, path, x)
@@ -341,6 +343,17 @@ def _decompose(gm: torch.fx.GraphModule, graph: torch.fx.Graph, node: torch.fx.N
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
         return _module_instance_norm(emit, module, path, x)
     return None
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether a norm module computes what torch's own class does (its forward not
+    overridden), so that its decomposition is what it computes."""
+    forward = type(module).forward
+    return any(
+        isinstance(module, base) and forward is base.forward
+        for base in (nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                     nn.modules.instancenorm._InstanceNorm)
+    )  # fmt: skip
 
 
 def decompose_norms(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

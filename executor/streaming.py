@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from executor.errors import GeometryError
+from executor.errors import GeometryError, StreamingError
 from executor.geometry import Tile, TileGrid, TrunkGeometry
 from executor.modes import check_modes, mode_signature
 from executor.plan import Plan, PlanError, check_plan_matches, load_plan
@@ -117,12 +117,13 @@ class _CachedTile:
 @dataclass
 class _Forward:
     """What a forward pass keeps for the backward pass: every map that crosses parts (not
-    the image, not the output) and every statistic."""
+    the image, not the output) and every statistic, and what the trunk was then."""
 
     image: weakref.ref[Image]
     version: int
     values: dict[str, Any]
     stats: dict[str, Any]
+    signature: tuple[object, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,12 +227,14 @@ class StreamingCNN:
         """Read the trunk into a program and give every segment its tiles (again when
         train()/eval() switched modules: the traced code and the statistics may differ)."""
         n_axes = len(self.tile_shape)
-        self._modes = mode_signature(self.trunk)
+        self._signature = self._trunk_signature()
         cuts: list[str] = []
         if self.specs is not None and len(self.specs) > 1:
             points = set(map_cut_points(self.trunk, n_axes))
             cuts = [s.end for s in self.specs[:-1] if s.end in points]  # type: ignore[misc]
         self.program: Program = build_program(self.trunk, n_axes, cuts)
+        if self.plan is not None:  # read again: the plan must still be this trunk's
+            check_plan_matches(self.plan, self.trunk)
         streams = self.program.streams
         self._tiles: dict[int, _Tiles] = {}
         if self.specs is not None:
@@ -251,6 +254,13 @@ class StreamingCNN:
                 )
         self._forward = None
         self._cache = None
+
+    def _trunk_signature(self) -> tuple[object, ...]:
+        """What the program was read from: every module's train/eval mode, and which tensors
+        are the trunk's parameters and buffers (``.to()`` and ``load_state_dict(assign=True)``
+        replace them, and the program's parts hold them)."""
+        tensors = (*self.trunk.parameters(), *self.trunk.buffers())
+        return (mode_signature(self.trunk), tuple(id(t) for t in tensors))
 
     def _check_specs(self, streams: Sequence[StreamPart]) -> None:
         assert self.specs is not None
@@ -392,6 +402,13 @@ class StreamingCNN:
 
         On any exception the parameters' ``.grad`` are restored to what they were before.
         """
+        kept = self._forward
+        if kept is not None and kept.signature != self._trunk_signature():
+            self._forward = None
+            raise StreamingError(
+                "the trunk changed between forward and backward (train()/eval() or .to()), so "
+                "its gradients would be another function's; call forward again first"
+            )
         self._prepare(image)
         shape = tuple(image.shape)
         out_shape = self.program.map_shape(self.program.output, shape[2:])
@@ -434,7 +451,8 @@ class StreamingCNN:
                         stats.pop(name, None)
         output = values.pop(program.output)
         values.pop(program.image)
-        return output, _Forward(weakref.ref(image), image_version(image), values, stats)
+        kept = _Forward(weakref.ref(image), image_version(image), values, stats, self._signature)
+        return output, kept
 
     def _run_backward(self, image: Image, kept: _Forward, grad_output: torch.Tensor
                       ) -> torch.Tensor | None:  # fmt: skip
@@ -498,8 +516,11 @@ class StreamingCNN:
             and tiles.forward == tiles.backward and self._needs_graph()
         )  # fmt: skip
         call = self._call(part)
-        part_stats = tuple(
-            _leaf(stats[n]) if keep_last else stats[n] for n in part.stats
+        originals = tuple(stats[n] for n in part.stats)
+        needs = self._needs_grad() if keep_last else {}
+        part_stats = (
+            tuple(_stat_leaf(stats[n], needs.get(n, False)) for n in part.stats)
+            if keep_last else originals
         )  # fmt: skip
         outputs: list[torch.Tensor | None] = [None] * len(part.outputs)
         maps = [self.program.maps[n] for n in part.outputs]
@@ -510,7 +531,7 @@ class StreamingCNN:
             for k, (tile, crop) in enumerate(crops):
                 keep = keep_last and k == n - 1
                 with torch.set_grad_enabled(keep), self.autocast():
-                    ys = call(*map(_fed, crop), *part_stats)
+                    ys = call(*map(_fed, crop), *_fed_stats(part_stats, originals))
                 for j, (y, value) in enumerate(zip(ys, maps, strict=True)):
                     if outputs[j] is None:
                         final = part.outputs[j] == self.program.output
@@ -554,9 +575,10 @@ class StreamingCNN:
             or cache.version != image_version(image) or cache.tile != order[0]
         ):  # fmt: skip
             cache = None
+        originals = tuple(stats[n] for n in part.stats)
         part_stats = (
             cache.stats if cache is not None
-            else tuple(_leaf(stats[n], needs.get(n, False)) for n in part.stats)
+            else tuple(_stat_leaf(stats[n], needs.get(n, False)) for n in part.stats)
         )  # fmt: skip
         maps = [self.program.maps[n] for n in part.outputs]
         inputs = [self.program.maps[n] for n in part.inputs]
@@ -570,7 +592,7 @@ class StreamingCNN:
                     crop, ys = list(crop.crops), crop.outputs
                 else:
                     with torch.enable_grad(), self.autocast():
-                        ys = call(*map(_fed, crop), *part_stats)
+                        ys = call(*map(_fed, crop), *_fed_stats(part_stats, originals))
                 owned, wanted = [], []
                 for y, g, value in zip(ys, out_grads, maps, strict=True):
                     if g is None or not y.requires_grad:
@@ -711,7 +733,7 @@ class StreamingCNN:
         if self.plan is not None:
             check_fits_plan(shape[2:], self.plan)
         check_modes(self.trunk)
-        if mode_signature(self.trunk) != self._modes:  # train()/eval() switched
+        if self._trunk_signature() != self._signature:  # train()/eval() switched, or .to()
             self._build()
 
     def _needs_graph(self) -> bool:
@@ -791,6 +813,25 @@ def _leaf(value: Any, requires_grad: bool = True) -> Any:
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.detach().requires_grad_(requires_grad)
     return value
+
+
+def _stat_leaf(value: Any, requires_grad: bool) -> Any:
+    """A statistic as the leaf its gradient is summed in over a segment's tiles: in float32
+    or better (a bfloat16 sum over thousands of tiles would lose the gradient)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+        return wide.detach().requires_grad_(requires_grad)
+    return value
+
+
+def _fed_stats(leaves: Sequence[Any], originals: Sequence[Any]) -> tuple[Any, ...]:
+    """The statistics a tile computes with: each leaf in its statistic's own dtype (the cast
+    is part of the tile's graph, so its gradient reaches the wide leaf)."""
+    return tuple(
+        leaf.to(original.dtype)
+        if isinstance(leaf, torch.Tensor) and leaf.dtype != original.dtype else leaf
+        for leaf, original in zip(leaves, originals, strict=True)
+    )  # fmt: skip
 
 
 def _add(grads: dict[str, torch.Tensor], name: str, grad: torch.Tensor) -> None:

@@ -36,8 +36,8 @@ from torch import nn
 from executor.errors import UnsupportedLayerError
 
 __all__ = [
-    "Traced", "functionalize", "same_padding_functions", "space_to_depth_types", "trace",
-    "trace_leaves",
+    "INPLACE_VIEW", "Traced", "functionalize", "same_padding_functions", "space_to_depth_types",
+    "trace", "trace_leaves",
 ]  # fmt: skip
 
 
@@ -74,6 +74,9 @@ class _Tracer(torch.fx.Tracer):
     def __init__(self, leaves: frozenset[type[nn.Module]]) -> None:
         super().__init__(autowrap_functions=same_padding_functions())
         self.trace_asserts = True
+        # Buffers become graph attributes: code that changes one in place (a batch counter)
+        # is then a node that runs when the graph runs, not once, for real, while tracing.
+        self.proxy_buffer_attributes = True
         self.leaves = leaves
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
@@ -184,7 +187,54 @@ _INPLACE_OPERATORS = {
     operator.ipow: operator.pow, operator.iand: operator.and_, operator.ior: operator.or_,
     operator.ixor: operator.xor,
 }  # fmt: skip
-_NOT_MUTATING = frozenset({"requires_grad_", "share_memory_"})
+_NOT_MUTATING = frozenset({"requires_grad_", "share_memory_", "retain_grad"})
+# Ops whose result is the tensor they read, whole (a change of one is a change of the other).
+_ALIASES = frozenset(
+    {"contiguous", "detach", "to", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"}
+)
+# Ops whose result may view part of the tensor they read.
+_VIEWS = frozenset({
+    "getitem", "view", "reshape", "permute", "transpose", "expand", "expand_as", "squeeze",
+    "unsqueeze", "flatten", "unflatten", "narrow", "select", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "t", "view_as", "reshape_as", "chunk", "split", "unbind", "tensor_split",
+    "diagonal", "as_strided", "unfold", "split_with_sizes",
+})  # fmt: skip
+INPLACE_VIEW = "tileplan_inplace_view"  # node meta: an in-place change of a view, kept as is
+
+
+def _op_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        inactive = isinstance(module, nn.modules.dropout._DropoutNd) and (
+            not module.training or module.p == 0
+        )
+        return "contiguous" if isinstance(module, nn.Identity) or inactive else ""
+    target = node.target
+    return str(target) if node.op == "call_method" else getattr(target, "__name__", "")
+
+
+def _out_of_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
+    """How to compute ``node`` without changing its first argument: a target or kwargs for
+    the copied node, ``"clone"`` for a module that works in place (its input is copied), or
+    None when ``node`` changes nothing."""
+    if node.op == "call_method":
+        name = str(node.target)
+        if name.endswith("_") and name not in _NOT_MUTATING and hasattr(torch.Tensor, name[:-1]):
+            return name[:-1]
+    elif node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return _INPLACE_OPERATORS[node.target]
+        if node.kwargs.get("inplace") is True:
+            return {**node.kwargs, "inplace": False}
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):  # torch.relu_, F.relu_
+            for home in (torch, torch.nn.functional):
+                if getattr(home, name, None) is node.target and hasattr(home, name[:-1]):
+                    return getattr(home, name[:-1])
+    elif node.op == "call_module" and getattr(gm.get_submodule(str(node.target)), "inplace",
+                                              False) is True:  # fmt: skip
+        return "clone"
+    return None
 
 
 def functionalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -194,30 +244,49 @@ def functionalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     ``x.mul_(gain)`` as a statement changes ``x`` for every later use, but the traced graph
     still reads the node of ``x``: run whole, the graph mutates the same tensor; cut into parts
     that keep maps whole and crop them, it would not. So the change becomes ``y = x.mul(gain)``
-    and every later use of ``x`` reads ``y``, which is what the code computes. In-place changes
-    of buffers and parameters (a batch counter) are left as they are: they are effects.
+    and every later use of ``x``, and of what is ``x`` whole under another name
+    (``x.contiguous()``, an ``nn.Identity``), reads ``y``: what the code computes. Modules
+    that work in place (``nn.ReLU(inplace=True)``) get a copy of their input when something
+    else reads it. An in-place change of a view of part of a map is left as it is and marked
+    (``INPLACE_VIEW``): it changes the map it views, which only the whole graph computes.
+    In-place changes of buffers and parameters (a batch counter) are effects, left as they
+    are.
     """
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
+    root: dict[torch.fx.Node, torch.fx.Node] = {}  # original node -> the tensor it is whole
+    views: set[torch.fx.Node] = set()  # original nodes that may view part of a tensor
     changed = False
     for node in gm.graph.nodes:
         new = graph.node_copy(node, lambda n: env[n])
         env[node] = new
-        receiver = node.args[0] if node.args else None
-        if not isinstance(receiver, torch.fx.Node) or receiver.op == "get_attr":
+        source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        name = _op_name(gm, node)
+        if source is not None and name in _ALIASES:
+            root[node] = root.get(source, source)
+            if source in views:
+                views.add(node)
+        elif source is not None and name in _VIEWS:
+            views.add(node)
+        fix = _out_of_place(gm, node) if source is not None else None
+        if fix is None or source.op == "get_attr":
             continue
-        if node.op == "call_method" and str(node.target).endswith("_") and (
-            str(node.target) not in _NOT_MUTATING and hasattr(torch.Tensor, str(node.target)[:-1])
-        ):  # fmt: skip
-            new.target = str(node.target)[:-1]
-        elif node.op == "call_function" and node.target in _INPLACE_OPERATORS:
-            new.target = _INPLACE_OPERATORS[node.target]
-        elif node.op == "call_function" and node.kwargs.get("inplace") is True:
-            new.kwargs = {**new.kwargs, "inplace": False}
-        else:
-            continue
-        env[receiver] = new  # later uses of the changed value read the change
         changed = True
+        if source in views:  # a change of part of a tensor: kept, and refused if cut
+            new.meta[INPLACE_VIEW] = True
+            continue
+        if fix == "clone":
+            if len(source.users) > 1:
+                copied = graph.call_method("clone", (env[source],))
+                new.args = (copied, *new.args[1:])
+                new.prepend(copied)
+        elif isinstance(fix, dict):
+            new.kwargs = fix
+        else:
+            new.target = fix
+        base = root.get(source, source)
+        for original in [base, *(n for n, r in root.items() if r is base)]:
+            env[original] = new  # later uses of the changed tensor read the change
     if not changed:
         return gm
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)

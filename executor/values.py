@@ -7,7 +7,7 @@ which decides whether a tile computes it exactly as the image does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,10 +39,13 @@ class SizeDep:
 @dataclass(frozen=True, slots=True)
 class SpatialSize(SizeDep):
     """The size along spatial axis ``axis`` of the maps on position grid ``grid`` (the index
-    of the node that made the grid: the image or a window op; pointwise ops keep it)."""
+    of the node that made the grid: the image or a window op; pointwise ops keep it).
+    ``source`` is the map it was read from (not part of its identity: every map on the grid
+    has that size)."""
 
     grid: int
     axis: int
+    source: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -294,7 +294,7 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
             plan = run_profile(request, progress=sys.stderr.isatty())
             save_plan(plan, out)
     except click.ClickException as err:
-        if isinstance(err.__cause__, NoFeasiblePlanError):
+        if isinstance(err.__cause__, NoFeasiblePlanError) and err.__cause__.candidates:
             click.echo(render_table(err.__cause__.candidates), err=True)
         raise
     if as_json:

@@ -13,6 +13,7 @@ the image; float32 and bfloat16 by the oracle's rule.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -352,3 +353,182 @@ def test_what_stays_refused() -> None:
         StreamingCNN(nn.Sequential(*_stem(), nn.AdaptiveAvgPool2d(1)), 16)
     geometry = analyze_trunk(nn.Sequential(*_stem(), SqueezeExcite(4)))
     assert geometry.output_stride == (2, 2)
+
+
+# -- what the traced code does, as the code does it ----------------------------------------------
+
+
+class _Net(nn.Module):
+    """A small trunk around ``body(self, x)`` (a statistic somewhere in it)."""
+
+    def __init__(self, body: object) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.norm = nn.GroupNorm(2, 4)
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.body(self, self.a(x)))  # type: ignore[operator]
+
+
+IN_PLACE = {
+    # A statistic of x, then x changed in place: the statistic sees x before the change.
+    "inplace module": lambda m, x: _mean_then(m.act, x),
+    "torch.relu_": lambda m, x: _mean_then(torch.relu_, x),
+    "F.relu_": lambda m, x: _mean_then(F.relu_, x),
+    "method": lambda m, x: _mean_then(lambda t: t.mul_(2.0), x),
+    "inplace kwarg": lambda m, x: _mean_then(lambda t: F.relu(t, inplace=True), x),
+    "alias then change": lambda m, x: _alias_then(x),
+    # The classic squeeze-excitation spelling with sizes from x.size().
+    "expand to x.size()": lambda m, x: _expand_se(x),
+    # An unpadded convolution handed on next to a padded map of the same stride.
+    "maps of two lengths": lambda m, x: _two_lengths(m, x),
+}  # fmt: skip
+
+
+def _mean_then(change: object, x: torch.Tensor) -> torch.Tensor:
+    s = x.mean((2, 3), keepdim=True)
+    y = change(x)  # type: ignore[operator]
+    return y * torch.sigmoid(s) + x
+
+
+def _alias_then(x: torch.Tensor) -> torch.Tensor:
+    s = x.mean((2, 3), keepdim=True)
+    z = x.contiguous()
+    z.mul_(3.0)
+    return x * torch.sigmoid(s)
+
+
+def _expand_se(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.size()
+    y = x.mean((2, 3)).sigmoid().view(b, c, 1, 1)
+    return x * y.expand(b, c, h, w)
+
+
+def _two_lengths(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    s = x.mean((2, 3), keepdim=True)
+    y = F.conv2d(x, m.b.weight)  # no padding: 2 px shorter per axis
+    return F.pad(y * s, (1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_in_place_changes_and_shape_reads_stream_as_the_code_computes(name: str) -> None:
+    trunk = _Net(IN_PLACE[name])
+    torch.manual_seed(9)
+    image = torch.randn(2, 3, 30, 26, dtype=torch.float64)
+    assert len(build_program(trunk).parts) > 1
+    compare_with_conventional(trunk, image, 12)
+
+
+def test_an_in_place_change_of_part_of_a_map_is_refused_between_statistics() -> None:
+    """``x[:, :2].relu_()`` changes x through a view: streamed as one part the user's module
+    runs and it is exact; with a statistic the parts would not see it, so it is refused."""
+
+    def body(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x[:, :2].relu_()
+        return x
+
+    image = torch.randn(1, 3, 30, 26, dtype=torch.float64)
+    compare_with_conventional(_Net(body), image, 12)
+
+    def with_norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = m.norm(x)
+        x[:, :2].relu_()
+        return x
+
+    with pytest.raises(UnsupportedLayerError, match="changes part of a map in place"):
+        StreamingCNN(_Net(with_norm), 12)
+
+
+def test_active_dropout_on_a_statistic_is_refused() -> None:
+    def body(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x * F.dropout(x.mean((2, 3), keepdim=True), 0.5, True)
+
+    with pytest.raises(UnsupportedLayerError, match="random values on a statistic"):
+        StreamingCNN(_Net(body), 12)
+
+
+def test_timm_batch_norm_counts_batches_when_it_runs_not_when_it_is_read() -> None:
+    """timm's BatchNormAct2d counts batches in its own code: reading the trunk (building an
+    engine, checking a plan) does not count, every streamed forward in train mode counts
+    once, as conventional forwards do."""
+    timm = pytest.importorskip("timm")
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), timm.layers.BatchNormAct2d(4),
+                          nn.Conv2d(4, 4, 3, padding=1)).double().train()  # fmt: skip
+    reference = copy.deepcopy(trunk)
+    scnn = StreamingCNN(trunk, 12)
+    analyze_trunk(trunk)
+    map_cut_points(trunk)
+    assert int(trunk[1].num_batches_tracked) == 0
+    for _ in range(3):
+        image = torch.randn(2, 3, 30, 26, dtype=torch.float64)
+        assert_exact(scnn.forward(image), reference(image), "output")
+    assert int(trunk[1].num_batches_tracked) == 3
+    assert_exact(trunk[1].running_mean, reference[1].running_mean, "running mean")
+
+
+def test_a_trunk_moved_after_construction_is_read_again() -> None:
+    """``.double()`` replaces the buffers the engine read: the running statistics it updates
+    are the trunk's new ones."""
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 4, 3, padding=1)).train()  # fmt: skip
+    scnn = StreamingCNN(trunk, 12)
+    trunk.double()
+    reference = copy.deepcopy(trunk)
+    image = torch.randn(2, 3, 30, 26, dtype=torch.float64)
+    assert_exact(scnn.forward(image), reference(image), "output")
+    assert_exact(trunk[1].running_var, reference[1].running_var, "running var")
+
+
+def test_switching_modes_between_forward_and_backward_is_refused() -> None:
+    from executor import StreamingError
+
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double().eval()
+    scnn = StreamingCNN(trunk, 12)
+    image = torch.randn(1, 3, 30, 26, dtype=torch.float64)
+    out = scnn.forward(image)
+    trunk.train()
+    with pytest.raises(StreamingError, match="changed between forward and backward"):
+        scnn.backward(image, torch.ones_like(out))
+
+
+def test_statistic_gradients_are_summed_wide_over_many_tiles() -> None:
+    """Under bfloat16 autocast a statistic's gradient sums hundreds of tiles' parts: in
+    float32, so streaming stays as accurate as conventional backprop."""
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), SqueezeExcite(4),
+                          nn.Conv2d(4, 4, 3, padding=1))  # fmt: skip
+    torch.manual_seed(10)
+    image = torch.randn(1, 3, 128, 128)
+    result = compare_with_conventional(trunk, image, 8, dtype=torch.float32,
+                                       amp_dtype=torch.bfloat16)  # fmt: skip
+    assert result.n_tiles >= 256
+
+
+def test_a_statistic_of_an_image_source_is_read_whole_once() -> None:
+    """A statistic of the image reads the whole image in the forward pass; the backward pass
+    reads it whole again only when the image's gradient is wanted (``input_grad``): a
+    gradient nobody needs is not computed, the cached last tile included."""
+    from executor import TensorSource
+
+    class Counted(TensorSource):
+        def __init__(self, tensor: torch.Tensor) -> None:
+            super().__init__(tensor)
+            self.whole = 0
+
+        def read(self, region: Sequence[slice]) -> torch.Tensor:
+            full = all(s.stop - s.start == n for s, n in zip(region, self.shape[2:],
+                                                             strict=True))  # fmt: skip
+            self.whole += full
+            return super().read(region)
+
+    trunk = nn.Sequential(nn.InstanceNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1))  # fmt: skip
+    image = torch.randn(1, 3, 40, 40)
+    for cache in (True, False):
+        source = Counted(image)
+        scnn = StreamingCNN(trunk, 16, cache_last_tile=cache)
+        out = scnn.forward(source)
+        scnn.backward(source, torch.ones_like(out))
+        assert source.whole == 1, (cache, source.whole)

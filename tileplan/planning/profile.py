@@ -287,7 +287,10 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     )  # fmt: skip
     chosen = _pick(ctx, rows, chains, single_allowed)
     if chosen is None:
-        raise _no_fit(ctx, rows, chains, state, budget, shallow=shallow)
+        floor = None
+        if forced > 1:  # the segments statistics force, with their smallest tiles
+            floor = SegmentSearch(loaded.trunk, image, [], _costs(ctx, fixed)).smallest_peak()
+        raise _no_fit(ctx, rows, chains, state, budget, shallow=shallow, floor=floor)
     bar.update()
     chosen, verification = _verify(ctx, rows, chains, chosen, single_allowed)
     if chosen is None:
@@ -367,9 +370,12 @@ def _choose(ctx: _Context, rows: Sequence[_Row]) -> _Row | None:
 def _no_fit(
     ctx: _Context, rows: Sequence[_Row], chains: Sequence[_Chain], state: ModelState,
     budget: int, why: str | None = None, *, shallow: str | None = None,
+    floor: int | None = None,
 ) -> NoFeasiblePlanError:  # fmt: skip
-    """Nothing fits; a shallow trunk is said first, since then the model is the problem."""
+    """Nothing fits; a shallow trunk is said first, since then the model is the problem.
+    ``floor``: the smallest peak of the segments statistics force, when none fits."""
     peaks = [ctx.peak(r) for r in rows] + [c.peak for c in chains]
+    peaks += [floor] if floor is not None else []
     fixed = state.params_bytes + state.grads_bytes + state.optimizer_bytes
     failed = f"; every verified candidate failed ({why})" if why else ""
     lower = " or --dtype bfloat16" if ctx.req.dtype in ("float32", "float64") else ""
@@ -532,12 +538,7 @@ def _segmentations(
         best.grid.n_tiles == 1
     ):  # fmt: skip
         return []
-    costs = Costs(
-        fixed=fixed, usable_bytes=ctx.usable, dtype=req.precision.dtype,
-        time_fit=ctx.time_fit, factor=ctx.factor or 1.0,
-        maps_in_device_memory=ctx.info.device == "cpu",
-        host_allowed=ctx.info.device != "cpu", max_tile=req.max_tile,
-    )  # fmt: skip
+    costs = _costs(ctx, fixed)
     if cuts:
         search = SegmentSearch(loaded.trunk, image, cuts, costs)
         priced = search.price([c for c, _ in cuts])
@@ -563,6 +564,16 @@ def _segmentations(
         found = SegmentSearch(loaded.trunk, image, options, costs).search(counts)
     log.info("%d segmentation(s) fit", len(found))
     return [_Chain(option, cost) for cost, option in found]
+
+
+def _costs(ctx: _Context, fixed: MemoryBreakdown) -> Costs:
+    req = ctx.req
+    return Costs(
+        fixed=fixed, usable_bytes=ctx.usable, dtype=req.precision.dtype,
+        time_fit=ctx.time_fit, factor=ctx.factor or 1.0,
+        maps_in_device_memory=ctx.info.device == "cpu",
+        host_allowed=ctx.info.device != "cpu", max_tile=req.max_tile,
+    )  # fmt: skip
 
 
 def _pick(ctx: _Context, rows: Sequence[_Row], chains: Sequence[_Chain], single: bool

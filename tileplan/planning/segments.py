@@ -538,6 +538,24 @@ class SegmentSearch:
         overlap = used.grid.overlap_factor + used.forward_grid.overlap_factor
         return size * (1 + overlap + 2) / HOST_BANDWIDTH
 
+    def smallest_peak(self, cuts: Sequence[str] = ()) -> int:
+        """The peak of the segmentation at ``cuts`` with every segment's smallest tiles,
+        whatever the budget: what no tile choice goes below (for saying so)."""
+        program = self.program(cuts)
+        phases = self.phases(program, on_host=False)
+        peak = max(
+            (max(phases.forward[k], phases.backward[k]) for k, p in enumerate(program.parts)
+             if isinstance(p, ReducePart)), default=0,
+        )  # fmt: skip
+        for part in self.parts(cuts):
+            grid = part.grids()[0]
+            peak = max(
+                peak,
+                phases.forward[part.index] + part.tile_bytes(grid.largest_crop, grad=False),
+                phases.backward[part.index] + part.tile_bytes(grid.largest_crop, grad=True),
+            )
+        return self.costs.fixed.total_bytes + peak
+
     # -- the search ---------------------------------------------------------------------------
 
     def search(self, counts: Sequence[int]) -> list[tuple[float, Segmentation]]:

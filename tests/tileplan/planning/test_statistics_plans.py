@@ -139,3 +139,17 @@ def test_verified_peak_of_efficientnet_is_the_estimate(tmp_path: Path) -> None:
     error = plan.measured_peak_bytes / plan.predicted_peak_bytes - 1
     assert abs(error) <= 0.1, (plan.measured_peak_bytes, plan.predicted_peak_bytes)
     assert math.isfinite(plan.predicted_time_s or math.nan)
+
+
+def test_a_plan_is_checked_again_when_the_trunk_changes_mode(model_file: Path) -> None:
+    """A frozen plan drives an engine; switching the trunk's BatchNorm to train mode makes
+    its statistics other ones: the next pass refuses the plan instead of running unplanned
+    segments."""
+    plan = _profile(model_file, max_tile=48)
+    loaded = load_model_file(model_file)
+    engine = StreamingCNN.from_plan(loaded.trunk, plan)
+    image = torch.randn(1, 3, 160, 160)
+    engine.forward(image)
+    loaded.model.train()
+    with pytest.raises(PlanError, match="--bn frozen"):
+        engine.forward(image)

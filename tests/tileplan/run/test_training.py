@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from executor import load_plan
 from tileplan.cli import cli
 from tileplan.run.checkpoint import load_checkpoint
+from tileplan.run.data import load_csv
 from tileplan.run.report import load_metrics, load_report
 from tileplan.settings import Normalization
 
@@ -100,6 +101,48 @@ def test_a_segmented_plan_trains_reports_and_predicts(workspace: Path, tmp_path:
     images = sorted((workspace / "demo").glob("*.tif"))[:1]
     code, out = _run("predict", workspace / "tiny.py", *images, "--plan", plan_file,
                      "--checkpoint", run / "last.pt", "--saliency", tmp_path / "maps")  # fmt: skip
+    assert code == 0, out
+    assert (tmp_path / "maps" / f"{images[0].stem}.saliency.npy").is_file()
+
+
+def test_batch_norm_trains_with_batch_statistics_from_the_cli(workspace: Path,
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    """`profile --bn train`, then `train` (its --bn from the plan), `report` and `predict` of a
+    model with BatchNorm, squeeze-excitation and GroupNorm: the running statistics change in
+    the checkpoint, validation and prediction use them, and a frozen run of the plan is
+    refused naming the option."""
+    from tests.tileplan.conftest import TINY_GLOBAL_MODEL
+
+    model = tmp_path / "global.py"
+    model.write_text(TINY_GLOBAL_MODEL)
+    plan_file = tmp_path / "bn.yaml"
+    code, out = _run("profile", model, "--image", SIZE, "--bn", "train", "--max-tile", 64,
+                     "--no-measure", "--budget", "2GiB", "--out", plan_file)  # fmt: skip
+    assert code == 0, out
+    assert load_plan(plan_file).batch_norm == "train"
+    refused = tmp_path / "runs" / "frozen"
+    code, out = _run("train", model, "--plan", plan_file, "--data",
+                     workspace / "demo" / "train.csv", "--out", refused, "--bn", "frozen",
+                     "--num-workers", 0, "--epochs", 1)  # fmt: skip
+    assert code == 1
+    assert "--bn train" in out
+    assert not refused.exists()
+    run = tmp_path / "runs" / "bn"
+    code, out = _run("train", model, "--plan", plan_file, "--data",
+                     workspace / "demo" / "train.csv", "--val", workspace / "demo" / "val.csv",
+                     "--out", run, "--batch", 2, "--num-workers", 0, "--epochs", 1)  # fmt: skip
+    assert code == 0, out
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert checkpoint.meta.spec.batch_norm == "train"
+    counted = checkpoint.model["features.1.num_batches_tracked"]
+    assert int(counted) == len(load_csv(workspace / "demo" / "train.csv").samples)
+    assert not torch.equal(checkpoint.model["features.1.running_var"], torch.ones(8))
+    assert load_metrics(run)[-1].val_loss is not None
+    code, out = _run("report", run)
+    assert code == 0, out
+    images = sorted((workspace / "demo").glob("*.tif"))[:1]
+    code, out = _run("predict", model, *images, "--plan", plan_file, "--checkpoint",
+                     run / "last.pt", "--saliency", tmp_path / "maps")  # fmt: skip
     assert code == 0, out
     assert (tmp_path / "maps" / f"{images[0].stem}.saliency.npy").is_file()
 
