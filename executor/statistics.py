@@ -105,14 +105,21 @@ def _finish(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.to(_output_dtype(kind, device, x.dtype, state))
 
 
-def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-            ) -> torch.Tensor:  # fmt: skip
-    shape = (1, -1) + (1,) * (y.dim() - 2)
+def _normalized(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                per_sample: bool) -> torch.Tensor:  # fmt: skip
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` as one pass over the map,
+    ``x * scale + shift`` with per-channel ``scale = weight / sqrt(var + eps)`` and
+    ``shift = bias - mean * scale`` (torch's own norm kernels compute it so), in float32 or
+    better. ``mean``/``var``: (C,), or (N, C) when ``per_sample``."""
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.reshape(shape)
+        scale = scale * weight
+    shift = -mean * scale
     if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+        shift = shift + bias
+    shape = (*((x.shape[0],) if per_sample else (1,)), x.shape[1], *(1,) * (x.dim() - 2))
+    return torch.addcmul(shift.reshape(shape), _wide(x), scale.reshape(shape))
 
 
 def batch_normalize(
@@ -120,9 +127,7 @@ def batch_normalize(
     bias: torch.Tensor | None, eps: float,
 ) -> torch.Tensor:  # fmt: skip
     """Batch norm of ``x`` (N, C, *spatial) with given per-channel moments (C,): local."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (_wide(x) - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    return _finish("batch", x, _affine(y, weight, bias))
+    return _finish("batch", x, _normalized(x, mean, var, weight, bias, eps, per_sample=False))
 
 
 def group_normalize(
@@ -130,10 +135,10 @@ def group_normalize(
     bias: torch.Tensor | None, groups: int, eps: float,
 ) -> torch.Tensor:  # fmt: skip
     """Group norm of ``x`` (N, C, *spatial) with given moments (N, groups): local."""
-    n, c = x.shape[:2]
-    grouped = _wide(x).reshape(n, groups, c // groups, -1)
-    y = (grouped - mean[:, :, None, None]) * torch.rsqrt(var[:, :, None, None] + eps)
-    return _finish("group", x, _affine(y.reshape(x.shape), weight, bias))
+    per_channel = x.shape[1] // groups  # each group's moments, repeated over its channels
+    mean = mean.repeat_interleave(per_channel, dim=1)
+    var = var.repeat_interleave(per_channel, dim=1)
+    return _finish("group", x, _normalized(x, mean, var, weight, bias, eps, per_sample=True))
 
 
 def instance_normalize(
@@ -141,9 +146,8 @@ def instance_normalize(
     bias: torch.Tensor | None, eps: float,
 ) -> torch.Tensor:  # fmt: skip
     """Instance norm of ``x`` (N, C, *spatial) with given moments (N, C): local."""
-    shape = (*mean.shape, *(1,) * (x.dim() - 2))
-    y = (_wide(x) - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    return _finish("instance", x, _affine(y, weight, bias))
+    return _finish("instance", x, _normalized(x, mean, var, weight, bias, eps,
+                                              per_sample=True))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 from plotly.offline import get_plotlyjs
 
-from executor import save_plan
+from executor import load_plan, save_plan
 from tests.plans import METRICS, make_plan, make_report, segmented_plan
 from tileplan.cli import cli
 from tileplan.run.report import save_report
@@ -280,4 +280,29 @@ def test_page_renders_in_headless_chromium(tmp_path: Path, kind: str) -> None:
     assert "Tile grid of the image: 12 tiles (3x4)" in dom
     if kind == "run":
         assert "Memory over one training step" in dom
+    _check_screenshot(screenshot)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it)")
+def test_plan_of_a_trunk_with_statistics_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """A trunk whose statistics end segments (BatchNorm with batch statistics,
+    squeeze-excitation, GroupNorm) has no single-tile candidates: the page shows its
+    segmentations, one grid per segment and the statistics' cuts."""
+    from tests.tileplan.conftest import TINY_GLOBAL_MODEL
+
+    model = tmp_path / "global.py"
+    model.write_text(TINY_GLOBAL_MODEL)
+    source = tmp_path / "plan.yaml"
+    done = CliRunner().invoke(cli, ["profile", str(model), "--image", "160", "--bn", "train",
+                                    "--max-tile", "48", "--no-measure", "--budget", "2GiB",
+                                    "--out", str(source)])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    code, output = _invoke(str(source), "--no-open")
+    assert code == 0, output
+    screenshot = Path(SCREENSHOT_DIR or tmp_path) / "tileplan_view_statistics.png"
+    dom, console = _render(tmp_path / "plan.html", tmp_path / "chromium-profile", screenshot)
+    assert console == [], console
+    plan = load_plan(source)
+    assert len(_rendered_plots(dom)) == 3 + len(plan.segments)
+    assert "before features.4 (mean)" in dom
     _check_screenshot(screenshot)
