@@ -89,6 +89,8 @@ class StreamPart:
         stride: image px per position of its inputs.
         where: the module where it ends, for people.
         level: its level (see [Program]).
+        changes_inputs: its code changes an input map in place (a module built with
+            ``inplace=True`` applied to one): its crops must be copies.
     """
 
     module: torch.fx.GraphModule
@@ -99,6 +101,7 @@ class StreamPart:
     stride: tuple[int, ...]
     where: str
     level: int
+    changes_inputs: bool = True
 
     @property
     def end(self) -> str:
@@ -528,7 +531,7 @@ class _Builder:
         part = StreamPart(
             module, tuple(n.name for n in inputs), tuple(n.name for n in stats),
             tuple(n.name for n in outputs), geometry, values[inputs[0].name].stride,
-            where or last, level,
+            where or last, level, _changes_inputs(module),
         )  # fmt: skip
         return part, values
 
@@ -578,6 +581,22 @@ def _module(gm: torch.fx.GraphModule, runs: Sequence[torch.fx.Node],
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[n] for n in outputs))
     return torch.fx.GraphModule(gm, graph, class_name=name)
+
+
+def _changes_inputs(module: torch.fx.GraphModule) -> bool:
+    """Whether a part's code changes one of its inputs in place. In-place operations on
+    computed values were made out of place (``executor.trace.functionalize``); what is left
+    is a module built with ``inplace=True`` applied to an input, and changes of views."""
+    for node in module.graph.nodes:
+        if node.meta.get(INPLACE_VIEW):
+            return True
+        source = node.args[0] if node.args else None
+        if node.op != "call_module" or not isinstance(source, torch.fx.Node):
+            continue
+        if source.op == "placeholder" and getattr(module.get_submodule(str(node.target)),
+                                                  "inplace", False) is True:  # fmt: skip
+            return True
+    return False
 
 
 def build_program(trunk: nn.Module, n_axes: int = 2, cuts: Sequence[str] = ()) -> Program:

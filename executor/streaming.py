@@ -492,6 +492,13 @@ class StreamingCNN:
 
     # -- stream parts -------------------------------------------------------------------------
 
+    def _fed(self, part: StreamPart, crops: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """What a tile's code gets: its crops, copied when they need a gradient and the code
+        may change them in place (autograd forbids that on the leaves it differentiates)."""
+        if self.program.local or part.changes_inputs:
+            return [_fed(c) for c in crops]
+        return list(crops)
+
     def _call(self, part: StreamPart) -> Callable[..., tuple[torch.Tensor, ...]]:
         """How a tile runs: the user's own module when the trunk streams as one part."""
         if self.program.local:
@@ -531,7 +538,7 @@ class StreamingCNN:
             for k, (tile, crop) in enumerate(crops):
                 keep = keep_last and k == n - 1
                 with torch.set_grad_enabled(keep), self.autocast():
-                    ys = call(*map(_fed, crop), *_fed_stats(part_stats, originals))
+                    ys = call(*self._fed(part, crop), *_fed_stats(part_stats, originals))
                 for j, (y, value) in enumerate(zip(ys, maps, strict=True)):
                     if outputs[j] is None:
                         final = part.outputs[j] == self.program.output
@@ -592,7 +599,7 @@ class StreamingCNN:
                     crop, ys = list(crop.crops), crop.outputs
                 else:
                     with torch.enable_grad(), self.autocast():
-                        ys = call(*map(_fed, crop), *_fed_stats(part_stats, originals))
+                        ys = call(*self._fed(part, crop), *_fed_stats(part_stats, originals))
                 owned, wanted = [], []
                 for y, g, value in zip(ys, out_grads, maps, strict=True):
                     if g is None or not y.requires_grad:
@@ -636,6 +643,7 @@ class StreamingCNN:
         tiles = list(tiles)
         image = self.program.image
         names = part.inputs
+        copies = self.program.local or part.changes_inputs
         with contextlib.ExitStack() as stack:
             if image in names:
                 reader: Iterable[tuple[Tile, torch.Tensor | None]] = stack.enter_context(
@@ -654,7 +662,9 @@ class StreamingCNN:
                     else:
                         value = values[name]
                         crop = value[_index(self.program.maps[name], tile.input_slices())]
-                        crop = crop.to(device=device or crop.device, copy=True)
+                        # A view when the part's code leaves its inputs alone (the kept map is
+                        # then read in place); a copy when it changes them in place.
+                        crop = crop.to(device=device or crop.device, copy=copies).detach()
                         crops.append(crop.requires_grad_(bool(wants) and crop.is_floating_point()))
                 del region
                 yield tile, crops

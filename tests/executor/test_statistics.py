@@ -532,3 +532,25 @@ def test_a_statistic_of_an_image_source_is_read_whole_once() -> None:
         out = scnn.forward(source)
         scnn.backward(source, torch.ones_like(out))
         assert source.whole == 1, (cache, source.whole)
+
+
+def test_a_segment_that_changes_its_input_in_place_reads_copies() -> None:
+    """Segments read kept maps in place unless their code changes an input in place (a
+    ReLU built with ``inplace=True`` right after a cut): then they read copies, and the kept
+    map is still there for the backward pass."""
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(4, 4, 3, padding=1), SqueezeExcite(4)).double()  # fmt: skip
+    cut = map_cut_points(trunk)[0]
+    scnn = StreamingCNN(
+        trunk,
+        segments=[
+            SegmentSpec(cut, 16),
+            *(SegmentSpec(end, 16) for end in StreamingCNN(trunk, 16).ends),
+            SegmentSpec(None, 16),
+        ],
+    )
+    assert scnn.program.streams[1].changes_inputs
+    assert not scnn.program.streams[-1].changes_inputs
+    image = torch.randn(1, 3, 40, 36, dtype=torch.float64)
+    specs = scnn.specs
+    assert compare_with_conventional(trunk, image, 0, segments=list(specs or ())).n_tiles > 3
