@@ -142,6 +142,10 @@ def run_training(
                 device=str(device), time_per_image_s=statistics.median(per_image),
             )  # fmt: skip
             save_report(report, req.out / "report.yaml")
+        if joined:
+            # No rank tears its connections down while another still talks over them (rank 0
+            # writes the checkpoint and report last): gloo aborts a peer whose socket closes.
+            dist.barrier()
         return history, report
     finally:
         if joined:
