@@ -9,6 +9,7 @@ from executor.chain import SegmentedStreamingCNN, SegmentSpec
 from executor.classify import traced_trunk
 from executor.errors import ContractError, GeometryError, StreamingError, UnsupportedLayerError
 from executor.fileio import atomic_write, atomic_write_path
+from executor.function import stream_trunk
 from executor.geometry import (
     AxisGeometry,
     AxisTile,
@@ -50,7 +51,12 @@ from executor.serde import from_data, to_data, to_yaml
 from executor.sources import CropReader, ImageSource, TensorSource
 from executor.statistics import EFFECTS
 from executor.steps import streaming_step
-from executor.streaming import StreamingCNN, spatial_tile_shape
+from executor.streaming import (
+    ForwardState,
+    StreamedGrads,
+    StreamingCNN,
+    spatial_tile_shape,
+)
 from executor.trace import trace
 
 __all__ = [
@@ -63,6 +69,7 @@ __all__ = [
     "AxisTile",
     "BatchNormMode",
     "Candidate",
+    "ForwardState",
     "ContractError",
     "CropReader",
     "DtypeName",
@@ -86,6 +93,7 @@ __all__ = [
     "Statistic",
     "StreamingCNN",
     "StreamPart",
+    "StreamedGrads",
     "StreamingError",
     "TensorSource",
     "Tile",
@@ -111,6 +119,7 @@ __all__ = [
     "prefix",
     "save_plan",
     "spatial_tile_shape",
+    "stream_trunk",
     "streaming_step",
     "suffix",
     "to_data",

@@ -768,6 +768,10 @@ class Plan:
         """Plain YAML-able dict, keys in field order."""
         return to_data(self)
 
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the plan as YAML, atomically (``save_plan``); returns the path."""
+        return save_plan(self, path)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         """Inverse of ``to_dict``; raises ``PlanError`` naming the first bad key."""

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from executor.function import stream_trunk
 from executor.streaming import StreamingCNN
 
 __all__ = ["streaming_step"]
@@ -37,14 +38,14 @@ def streaming_step(
     Returns:
         ``(loss, logits)``, both detached.
     """
-    features = scnn.forward(image)  # (N, C, *out), no graph
-    features.requires_grad_()
+    # One path with the drop-in model: the trunk is an autograd node (executor.function), so
+    # one backward call gives every gradient, accumulated by autograd.
+    features = stream_trunk(scnn, image)  # (N, C, *out), no trunk graph held
     with scnn.autocast():  # the head sees the map as it would under whole-model autocast
         logits = head(features)
         loss = loss_fn(logits, target.to(logits.device))
+    del features  # the head's graph holds what it needs of the map; free the rest early
+    logits = logits.detach()
     scaled = grad_scaler.scale(loss) if grad_scaler is not None else loss
     (scaled * loss_scale).backward()
-    grad = features.grad
-    del features, scaled, loss_fn  # the map is not needed by the streamed backward: free it
-    scnn.backward(image, grad)
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits

@@ -56,7 +56,9 @@ from executor.program import MapValue, Program, ReducePart, StreamPart, build_pr
 from executor.segments import map_cut_points
 from executor.sources import CropReader, ImageSource, image_version
 
-__all__ = ["SegmentSpec", "StreamingCNN", "spatial_tile_shape"]
+__all__ = [
+    "ForwardState", "SegmentSpec", "StreamedGrads", "StreamingCNN", "spatial_tile_shape",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +117,34 @@ class _CachedTile:
 
 
 @dataclass
-class _Forward:
-    """What a forward pass keeps for the backward pass: every map that crosses parts (not
-    the image, not the output) and every statistic, and what the trunk was then."""
+class ForwardState:
+    """What a forward pass keeps for its backward pass: every map that crosses parts (not the
+    image, not the output), every statistic, the last tile's graph (``cache_last_tile``), and
+    what the trunk was then. Opaque: made by ``StreamingCNN.forward_pass``, consumed (once) by
+    ``StreamingCNN.backward_pass``."""
 
     image: weakref.ref[Image]
     version: int
     values: dict[str, Any]
     stats: dict[str, Any]
     signature: tuple[object, ...] = ()
+    input_grad: bool = False
+    cache: _CachedTile | None = None
+
+
+@dataclass(frozen=True)
+class StreamedGrads:
+    """The gradients of one streamed backward pass, returned rather than written to ``.grad``
+    (so that autograd, and the hooks of DDP or a loss scaler on it, accumulates them).
+
+    Attributes:
+        params: ``(parameter, gradient)`` for every trunk parameter that got one, in the
+            trunk's ``parameters()`` order; the gradient has the parameter's dtype and device.
+        image: the gradient with respect to the image when it was asked for, else None.
+    """
+
+    params: tuple[tuple[nn.Parameter, torch.Tensor], ...]
+    image: torch.Tensor | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +238,7 @@ class StreamingCNN:
         self.cache_last_tile = cache_last_tile
         self.progress = progress
         self.plan: Plan | None = None
-        self._cache: _CachedTile | None = None
-        self._forward: _Forward | None = None
+        self._forward: ForwardState | None = None
         self._build()
 
     # -- the program ----------------------------------------------------------------------------
@@ -253,7 +273,6 @@ class StreamingCNN:
                     _scaled(self.tile_shape, part), _scaled(self.forward_tile_shape, part), False
                 )
         self._forward = None
-        self._cache = None
 
     def _trunk_signature(self) -> tuple[object, ...]:
         """What the program was read from: every module's train/eval mode, and which tensors
@@ -375,16 +394,34 @@ class StreamingCNN:
             (N, C_out, *out_spatial) on the trunk's device (or ``output_device``),
             ``requires_grad=False``.
         """
-        self._prepare(image)
         self._forward = None
-        self._cache = None
         keep = torch.is_grad_enabled()
-        output, kept = self._run_forward(image, keep=keep, effects=True)
+        output, kept = self.forward_pass(image, keep=keep, input_grad=self.input_grad)
         if keep:
             self._forward = kept
         return output
 
     __call__ = forward
+
+    def forward_pass(self, image: Image, *, keep: bool, input_grad: bool = False
+                     ) -> tuple[torch.Tensor, ForwardState]:  # fmt: skip
+        """The streamed forward pass, with what its backward pass needs handed to the caller
+        instead of held by the engine (``executor.function`` builds autograd on this).
+
+        Args:
+            keep: keep the maps and statistics for ``backward_pass`` (else they are freed as
+                soon as they are used, as inference needs).
+            input_grad: the backward pass will also compute the image's gradient (the last
+                tile's cached graph is built for it).
+
+        Returns:
+            ``(output, state)``: the output map, without graph, and the state to pass to
+            ``backward_pass`` (empty when ``keep`` is False). Running statistics are updated
+            once, as a conventional forward pass updates them.
+        """
+        self._prepare(image)
+        with torch.no_grad():
+            return self._run_forward(image, keep=keep, effects=True, input_grad=input_grad)
 
     def backward(self, image: Image, grad_output: torch.Tensor) -> torch.Tensor | None:
         """Add the exact trunk parameter gradients for ``grad_output`` into their ``.grad``.
@@ -402,9 +439,35 @@ class StreamingCNN:
 
         On any exception the parameters' ``.grad`` are restored to what they were before.
         """
-        kept = self._forward
+        kept, self._forward = self._forward, None
+        with _restore_grads_on_error(self.trunk):
+            grads = self.backward_pass(image, kept, grad_output, input_grad=self.input_grad)
+            for param, grad in grads.params:
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad += grad.to(param.grad.dtype)
+        return grads.image
+
+    def backward_pass(self, image: Image, state: ForwardState | None,
+                      grad_output: torch.Tensor, *, input_grad: bool = False
+                      ) -> StreamedGrads:  # fmt: skip
+        """The streamed backward pass: the exact gradients of the trunk's parameters (and of
+        the image with ``input_grad``) for ``grad_output``, returned, not written to ``.grad``.
+
+        Args:
+            image: the image (tensor or source) of the forward pass.
+            state: what ``forward_pass(image, keep=True)`` returned; it is consumed (its maps
+                are freed as the pass goes). None, or the state of another image or of an
+                image changed in place since, recomputes the forward pass first.
+            grad_output: the gradient of the loss with respect to the output map.
+
+        Raises:
+            GeometryError: ``grad_output`` does not match the output shape for ``image``.
+            StreamingError: the trunk changed (train()/eval(), ``.to()``) since the forward.
+        """
+        kept = state
         if kept is not None and kept.signature != self._trunk_signature():
-            self._forward = None
             raise StreamingError(
                 "the trunk changed between forward and backward (train()/eval() or .to()), so "
                 "its gradients would be another function's; call forward again first"
@@ -419,27 +482,27 @@ class StreamingCNN:
                 f"grad_output has shape {tuple(grad_output.shape)} but the trunk's output for "
                 f"this image has batch and spatial shape {expected}; pass out.grad of forward()"
             )
-        kept, self._forward = self._forward, None
-        if kept is None or kept.image() is not image or kept.version != image_version(image):
-            self._cache = None
+        if (kept is None or kept.image() is not image or kept.version != image_version(image)
+                or kept.input_grad != input_grad):  # fmt: skip
             with torch.no_grad():
-                _, kept = self._run_forward(image, keep=True, effects=False)
-        assert kept is not None
-        with _restore_grads_on_error(self.trunk):
-            return self._run_backward(image, kept, grad_output)
+                _, kept = self._run_forward(image, keep=True, effects=False,
+                                            input_grad=input_grad)  # fmt: skip
+        return self._run_backward(image, kept, grad_output, input_grad=input_grad)
 
     # -- passes -------------------------------------------------------------------------------
 
-    def _run_forward(self, image: Image, *, keep: bool, effects: bool
-                     ) -> tuple[torch.Tensor, _Forward]:  # fmt: skip
+    def _run_forward(self, image: Image, *, keep: bool, effects: bool, input_grad: bool
+                     ) -> tuple[torch.Tensor, ForwardState]:  # fmt: skip
         program = self.program
+        cache: list[_CachedTile] = []
         values: dict[str, Any] = {program.image: image}
         stats: dict[str, Any] = {}
         last_use = _last_uses(program.parts)
         for k, part in enumerate(program.parts):
             if isinstance(part, StreamPart):
-                outputs = self._stream_forward(part, values, stats, image,
-                                               last=k == len(program.parts) - 1)  # fmt: skip
+                last = keep and k == len(program.parts) - 1
+                outputs = self._stream_forward(part, values, stats, image, input_grad=input_grad,
+                                               cache=cache if last else None)  # fmt: skip
                 values.update(zip(part.outputs, outputs, strict=True))
             else:
                 outputs = self._reduce_forward(part, values, stats, effects=effects)
@@ -451,17 +514,22 @@ class StreamingCNN:
                         stats.pop(name, None)
         output = values.pop(program.output)
         values.pop(program.image)
-        kept = _Forward(weakref.ref(image), image_version(image), values, stats, self._signature)
+        if not keep:
+            values, stats = {}, {}
+        kept = ForwardState(weakref.ref(image), image_version(image), values, stats,
+                            self._signature, input_grad, cache[0] if cache else None)  # fmt: skip
         return output, kept
 
-    def _run_backward(self, image: Image, kept: _Forward, grad_output: torch.Tensor
-                      ) -> torch.Tensor | None:  # fmt: skip
+    def _run_backward(self, image: Image, kept: ForwardState, grad_output: torch.Tensor, *,
+                      input_grad: bool) -> StreamedGrads:  # fmt: skip
         program = self.program
         # Take the kept maps over (not a copy): each is freed as soon as no part before the
         # current one reads it, which only happens when nothing else holds it.
         values, kept.values = kept.values, {}
+        cache, kept.cache = kept.cache, None
         values[program.image] = image
-        needs = self._needs_grad()
+        needs = self._needs_grad(input_grad)
+        sink = _Sums()
         grads: dict[str, torch.Tensor] = {program.output: grad_output}
         stat_grads: dict[str, torch.Tensor] = {}
         first_use = _first_uses(program.parts)
@@ -469,18 +537,29 @@ class StreamingCNN:
         for k in range(len(program.parts) - 1, -1, -1):
             part = program.parts[k]
             if isinstance(part, StreamPart):
-                self._stream_backward(part, values, stats, grads, stat_grads, needs, image)
+                self._stream_backward(
+                    part,
+                    values,
+                    stats,
+                    grads,
+                    stat_grads,
+                    needs,
+                    image,
+                    sink,
+                    cache if k == len(program.parts) - 1 else None,
+                )
             else:
-                self._reduce_backward(part, values, stats, grads, stat_grads, needs)
+                self._reduce_backward(part, values, stats, grads, stat_grads, needs, sink)
             for name in [n for n, at in first_use.items() if at == k]:
                 if name != program.image:
                     values.pop(name, None)  # no part before this one reads it: free it
-        return grads.get(program.image) if self.input_grad else None
+        return StreamedGrads(sink.ordered(self.trunk),
+                             grads.get(program.image) if input_grad else None)  # fmt: skip
 
-    def _needs_grad(self) -> dict[str, bool]:
+    def _needs_grad(self, input_grad: bool) -> dict[str, bool]:
         """Which values need a gradient: those computed from the image (with ``input_grad``)
         or from parameters that train."""
-        needs = {self.program.image: self.input_grad}
+        needs = {self.program.image: input_grad}
         for part in self.program.parts:
             module = part.module if isinstance(part, StreamPart) else part.grad_module
             flag = any(p.requires_grad for p in module.parameters()) or any(
@@ -515,16 +594,20 @@ class StreamingCNN:
         return shapes.pop()
 
     def _stream_forward(self, part: StreamPart, values: dict[str, Any], stats: dict[str, Any],
-                        image: Image, *, last: bool) -> list[torch.Tensor]:  # fmt: skip
+                        image: Image, *, input_grad: bool, cache: list[_CachedTile] | None
+                        ) -> list[torch.Tensor]:  # fmt: skip
+        """Stream a part over its tiles into whole output maps; with ``cache`` (the last part
+        of a forward pass that keeps for a backward pass), the last tile's graph is put in
+        it for the first backward tile."""
         tiles = self._tiles[id(part)]
         grid = part.geometry.tile_grid(self._input_shape(part, values), tiles.forward)
         keep_last = (
-            last and self.cache_last_tile and torch.is_grad_enabled()
-            and tiles.forward == tiles.backward and self._needs_graph()
+            cache is not None and self.cache_last_tile and tiles.forward == tiles.backward
+            and (input_grad or self._trains())
         )  # fmt: skip
         call = self._call(part)
         originals = tuple(stats[n] for n in part.stats)
-        needs = self._needs_grad() if keep_last else {}
+        needs = self._needs_grad(input_grad) if keep_last else {}
         part_stats = (
             tuple(_stat_leaf(stats[n], needs.get(n, False)) for n in part.stats)
             if keep_last else originals
@@ -533,7 +616,14 @@ class StreamingCNN:
         maps = [self.program.maps[n] for n in part.outputs]
         on_host = tiles.on_host
         n = grid.n_tiles
-        crops = self._crops(part, values, grid, "forward", grad_at=n - 1 if keep_last else None)
+        crops = self._crops(
+            part,
+            values,
+            grid,
+            "forward",
+            grad_at=n - 1 if keep_last else None,
+            image_grad=input_grad,
+        )
         with contextlib.closing(crops):
             for k, (tile, crop) in enumerate(crops):
                 keep = keep_last and k == n - 1
@@ -549,8 +639,9 @@ class StreamingCNN:
                         _index(value, tile.local_output_slices())
                     ].detach()
                 if keep:
-                    self._cache = _CachedTile(tile, tuple(crop), tuple(ys), part_stats,
-                                              weakref.ref(image), image_version(image))  # fmt: skip
+                    assert cache is not None
+                    cache.append(_CachedTile(tile, tuple(crop), tuple(ys), part_stats,
+                                             weakref.ref(image), image_version(image)))  # fmt: skip
                 del crop, ys
         assert all(o is not None for o in outputs)
         return outputs  # type: ignore[return-value]
@@ -566,7 +657,7 @@ class StreamingCNN:
     def _stream_backward(
         self, part: StreamPart, values: dict[str, Any], stats: dict[str, Any],
         grads: dict[str, torch.Tensor], stat_grads: dict[str, torch.Tensor],
-        needs: dict[str, bool], image: Image,
+        needs: dict[str, bool], image: Image, sink: _Sums, cache: _CachedTile | None,
     ) -> None:  # fmt: skip
         out_grads = [grads.pop(n, None) for n in part.outputs]
         if all(g is None for g in out_grads):
@@ -575,10 +666,9 @@ class StreamingCNN:
         grid = part.geometry.tile_grid(self._input_shape(part, values), tiles.backward)
         targets = [self._grad_target(n, values[n], grads) if needs.get(n) else None
                    for n in part.inputs]  # fmt: skip
-        cache, self._cache = self._cache, None
         order = list(reversed(list(grid)))
         if cache is not None and (
-            part is not self.program.parts[-1] or cache.image() is not image
+            cache.image() is not image
             or cache.version != image_version(image) or cache.tile != order[0]
         ):  # fmt: skip
             cache = None
@@ -592,7 +682,14 @@ class StreamingCNN:
         call = self._call(part)
         todo = order[1:] if cache is not None else order
         grad_of = [needs.get(n, False) for n in part.inputs]
-        crops_iter = self._crops(part, values, todo, "backward", grad_all=grad_of)
+        crops_iter = self._crops(
+            part, values, todo, "backward", grad_all=grad_of, image_grad=needs[self.program.image]
+        )
+        owner = self.trunk if self.program.local else part.module  # what the tile runs
+        params = [p for p in owner.parameters() if p.requires_grad]
+        stat_leaves = [leaf for leaf in part_stats
+                       if isinstance(leaf, torch.Tensor) and leaf.requires_grad]  # fmt: skip
+        stat_sums = _Sums()
         with contextlib.closing(crops_iter):
             for tile, crop in _first_then(cache, crops_iter):
                 if isinstance(crop, _CachedTile):
@@ -609,17 +706,26 @@ class StreamingCNN:
                     wanted.append(
                         g[_index(value, tile.output_slices())].to(piece.device, piece.dtype)
                     )
-                if owned:
-                    torch.autograd.backward(owned, wanted)
+                if not owned:
+                    continue
+                # Gradients returned, not accumulated into .grad: the tile's leaves are the
+                # part's parameters (so their hooks, e.g. DDP's, see only the pass's total).
+                leaves = [c for c in crop if c.requires_grad]
+                found = _grad(owned, wanted, [*params, *leaves, *stat_leaves])
+                sink.add(params, found[: len(params)])
+                stat_sums.add(stat_leaves, found[len(params) + len(leaves) :])
+                crop_grads = dict(zip(map(id, leaves), found[len(params) :], strict=False))
                 for c, target, value in zip(crop, targets, inputs, strict=True):
-                    if target is not None and c.grad is not None:
-                        target[_index(value, tile.input_slices())] += c.grad.to(
+                    g = crop_grads.get(id(c))
+                    if target is not None and g is not None:
+                        target[_index(value, tile.input_slices())] += g.to(
                             target.device, target.dtype
                         )
-                del crop, ys, owned, wanted
+                del crop, ys, owned, wanted, found, crop_grads
         for name, leaf in zip(part.stats, part_stats, strict=True):
-            if isinstance(leaf, torch.Tensor) and leaf.grad is not None:
-                _add(stat_grads, name, leaf.grad)
+            g = stat_sums.get(leaf)
+            if g is not None:
+                _add(stat_grads, name, g)
 
     def _grad_target(self, name: str, value: Any, grads: dict[str, torch.Tensor]
                      ) -> torch.Tensor:  # fmt: skip
@@ -636,6 +742,7 @@ class StreamingCNN:
     def _crops(
         self, part: StreamPart, values: dict[str, Any], tiles: Iterable[Tile], what: str, *,
         grad_at: int | None = None, grad_all: Sequence[bool] | None = None,
+        image_grad: bool = False,
     ) -> Iterator[tuple[Tile, list[torch.Tensor]]]:  # fmt: skip
         """Each tile's crops of the part's inputs: the image's read through a
         ``CropReader`` (read ahead from a source), the kept maps' sliced; always copies on
@@ -658,7 +765,7 @@ class StreamingCNN:
                     wants = grad_all[i] if grad_all is not None else k == grad_at
                     if name == image:
                         assert region is not None
-                        crops.append(self._crop(region, requires_grad=wants and self.input_grad))
+                        crops.append(self._crop(region, requires_grad=wants and image_grad))
                     else:
                         value = values[name]
                         crop = value[_index(self.program.maps[name], tile.input_slices())]
@@ -693,7 +800,7 @@ class StreamingCNN:
     def _reduce_backward(
         self, part: ReducePart, values: dict[str, Any], stats: dict[str, Any],
         grads: dict[str, torch.Tensor], stat_grads: dict[str, torch.Tensor],
-        needs: dict[str, bool],
+        needs: dict[str, bool], sink: _Sums,
     ) -> None:  # fmt: skip
         out_grads = [stat_grads.pop(n, None) for n in part.outputs]
         if all(g is None for g in out_grads):
@@ -704,15 +811,26 @@ class StreamingCNN:
             outputs = part.grad_module(*maps, *leaves)
         pairs = [(o, g) for o, g in zip(outputs, out_grads, strict=True)
                  if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]  # fmt: skip
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
-        del outputs, pairs
-        for name, leaf in zip(part.inputs, maps, strict=True):
-            if leaf.grad is not None:
-                self._add_map_grad(grads, name, leaf.grad, values[name])
-        for name, leaf in zip(part.stats, leaves, strict=True):
-            if isinstance(leaf, torch.Tensor) and leaf.grad is not None:
-                _add(stat_grads, name, leaf.grad)
+        del outputs
+        if not pairs:
+            return
+        params = [p for p in part.grad_module.parameters() if p.requires_grad]
+        named = [(n, leaf, True) for n, leaf in zip(part.inputs, maps, strict=True)] + [
+            (n, leaf, False) for n, leaf in zip(part.stats, leaves, strict=True)
+        ]
+        named = [(n, leaf, is_map) for n, leaf, is_map in named
+                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad]  # fmt: skip
+        found = _grad([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs],
+                      [*params, *(leaf for _, leaf, _ in named)])  # fmt: skip
+        del pairs
+        sink.add(params, found[: len(params)])
+        for (name, _, is_map), g in zip(named, found[len(params) :], strict=True):
+            if g is None:
+                continue
+            if is_map:
+                self._add_map_grad(grads, name, g, values[name])
+            else:
+                _add(stat_grads, name, g)
 
     def _add_map_grad(self, grads: dict[str, torch.Tensor], name: str, grad: torch.Tensor,
                       value: Any) -> None:  # fmt: skip
@@ -746,8 +864,8 @@ class StreamingCNN:
         if self._trunk_signature() != self._signature:  # train()/eval() switched, or .to()
             self._build()
 
-    def _needs_graph(self) -> bool:
-        return self.input_grad or any(p.requires_grad for p in self.trunk.parameters())
+    def _trains(self) -> bool:
+        return any(p.requires_grad for p in self.trunk.parameters())
 
     def _crop(self, region: torch.Tensor, *, requires_grad: bool) -> torch.Tensor:
         # Always a copy: the trunk may work in place on its input, and crops overlap.
@@ -842,6 +960,46 @@ def _fed_stats(leaves: Sequence[Any], originals: Sequence[Any]) -> tuple[Any, ..
         if isinstance(leaf, torch.Tensor) and leaf.dtype != original.dtype else leaf
         for leaf, original in zip(leaves, originals, strict=True)
     )  # fmt: skip
+
+
+def _grad(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
+          inputs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:  # fmt: skip
+    """``d(outputs)/d(inputs)`` contracted with ``grad_outputs``; None where an input is not
+    reached (``torch.autograd.grad`` runs no ``AccumulateGrad``: no ``.grad`` is written)."""
+    if not inputs:
+        torch.autograd.backward(list(outputs), list(grad_outputs))  # frees the graph
+        return []
+    return list(torch.autograd.grad(list(outputs), list(inputs), list(grad_outputs),
+                                    allow_unused=True))  # fmt: skip
+
+
+class _Sums:
+    """Gradients of leaves (parameters, statistics) summed over tiles and parts, keyed by the
+    leaf."""
+
+    def __init__(self) -> None:
+        self._grads: dict[int, torch.Tensor] = {}
+        self._owned: set[int] = set()
+
+    def add(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        for p, g in zip(params, grads, strict=True):
+            if g is None:
+                continue
+            key = id(p)
+            if key not in self._grads:
+                self._grads[key] = g  # may alias a tile's tensor: not changed in place
+            elif key in self._owned:
+                self._grads[key] += g
+            else:
+                self._grads[key] = self._grads[key] + g
+                self._owned.add(key)
+
+    def get(self, leaf: Any) -> torch.Tensor | None:
+        return self._grads.get(id(leaf))
+
+    def ordered(self, module: nn.Module) -> tuple[tuple[nn.Parameter, torch.Tensor], ...]:
+        return tuple((p, self._grads[id(p)]) for p in module.parameters()
+                     if id(p) in self._grads)  # fmt: skip
 
 
 def _add(grads: dict[str, torch.Tensor], name: str, grad: torch.Tensor) -> None:

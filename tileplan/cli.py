@@ -82,15 +82,11 @@ def _largest_image(
     data: Path, mpp: float | None, level: int | None, tissue: bool
 ) -> tuple[tuple[int, int], int]:
     """``((H, W), channels)`` a plan for every image of the CSV ``data`` needs."""
-    from tileplan.run.data import load_csv
-    from tileplan.settings import DataSettings
+    from tileplan.api import largest_image
 
-    settings = DataSettings(mpp=mpp, level=level, tissue=tissue)
-    dataset = load_csv(data, settings=settings)
-    largest = dataset.largest_shape
-    click.echo(f"{data}: {len(dataset)} images at {settings.describe_reading()}; "
-               f"planning for the largest, {format_shape(largest)} px", err=True)  # fmt: skip
-    return largest, dataset.channels
+    largest, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue)
+    click.echo(f"{data}: planning for the largest image, {format_shape(largest)} px", err=True)
+    return largest, channels
 
 
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]
@@ -260,16 +256,10 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
     split(model) -> (trunk, head).
     """
     from executor import save_plan
-    from tileplan.planning.profile import NoFeasiblePlanError, ProfileRequest
-    from tileplan.planning.profile import profile as run_profile
-    from tileplan.text import (
-        describe_segmentations,
-        describe_segments,
-        describe_trunk,
-        describe_verification,
-        render_table,
-        summary,
-    )
+    from tileplan.api import memory_report
+    from tileplan.api import profile as plan_for
+    from tileplan.planning.profile import NoFeasiblePlanError
+    from tileplan.text import render_table
 
     if segments != "auto" and not (segments.isdigit() and int(segments) >= 1):
         raise click.BadParameter(
@@ -284,14 +274,12 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
         with _one_line_errors():
             if data is not None:
                 image, channels = _largest_image(data, mpp, level, tissue)
-            request = ProfileRequest(
-                model_file=model_file, image_shape=image, channels=channels, device=device,
-                budget_bytes=budget, margin=margin, dtype=dtype, tile=tile, split=split,
-                optimizer=optimizer, measure=measure, verify=verify, verify_limit_s=verify_limit,
-                segments=None if segments == "auto" else int(segments), cuts=cut_names,
-                max_tile=max_tile, batch_norm=batch_norm,
+            plan = plan_for(
+                model_file, image=image, channels=channels, device=device, budget=budget,
+                margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
+                measure=measure, verify=verify, verify_limit=verify_limit, segments=segments,
+                cut=cut_names, max_tile=max_tile, bn=batch_norm, progress=sys.stderr.isatty(),
             )  # fmt: skip
-            plan = run_profile(request, progress=sys.stderr.isatty())
             save_plan(plan, out)
     except click.ClickException as err:
         if isinstance(err.__cause__, NoFeasiblePlanError) and err.__cause__.candidates:
@@ -300,16 +288,7 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=1))
         return
-    for line in describe_trunk(plan):
-        click.echo(line)
-    if plan.candidates:
-        click.echo(render_table(plan.candidates, plan.tile_px))
-    elif not plan.segments:
-        click.echo("no single-segment candidates were priced")
-    for line in [*describe_segmentations(plan), *describe_segments(plan)]:
-        click.echo(line)
-    click.echo(summary(plan))
-    click.echo(describe_verification(plan))
+    click.echo(str(memory_report(plan)))
     click.echo(f"plan written to {out}")
 
 

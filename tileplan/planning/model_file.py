@@ -42,7 +42,8 @@ from executor import (
 )
 
 __all__ = [
-    "LoadedModel", "ModelFileError", "Split", "load_model_file", "set_batch_norm", "split_model",
+    "LoadedModel", "ModelFileError", "Split", "load_model_file", "load_module", "set_batch_norm",
+    "split_model",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,20 @@ def load_model_file(path: str | Path, split: str = "auto", *, batch_norm: str = 
         )
     model.eval()
     return _split(path, entry, model, getattr(namespace, "split", None), split, batch_norm)
+
+
+SplitFn = Callable[[nn.Module], tuple[nn.Module, nn.Module]]
+
+
+def load_module(model: nn.Module, split: str | SplitFn = "auto", *, batch_norm: str = "frozen",
+                label: str = "<module>") -> LoadedModel:  # fmt: skip
+    """Split a module given in Python as ``load_model_file`` splits a file's (in eval mode,
+    BatchNorm in ``batch_norm`` mode). ``split``: ``"auto"``, a module name, or a function
+    ``split(model) -> (trunk, head)``; ``label`` stands for the file in messages."""
+    model.eval()
+    user_split = split if callable(split) else None
+    return _split(Path(label), "module", model, user_split, "auto" if callable(split) else split,
+                  batch_norm)  # fmt: skip
 
 
 def _split(path: Path, entry: str, model: nn.Module, user_split: object, split: str,

@@ -13,14 +13,16 @@ not cover the whole image (then nothing can be faster). Everything is returned a
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 import tileplan
@@ -62,7 +64,7 @@ from tileplan.planning.measure import (
     measure_peak,
     measure_time_model,
 )
-from tileplan.planning.model_file import LoadedModel, load_model_file
+from tileplan.planning.model_file import LoadedModel, load_model_file, load_module
 from tileplan.planning.search import Scored, candidate_tiles, choose, proxy_cost
 from tileplan.planning.segments import Costs, SegmentSearch, candidate_cuts, resolve_cuts
 from tileplan.settings import OPTIMIZERS
@@ -95,7 +97,7 @@ class NoFeasiblePlanError(StreamingError):
 class ProfileRequest:
     """What to plan for. Sizes in px, memory in bytes."""
 
-    model_file: Path
+    model_file: Path | None
     image_shape: tuple[int, ...]
     channels: int = 3
     batch: int = 1
@@ -114,6 +116,11 @@ class ProfileRequest:
     cuts: tuple[str, ...] = ()  # cut the trunk here (node or module names), nothing else
     max_tile: int | None = None  # largest backward tile side (px of each segment's input)
     batch_norm: str = "frozen"  # BatchNorm with running ("frozen") or batch ("train") stats
+    model_label: str | None = None  # the plan's model file entry when it is not a file's path
+    # A module given in Python, planned in this process (a copy; model_file is then only
+    # for measuring children, and may be None when nothing is measured).
+    module: nn.Module | None = None
+    split_fn: Callable[[nn.Module], tuple[nn.Module, nn.Module]] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin < 1.0:
@@ -224,7 +231,7 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
         NoFeasiblePlanError: nothing fits the budget (all candidates are attached).
     """
     bar = tqdm(total=7, desc="profile", disable=not progress, leave=False)
-    loaded = load_model_file(req.model_file, req.split, batch_norm=req.batch_norm)
+    loaded = _load(req)
     info = device_info(req.device, assume=not req.measure)
     budget = req.budget_bytes or (
         info.total_bytes if info.device != "cpu" else info.available_bytes
@@ -300,6 +307,17 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     layers = _layers(loaded, geometry, image, chosen, precision.dtype)
     return _plan(ctx, loaded, geometry, rows, chains, chosen, budget, verification,
                  conventional, layers, program)  # fmt: skip
+
+
+def _load(req: ProfileRequest) -> LoadedModel:
+    """The model to plan, split: a copy of a module given in Python, or the model file's."""
+    if req.module is not None:
+        return load_module(copy.deepcopy(req.module), req.split_fn or req.split,
+                           batch_norm=req.batch_norm,
+                           label=req.model_label or "<module>")  # fmt: skip
+    if req.model_file is None:
+        raise ValueError("give a model file or a module to plan for")
+    return load_model_file(req.model_file, req.split, batch_norm=req.batch_norm)
 
 
 def _check_forced(req: ProfileRequest, forced: int) -> None:
@@ -721,7 +739,7 @@ def _plan(
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         ),
         model=ModelIdentity(
-            file=str(req.model_file),
+            file=req.model_label or str(req.model_file),
             entry=loaded.entry,
             split=loaded.split,
             split_option=req.split,

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,6 +52,7 @@ from tileplan.run.checkpoint import (
 from tileplan.run.data import Dataset, Task
 from tileplan.run.report import EpochMetrics, save_metrics
 from tileplan.settings import RunSpec
+from tileplan.streamed import inference_engine
 
 __all__ = ["Decision", "TrainError", "Trainer", "binary_auc", "decide", "loss_for"]
 
@@ -443,22 +443,6 @@ def _opened_ahead(
 def _finish(future: concurrent.futures.Future, label: torch.Tensor
             ) -> tuple[ImageSource | torch.Tensor, torch.Tensor]:  # fmt: skip
     return future.result(), label
-
-
-def inference_engine(trunk: nn.Module, plan: Plan, **kwargs: Any) -> StreamingCNN:
-    """An engine for forward passes (and saliency) with a plan made for another BatchNorm
-    mode: a plan for batch statistics does not fit the frozen trunk's segments, so every
-    segment streams the plan's first forward tile in its own positions (at least its smallest
-    tile). Without autograd a forward tile holds less than the planned backward tiles."""
-    if plan.batch_norm == "frozen":
-        return StreamingCNN.from_plan(trunk, plan, **kwargs)
-    kwargs.setdefault("amp_dtype", plan.precision.amp_dtype)
-    probe = StreamingCNN(trunk, plan.forward_tile_px, **kwargs)
-    first = probe.program.streams[0].geometry
-    tile = tuple(max(t, first.min_tile(ax)) for ax, t in enumerate(plan.forward_tile_px))
-    if tile == tuple(plan.forward_tile_px):
-        return probe
-    return StreamingCNN(trunk, tile, **kwargs)
 
 
 def check_image_sizes(

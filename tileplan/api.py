@@ -1,0 +1,274 @@
+"""The planning API: what ``tileplan profile`` does and prints, as typed values.
+
+``profile(model, image=8192, budget="24GiB")`` plans for an ``nn.Module`` (or a model file)
+and returns the ``Plan`` that the command saves; every option of ``tileplan profile`` is a
+keyword of the same name (``--max-tile`` is ``max_tile``, ``--bn`` is ``bn``, ``--cut`` is
+``cut``). ``memory_report(plan)`` is what the command prints after planning: the chosen tiles,
+the peak against the budget and conventional backprop, the candidates' table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from executor import Plan
+from tileplan.units import format_bytes, parse_bytes, parse_shape
+
+__all__ = ["MemoryReport", "largest_image", "memory_report", "profile"]
+
+log = logging.getLogger(__name__)
+
+SplitFn = Callable[[nn.Module], tuple[nn.Module, nn.Module]]
+
+
+def profile(
+    model: nn.Module | str | os.PathLike[str],
+    *,
+    image: int | Sequence[int] | str | None = None,
+    data: str | os.PathLike[str] | None = None,
+    channels: int = 3,
+    device: str = "auto",
+    budget: int | str | None = None,
+    margin: float = 0.1,
+    dtype: str = "float32",
+    tile: int | Sequence[int] | str | None = None,
+    split: str | SplitFn = "auto",
+    optimizer: str = "adam",
+    measure: bool = True,
+    verify: bool | None = None,
+    verify_limit: float = 60.0,
+    segments: int | str = "auto",
+    cut: str | Sequence[str] | None = None,
+    max_tile: int | None = None,
+    bn: str = "frozen",
+    mpp: float | None = None,
+    level: int | None = None,
+    tissue: bool = False,
+    progress: bool = False,
+) -> Plan:
+    """Choose the tiles (and segments) to stream ``model`` at an image size; return the plan.
+
+    Args:
+        model: the whole network (its classifier head included), or the path of a model file
+            (``build_model()``, optional ``split(model)``). A module is planned on a copy; it
+            is left as it was (device, dtype, train/eval).
+        image: the largest image in px: ``8192``, ``(6000, 9000)`` or ``"6000x9000"``.
+        data: instead of ``image``: plan for the largest image of this CSV, read at
+            ``mpp``/``level`` (and cropped to its tissue with ``tissue``).
+        budget: device memory to plan for, bytes or text (``"24GiB"``); default: the GPU's
+            memory, or the host's available RAM.
+        split: ``"auto"``, the name of the module after which the trunk ends, or (for a module)
+            a function ``split(model) -> (trunk, head)``.
+        segments: ``"auto"``, or how many segments to stream the trunk in.
+        cut: cut the trunk after these modules or graph nodes (a list, or comma-separated).
+        bn: ``"frozen"`` (BatchNorm with running statistics) or ``"train"`` (batch statistics).
+        measure: time tiles and calibrate memory on the device. With a module on the CPU it is
+            re-created in a child process, so its classes must be importable (not defined in
+            ``__main__``); ``measure=False`` plans from estimates alone.
+        progress: a progress bar on stderr.
+
+        The others are ``tileplan profile``'s options: see ``tileplan profile --help``.
+
+    Raises:
+        ValueError: a bad option value (the message names the keyword).
+        executor.StreamingError: the model cannot be split or streamed, or nothing fits
+            (``NoFeasiblePlanError``, with every candidate attached).
+
+    Example:
+        >>> plan = tileplan.profile(torchvision.models.resnet34(), image=8192, budget="24GiB")
+        >>> plan.save("plan.yaml")
+        >>> print(tileplan.memory_report(plan))
+    """
+    from tileplan.planning.profile import ProfileRequest
+    from tileplan.planning.profile import profile as run_profile
+
+    if (image is None) == (data is None):
+        raise ValueError("give image= (the largest image size), or data= (a CSV) to plan for")
+    if data is None and (mpp is not None or level is not None or tissue):
+        raise ValueError("mpp=, level= and tissue= choose how data= is read; give data=")
+    if data is not None:
+        shape, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue)
+    else:
+        shape = _shape(image, "image")
+    n_segments = _segments(segments)
+    cuts = tuple(c.strip() for c in cut.split(",") if c.strip()) if isinstance(cut, str) else (
+        tuple(cut or ())
+    )  # fmt: skip
+    with _model_file(model, split, measure or bool(verify)) as fields:
+        request = ProfileRequest(
+            image_shape=shape, channels=channels, device=device, budget_bytes=_bytes(budget),
+            margin=margin, dtype=dtype, tile=None if tile is None else _shape(tile, "tile"),
+            optimizer=optimizer, measure=measure, verify=verify, verify_limit_s=verify_limit,
+            segments=n_segments, cuts=cuts, max_tile=max_tile, batch_norm=bn,
+            **fields,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return run_profile(request, progress=progress)
+
+
+def largest_image(
+    data: str | os.PathLike[str], *, mpp: float | None = None, level: int | None = None,
+    tissue: bool = False,
+) -> tuple[tuple[int, int], int]:  # fmt: skip
+    """``((H, W), channels)``: what a plan for every image of the CSV ``data`` needs, read at
+    ``mpp``/``level`` (and cropped to tissue)."""
+    from tileplan.run.data import load_csv
+    from tileplan.settings import DataSettings
+
+    settings = DataSettings(mpp=mpp, level=level, tissue=tissue)
+    dataset = load_csv(Path(data), settings=settings)
+    largest = dataset.largest_shape
+    log.info("%s: %d images at %s; planning for the largest, %s px", data, len(dataset),
+             settings.describe_reading(), "x".join(map(str, largest)))  # fmt: skip
+    return largest, dataset.channels
+
+
+def _shape(value: int | Sequence[int] | str, name: str) -> tuple[int, ...]:
+    if isinstance(value, str):
+        return parse_shape(value)
+    if isinstance(value, int):
+        return parse_shape(str(value))
+    shape = tuple(value)
+    if not shape or not all(isinstance(v, int) and v > 0 for v in shape):
+        raise ValueError(f"{name}={value!r}: give positive sizes in px, e.g. 8192 or (6000, 9000)")
+    return shape
+
+
+def _bytes(value: int | str | None) -> int | None:
+    if value is None or isinstance(value, int):
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"budget={value}: give a positive number of bytes or e.g. '24GiB'")
+        return value
+    return parse_bytes(value)
+
+
+def _segments(value: int | str) -> int | None:
+    if value == "auto":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"segments={value!r}: give 'auto' or a count of at least 1")
+    return value
+
+
+@contextlib.contextmanager
+def _model_file(
+    model: nn.Module | str | os.PathLike[str], split: str | SplitFn, measure: bool
+) -> Iterator[dict[str, object]]:
+    """The request's model fields: a model file as given; or a module, planned in this
+    process, and saved (with a split function) into a temporary model file only when children
+    will re-create it to measure."""
+    if not isinstance(model, nn.Module):
+        if callable(split):
+            raise ValueError("split= as a function goes with a module; a model file defines "
+                             "split(model) itself")  # fmt: skip
+        yield {"model_file": Path(model), "split": split}
+        return
+    label = f"<{type(model).__name__} module>"
+    fields: dict[str, object] = {
+        "module": model, "model_label": label,
+        "split": "auto" if callable(split) else split,
+        "split_fn": split if callable(split) else None, "model_file": None,
+    }  # fmt: skip
+    if not measure:
+        yield fields
+        return
+    local = sorted({type(m).__qualname__ for m in model.modules()
+                    if type(m).__module__ in ("__main__", "builtins")})  # fmt: skip
+    if local:
+        raise ValueError(
+            f"measure=True re-creates the model in a child process, which cannot import "
+            f"{', '.join(local)} (defined in __main__); define them in a module, or pass "
+            "measure=False to plan from estimates"
+        )
+    with tempfile.TemporaryDirectory(prefix="tileplan-model-") as folder:
+        saved = Path(folder) / "model.pt"
+        try:
+            torch.save({"model": model, "split": fields["split_fn"]}, saved)
+        except Exception as err:  # pickling: an unpicklable attribute, a lambda, a closure
+            raise ValueError(
+                f"cannot save {type(model).__name__} for measuring in a child process ({err}); "
+                "pass measure=False, or the path of a model file"
+            ) from err
+        path = Path(folder) / "model.py"
+        path.write_text(
+            "import torch\n"
+            f"_saved = torch.load({str(saved)!r}, weights_only=False)\n"
+            "model = _saved['model']\n"
+            "if _saved['split'] is not None:\n"
+            "    split = _saved['split']\n"
+        )
+        yield {**fields, "model_file": path}
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What ``tileplan profile`` prints after planning, as values and lines.
+
+    Attributes:
+        plan: the plan it describes.
+        peak_bytes: the plan's peak (measured when verified, else predicted).
+        conventional_bytes: what conventional backprop would need (estimated or measured).
+        budget_bytes: the memory planned for.
+        lines: the text the command prints, line by line.
+    """
+
+    plan: Plan
+    peak_bytes: int
+    conventional_bytes: int
+    budget_bytes: int
+    lines: tuple[str, ...]
+
+    @property
+    def saving(self) -> float:
+        """Conventional peak over the streamed peak (3.0: a third of the memory)."""
+        return self.conventional_bytes / self.peak_bytes
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+    def figure(self):  # noqa: ANN201 (plotly is imported lazily)
+        """The interactive memory/time chart of ``tileplan view`` (a plotly Figure)."""
+        from tileplan.view.charts import memory_time_figure
+
+        return memory_time_figure(self.plan)
+
+
+def memory_report(plan: Plan | str | os.PathLike[str]) -> MemoryReport:
+    """The report ``tileplan profile`` prints for ``plan`` (a ``Plan`` or a plan file).
+
+    Example:
+        >>> report = tileplan.memory_report("plan.yaml")
+        >>> report.peak_bytes, report.saving
+    """
+    from executor import load_plan
+    from tileplan.text import (
+        describe_segmentations,
+        describe_segments,
+        describe_trunk,
+        describe_verification,
+        render_table,
+        summary,
+    )
+
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    lines = list(describe_trunk(plan))
+    if plan.candidates:
+        lines += render_table(plan.candidates, plan.tile_px).splitlines()
+    elif not plan.segments:
+        lines.append("no single-segment candidates were priced")
+    lines += [*describe_segmentations(plan), *describe_segments(plan), summary(plan),
+              describe_verification(plan)]  # fmt: skip
+    log.debug("memory report: peak %s", format_bytes(plan.peak_bytes))
+    return MemoryReport(plan, plan.peak_bytes, plan.conventional_peak_bytes, plan.budget_bytes,
+                        tuple(lines))  # fmt: skip
