@@ -8,7 +8,10 @@ the oracle's low-precision rule).
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +245,34 @@ def test_an_optimizer_step_between_forward_and_backward_is_refused() -> None:
     optimizer.step()
     with pytest.raises(StreamingError, match="changed in place"):
         loss.backward()
+
+
+@pytest.mark.parametrize(
+    ("source", "options"),
+    [(TINY_MODEL, ["--tile", "192"]), (TINY_GLOBAL_MODEL, ["--bn", "train", "--max-tile", "128"])],
+)
+def test_peak_of_loss_backward_equals_the_manual_pair(
+    tmp_path: Path, source: str, options: list[str]
+) -> None:
+    """Measured in fresh processes (live tensor bytes of one step): the autograd node keeps
+    nothing the engine's manual forward/backward pair does not (a scalar's bytes aside)."""
+    from click.testing import CliRunner
+
+    from tileplan.cli import cli
+
+    (tmp_path / "model.py").write_text(source)
+    result = CliRunner().invoke(cli, ["profile", str(tmp_path / "model.py"), "--image", "512",
+                                      *options, "--no-measure", "--budget", "2GiB", "--out",
+                                      str(tmp_path / "plan.yaml")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    peaks = {}
+    for mode in ("dropin", "manual"):
+        run = subprocess.run(
+            [sys.executable, "-m", "tests.tileplan.workers.peak_step", mode,
+             str(tmp_path / "plan.yaml"), str(tmp_path / "model.py")],
+            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2],
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        peaks[mode] = int(run.stdout.split()[-1])
+    assert peaks["manual"] > 1 << 20
+    assert abs(peaks["dropin"] - peaks["manual"]) <= 1024, peaks
