@@ -132,10 +132,11 @@ def largest_image(
 
 
 def _shape(value: int | Sequence[int] | str, name: str) -> tuple[int, ...]:
-    if isinstance(value, str):
-        return parse_shape(value)
-    if isinstance(value, int):
-        return parse_shape(str(value))
+    if isinstance(value, (str, int)):
+        try:
+            return parse_shape(str(value))
+        except ValueError as err:
+            raise ValueError(f"{name}={value!r}: {err}") from None
     shape = tuple(value)
     if not shape or not all(isinstance(v, int) and v > 0 for v in shape):
         raise ValueError(f"{name}={value!r}: give positive sizes in px, e.g. 8192 or (6000, 9000)")

@@ -97,6 +97,11 @@ class StreamedModel(nn.Module):
 
     # -- nn.Module ------------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy`` for an EMA, ``ddp_spawn``) leave the engines
+        behind: a copy builds its own, on its own model, at its first forward."""
+        return {**self.__dict__, "_engines": {}}
+
     def train(self, mode: bool = True) -> StreamedModel:
         """Train mode, with BatchNorm in the plan's mode (see the class docstring)."""
         super().train(mode)

@@ -276,3 +276,17 @@ def test_peak_of_loss_backward_equals_the_manual_pair(
         peaks[mode] = int(run.stdout.split()[-1])
     assert peaks["manual"] > 1 << 20
     assert abs(peaks["dropin"] - peaks["manual"]) <= 1024, peaks
+
+
+def test_a_deep_copy_streams_its_own_model() -> None:
+    """An EMA or SWA copy (``copy.deepcopy``) trains its own parameters, not the original's."""
+    model, plan = _plan("segmented")
+    net = tileplan.stream(model, plan).train()
+    image = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
+    net(image).sum().backward()  # engines built
+    twin = copy.deepcopy(net)
+    model.zero_grad(set_to_none=True)
+    twin(image).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    grads = [p.grad for p in twin.parameters()]
+    assert all(g is not None for g in grads)

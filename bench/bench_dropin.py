@@ -1,0 +1,141 @@
+"""Benchmark: a training step through ``tileplan.stream`` (``loss.backward()``) vs the engine's
+manual ``forward``/``backward`` pair vs conventional backprop, ResNet-34 (torchvision).
+
+The plan is ``tileplan.profile``'s for the image size and budget (estimates only, or
+``--plan`` a saved one). Each method runs in its own fresh process repeating its own step
+(alternating methods in one process slows the conventional step); time is the median of
+``--repeats`` steps after one warm-up step; memory is the peak RSS above the RSS after the
+warm-up step (CPU; the same allocator setting as tileplan's measurements) or the CUDA
+allocator's peak above what was allocated before the step.
+
+    python bench/bench_dropin.py                       # ResNet-34 at 4096², 4 GiB plan
+    python bench/bench_dropin.py --image 2048 --budget 1GiB --repeats 3
+    python bench/bench_dropin.py --device cuda --image 8192 --budget 8GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GIB = 1024**3
+METHODS = ("dropin", "manual", "conventional")
+
+
+def build(device: str) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet34(num_classes=2).to(device).eval()  # BatchNorm frozen
+
+
+def child(method: str, plan_path: str, repeats: int, device: str) -> dict[str, float]:
+    """``repeats`` steps of one method; median seconds and peak bytes above the baseline."""
+    import tileplan
+    from tileplan.planning.measure_child import peak_rss, reset_peak_rss
+
+    model = build(device)
+    plan = tileplan.load_plan(plan_path)
+    net = tileplan.stream(model, plan).train()
+    scnn, head = net.engine, net.head
+    image = torch.randn(1, 3, *plan.image_shape_px)  # on the host: crops move per tile
+    target = torch.tensor([1], device=device)
+
+    def step() -> None:
+        if method == "dropin":
+            nn.functional.cross_entropy(net(image), target).backward()
+        elif method == "manual":
+            features = scnn.forward(image).requires_grad_()
+            nn.functional.cross_entropy(head(features), target).backward()
+            grad = features.grad
+            del features
+            scnn.backward(image, grad)
+        else:
+            nn.functional.cross_entropy(model(image.to(device)), target).backward()
+
+    cuda = device.startswith("cuda")
+    step()  # warm-up: kernels loaded, gradients allocated, as in training
+    base = torch.cuda.memory_allocated(device) if cuda else reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
+    return {"seconds": statistics.median(times), "peak_bytes": peak - base}
+
+
+def run_child(method: str, plan: Path, repeats: int, device: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", method, str(plan), str(repeats), device]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"seconds": float("nan"), "peak_bytes": float("nan"),
+                "error": (done.stderr.strip().splitlines() or ["?"])[-1]}  # type: ignore[dict-item]  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=int, default=4096, help="square image side, px")
+    parser.add_argument("--budget", default="4GiB", help="memory budget of the plan")
+    parser.add_argument("--plan", type=Path, default=None, help="use this plan instead")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, plan, repeats, device = args.child
+        print(json.dumps(child(method, plan, int(repeats), device)))
+        return
+    import tileplan
+
+    device = "cuda:0" if args.device == "cuda" else args.device
+    with tempfile.TemporaryDirectory() as folder:
+        plan_path = args.plan
+        if plan_path is None:
+            plan = tileplan.profile(build("cpu"), image=args.image, budget=args.budget,
+                                    measure=False, device=device)  # fmt: skip
+            plan_path = plan.save(Path(folder) / "plan.yaml")
+        plan = tileplan.load_plan(plan_path)
+        where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+                 else f"CPU, {torch.get_num_threads()} threads")  # fmt: skip
+        tiles = sum(g.n_tiles for g in plan.tile_grids())
+        print(f"torch {torch.__version__}, {where}, float32, ResNet-34, image "
+              f"{'x'.join(map(str, plan.image_shape_px))}, plan: "
+              f"{len(plan.segments) or 1} segment(s), {tiles} tiles, predicted peak "
+              f"{plan.peak_bytes / GIB:.2f} GiB")  # fmt: skip
+        results = {m: run_child(m, plan_path, args.repeats, device) for m in args.methods}
+    print(f"{'method':>13} {'step s':>8} {'peak GiB':>9}")
+    for method, r in results.items():
+        note = f"  ({r['error']})" if "error" in r else ""
+        print(f"{method:>13} {r['seconds']:>8.2f} {r['peak_bytes'] / GIB:>9.3f}{note}")
+    if {"dropin", "manual"} <= results.keys():
+        d, m = results["dropin"], results["manual"]
+        print(f"drop-in / manual pair: time {d['seconds'] / m['seconds']:.3f}x, "
+              f"peak {d['peak_bytes'] / m['peak_bytes']:.3f}x")  # fmt: skip
+    if {"dropin", "conventional"} <= results.keys():
+        d, c = results["dropin"], results["conventional"]
+        print(f"drop-in / conventional: time {d['seconds'] / c['seconds']:.3f}x, "
+              f"peak {d['peak_bytes'] / c['peak_bytes']:.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
