@@ -55,6 +55,7 @@ from executor.streaming import (
     ForwardState,
     StreamedGrads,
     StreamingCNN,
+    check_fits_plan,
     spatial_tile_shape,
 )
 from executor.trace import trace
@@ -112,6 +113,7 @@ __all__ = [
     "chain",
     "cut_points",
     "find_node",
+    "check_fits_plan",
     "check_plan_matches",
     "from_data",
     "load_plan",

@@ -61,6 +61,12 @@ def stream_trunk(scnn: StreamingCNN, image: Image) -> torch.Tensor:
     """
     params = tuple(p for p in scnn.trunk.parameters() if p.requires_grad)
     image_grad = isinstance(image, torch.Tensor) and image.requires_grad
+    if image_grad and torch.is_grad_enabled() and scnn.preprocess is not None:
+        raise StreamingError(
+            "the image requires grad but the engine preprocesses its crops, so the gradient "
+            "would be the preprocessed image's; preprocess the image before streaming it, or "
+            "pass an image that does not require grad"
+        )
     if not (torch.is_grad_enabled() and (params or image_grad)):
         output, _ = scnn.forward_pass(image, keep=False)
         return output
@@ -69,8 +75,18 @@ def stream_trunk(scnn: StreamingCNN, image: Image) -> torch.Tensor:
     return _StreamedTrunk.apply(scnn, image, None, *params)
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+def _autocast_states(device_type: str) -> dict[str, tuple[bool, torch.dtype]]:
+    """The autocast state of the trunk's device type and of the CPU (which a CUDA trunk's
+    host-side work runs under), to run the backward pass's tiles as the forward's ran."""
+    return {kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+            for kind in dict.fromkeys((device_type, "cpu"))}  # fmt: skip
+
+
+def _autocast(states: dict[str, tuple[bool, torch.dtype]]) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for kind, (enabled, dtype) in states.items():
+        stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+    return stack
 
 
 class _StreamedTrunk(torch.autograd.Function):
@@ -85,15 +101,19 @@ class _StreamedTrunk(torch.autograd.Function):
         output, state = scnn.forward_pass(image, keep=True, input_grad=input_grad)
         device = scnn.device or output.device
         ctx.scnn = scnn
-        ctx.image = image  # a reference: the backward pass reads its tiles again
+        # The backward pass reads the image's tiles again: a tensor is saved (a reference that
+        # autograd checks was not changed in place, and frees after the backward pass), a
+        # source is kept as it is.
+        if tensor is not None:
+            ctx.save_for_backward(tensor)
+        ctx.source = source
         ctx.state = state
         ctx.params = params
         # Parameters changed in place before backward (an optimizer step) would give another
         # function's gradients: refused, as autograd refuses a saved tensor that changed.
         ctx.versions = tuple(p._version for p in params)
         # The backward pass recomputes tiles: under the autocast the forward ran under.
-        ctx.device_type = device.type
-        ctx.autocast = _autocast_state(device.type)
+        ctx.autocast = _autocast_states(device.type)
         return output
 
     @staticmethod
@@ -114,11 +134,9 @@ class _StreamedTrunk(torch.autograd.Function):
         ctx.state = None
         scnn: StreamingCNN = ctx.scnn
         input_grad = bool(ctx.needs_input_grad[2])
-        enabled, dtype = ctx.autocast
-        amp = (torch.autocast(ctx.device_type, dtype=dtype) if enabled
-               else contextlib.nullcontext())  # fmt: skip
-        with torch.enable_grad(), amp:
-            grads = scnn.backward_pass(ctx.image, state, grad_output, input_grad=input_grad)
+        image = ctx.source if ctx.source is not None else ctx.saved_tensors[0]
+        with torch.enable_grad(), _autocast(ctx.autocast):
+            grads = scnn.backward_pass(image, state, grad_output, input_grad=input_grad)
         found = {id(p): g for p, g in grads.params}
         return (None, None, grads.image if input_grad else None,
                 *(found.get(id(p)) for p in params))  # fmt: skip

@@ -57,7 +57,8 @@ from executor.segments import map_cut_points
 from executor.sources import CropReader, ImageSource, image_version
 
 __all__ = [
-    "ForwardState", "SegmentSpec", "StreamedGrads", "StreamingCNN", "spatial_tile_shape",
+    "ForwardState", "SegmentSpec", "StreamedGrads", "StreamingCNN", "check_fits_plan",
+    "spatial_tile_shape",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class _CachedTile:
     crops: tuple[torch.Tensor, ...]
     outputs: tuple[torch.Tensor, ...]
     stats: tuple[Any, ...]  # the statistic leaves the tile was computed with
+    stand_ins: _StandIns  # the parameter leaves it was computed with
     image: weakref.ref[Image]
     version: int
 
@@ -548,6 +550,7 @@ class StreamingCNN:
                     sink,
                     cache if k == len(program.parts) - 1 else None,
                 )
+                cache = None  # its crops may view a kept map: let it go with the map
             else:
                 self._reduce_backward(part, values, stats, grads, stat_grads, needs, sink)
             for name in [n for n, at in first_use.items() if at == k]:
@@ -578,11 +581,17 @@ class StreamingCNN:
             return [_fed(c) for c in crops]
         return list(crops)
 
-    def _call(self, part: StreamPart) -> Callable[..., tuple[torch.Tensor, ...]]:
-        """How a tile runs: the user's own module when the trunk streams as one part."""
-        if self.program.local:
-            return lambda crop: (self.trunk(crop),)
-        return part.module
+    def _tile_module(self, part: StreamPart) -> nn.Module:
+        """What a tile runs: the user's own module when the trunk streams as one part."""
+        return self.trunk if self.program.local else part.module
+
+    def _run_tile(self, part: StreamPart, stand_ins: _StandIns | None, args: Sequence[Any]
+                  ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """A tile's outputs; with ``stand_ins``, computed with them in place of the trainable
+        parameters ([Autograd node] in ``executor.function``)."""
+        module = self._tile_module(part)
+        out = stand_ins.call(module, args) if stand_ins is not None else module(*args)
+        return (out,) if self.program.local else tuple(out)
 
     def _input_shape(self, part: StreamPart, values: dict[str, Any]) -> tuple[int, ...]:
         shapes = {_spatial(values[n], self.program.maps[n]) for n in part.inputs}
@@ -605,9 +614,9 @@ class StreamingCNN:
             cache is not None and self.cache_last_tile and tiles.forward == tiles.backward
             and (input_grad or self._trains())
         )  # fmt: skip
-        call = self._call(part)
         originals = tuple(stats[n] for n in part.stats)
         needs = self._needs_grad(input_grad) if keep_last else {}
+        stand_ins = _StandIns(self._tile_module(part)) if keep_last else _StandIns(None)
         part_stats = (
             tuple(_stat_leaf(stats[n], needs.get(n, False)) for n in part.stats)
             if keep_last else originals
@@ -628,7 +637,9 @@ class StreamingCNN:
             for k, (tile, crop) in enumerate(crops):
                 keep = keep_last and k == n - 1
                 with torch.set_grad_enabled(keep), self.autocast():
-                    ys = call(*self._fed(part, crop), *_fed_stats(part_stats, originals))
+                    ys = self._run_tile(part, stand_ins if keep else None,
+                                        [*self._fed(part, crop),
+                                         *_fed_stats(part_stats, originals)])  # fmt: skip
                 for j, (y, value) in enumerate(zip(ys, maps, strict=True)):
                     if outputs[j] is None:
                         final = part.outputs[j] == self.program.output
@@ -640,7 +651,7 @@ class StreamingCNN:
                     ].detach()
                 if keep:
                     assert cache is not None
-                    cache.append(_CachedTile(tile, tuple(crop), tuple(ys), part_stats,
+                    cache.append(_CachedTile(tile, tuple(crop), tuple(ys), part_stats, stand_ins,
                                              weakref.ref(image), image_version(image)))  # fmt: skip
                 del crop, ys
         assert all(o is not None for o in outputs)
@@ -679,24 +690,24 @@ class StreamingCNN:
         )  # fmt: skip
         maps = [self.program.maps[n] for n in part.outputs]
         inputs = [self.program.maps[n] for n in part.inputs]
-        call = self._call(part)
         todo = order[1:] if cache is not None else order
         grad_of = [needs.get(n, False) for n in part.inputs]
         crops_iter = self._crops(
             part, values, todo, "backward", grad_all=grad_of, image_grad=needs[self.program.image]
         )
-        owner = self.trunk if self.program.local else part.module  # what the tile runs
-        params = [p for p in owner.parameters() if p.requires_grad]
+        stand_ins = _StandIns(self._tile_module(part))
         stat_leaves = [leaf for leaf in part_stats
                        if isinstance(leaf, torch.Tensor) and leaf.requires_grad]  # fmt: skip
         stat_sums = _Sums()
         with contextlib.closing(crops_iter):
             for tile, crop in _first_then(cache, crops_iter):
+                used = stand_ins
                 if isinstance(crop, _CachedTile):
-                    crop, ys = list(crop.crops), crop.outputs
+                    crop, ys, used = list(crop.crops), crop.outputs, crop.stand_ins
                 else:
                     with torch.enable_grad(), self.autocast():
-                        ys = call(*self._fed(part, crop), *_fed_stats(part_stats, originals))
+                        ys = self._run_tile(part, stand_ins, [*self._fed(part, crop),
+                                            *_fed_stats(part_stats, originals)])  # fmt: skip
                 owned, wanted = [], []
                 for y, g, value in zip(ys, out_grads, maps, strict=True):
                     if g is None or not y.requires_grad:
@@ -711,10 +722,11 @@ class StreamingCNN:
                 # Gradients returned, not accumulated into .grad: the tile's leaves are the
                 # part's parameters (so their hooks, e.g. DDP's, see only the pass's total).
                 leaves = [c for c in crop if c.requires_grad]
-                found = _grad(owned, wanted, [*params, *leaves, *stat_leaves])
-                sink.add(params, found[: len(params)])
-                stat_sums.add(stat_leaves, found[len(params) + len(leaves) :])
-                crop_grads = dict(zip(map(id, leaves), found[len(params) :], strict=False))
+                n = len(used.leaves)
+                found = _grad(owned, wanted, [*used.leaves, *leaves, *stat_leaves])
+                sink.add(used.params, found[:n])
+                stat_sums.add(stat_leaves, found[n + len(leaves) :])
+                crop_grads = dict(zip(map(id, leaves), found[n:], strict=False))
                 for c, target, value in zip(crop, targets, inputs, strict=True):
                     g = crop_grads.get(id(c))
                     if target is not None and g is not None:
@@ -805,16 +817,17 @@ class StreamingCNN:
         out_grads = [stat_grads.pop(n, None) for n in part.outputs]
         if all(g is None for g in out_grads):
             return
+        stand_ins = _StandIns(part.grad_module)
         with torch.enable_grad(), self.autocast():
             maps = [_leaf(self._whole(n, values), needs.get(n, False)) for n in part.inputs]
             leaves = [_leaf(stats[n], needs.get(n, False)) for n in part.stats]
-            outputs = part.grad_module(*maps, *leaves)
+            outputs = stand_ins.call(part.grad_module, [*maps, *leaves])
         pairs = [(o, g) for o, g in zip(outputs, out_grads, strict=True)
                  if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]  # fmt: skip
         del outputs
         if not pairs:
             return
-        params = [p for p in part.grad_module.parameters() if p.requires_grad]
+        params = stand_ins.leaves
         named = [(n, leaf, True) for n, leaf in zip(part.inputs, maps, strict=True)] + [
             (n, leaf, False) for n, leaf in zip(part.stats, leaves, strict=True)
         ]
@@ -823,7 +836,7 @@ class StreamingCNN:
         found = _grad([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs],
                       [*params, *(leaf for _, leaf, _ in named)])  # fmt: skip
         del pairs
-        sink.add(params, found[: len(params)])
+        sink.add(stand_ins.params, found[: len(params)])
         for (name, _, is_map), g in zip(named, found[len(params) :], strict=True):
             if g is None:
                 continue
@@ -971,6 +984,27 @@ def _grad(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
         return []
     return list(torch.autograd.grad(list(outputs), list(inputs), list(grad_outputs),
                                     allow_unused=True))  # fmt: skip
+
+
+class _StandIns:
+    """Hook-free leaves standing in for a module's trainable parameters while a tile runs: the
+    same storage (``detach``), their own autograd identity. Their gradients are taken with
+    ``torch.autograd.grad`` and handed on as the parameters', so that no hook registered on a
+    parameter (``Tensor.register_hook``, DDP's) runs on one tile's share: autograd runs them
+    once, on the total the streamed node returns ([Autograd node])."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        named = [] if module is None else [
+            (name, p) for name, p in module.named_parameters() if p.requires_grad
+        ]  # fmt: skip
+        self.params = [p for _, p in named]
+        self.leaves = [p.detach().requires_grad_() for p in self.params]
+        self._by_name = {name: leaf for (name, _), leaf in zip(named, self.leaves, strict=True)}
+
+    def call(self, module: nn.Module, args: Sequence[Any]) -> Any:
+        if not self._by_name:
+            return module(*args)
+        return torch.func.functional_call(module, self._by_name, tuple(args))
 
 
 class _Sums:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from executor import Plan
+from executor import Plan, StreamingError
 from tileplan.units import format_bytes, parse_bytes, parse_shape
 
 __all__ = ["MemoryReport", "largest_image", "memory_report", "profile"]
@@ -88,6 +89,48 @@ def profile(
         >>> plan.save("plan.yaml")
         >>> print(tileplan.memory_report(plan))
     """
+    try:
+        return _profile(
+            model, image=image, data=data, channels=channels, device=device, budget=budget,
+            margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
+            measure=measure, verify=verify, verify_limit=verify_limit, segments=segments, cut=cut,
+            max_tile=max_tile, bn=bn, mpp=mpp, level=level, tissue=tissue, progress=progress,
+        )  # fmt: skip
+    except (ValueError, StreamingError) as err:
+        # The planner's messages name the command's options: name this function's keywords.
+        if err.args and isinstance(err.args[0], str):
+            err.args = (_as_keywords(err.args[0]), *err.args[1:])
+        raise
+
+
+# An option and, when one follows, its value: a token ending an error's subject (``--bn x:``),
+# a number or size (``--max-tile 48``, ``--dtype bfloat16``), or a mode word.
+_OPTION = re.compile(
+    r"--([a-z][a-z-]*)(?:[ =]([^\s:;,)`']+(?=:)|[\w.]*\d[\w.]*|frozen|train|auto|cpu|cuda))?"
+)
+
+
+def _as_keywords(text: str) -> str:
+    """``--max-tile 48`` -> ``max_tile=48``, ``--bn`` -> ``bn=``: a command-line option in a
+    message, as this function's keyword."""
+
+    def keyword(match: re.Match[str]) -> str:
+        name, value = match.group(1).replace("-", "_"), match.group(2)
+        if value is None:
+            return f"{name}="
+        return f"{name}={value}" if value.isdigit() else f"{name}={value!r}"
+
+    return _OPTION.sub(keyword, text.replace("tileplan profile", "tileplan.profile"))
+
+
+def _profile(
+    model: nn.Module | str | os.PathLike[str], *, image: int | Sequence[int] | str | None,
+    data: str | os.PathLike[str] | None, channels: int, device: str, budget: int | str | None,
+    margin: float, dtype: str, tile: int | Sequence[int] | str | None, split: str | SplitFn,
+    optimizer: str, measure: bool, verify: bool | None, verify_limit: float,
+    segments: int | str, cut: str | Sequence[str] | None, max_tile: int | None, bn: str,
+    mpp: float | None, level: int | None, tissue: bool, progress: bool,
+) -> Plan:  # fmt: skip
     from tileplan.planning.profile import ProfileRequest
     from tileplan.planning.profile import profile as run_profile
 
@@ -185,6 +228,8 @@ def _model_file(
         return
     local = sorted({type(m).__qualname__ for m in model.modules()
                     if type(m).__module__ in ("__main__", "builtins")})  # fmt: skip
+    if callable(split) and getattr(split, "__module__", None) in ("__main__", None):
+        local.append(getattr(split, "__qualname__", "split"))
     if local:
         raise ValueError(
             f"measure=True re-creates the model in a child process, which cannot import "

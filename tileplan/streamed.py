@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,9 +27,10 @@ from executor import (
     Plan,
     PlanError,
     StreamingCNN,
-    check_plan_matches,
+    check_fits_plan,
     load_plan,
     stream_trunk,
+    trunk_fingerprint,
 )
 
 __all__ = ["StreamedModel", "inference_engine", "stream"]
@@ -90,8 +91,10 @@ class StreamedModel(nn.Module):
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         self._split_fn = split
         self._engine_kwargs = engine
-        # One (engine, head) per train/eval state of the model's layers (traced in that state).
+        # One (engine, head) per train/eval state of the model's layers (traced in that state),
+        # for the model's tensors as they are (``.to()`` or an assigning load replaces them).
         self._engines: dict[tuple[bool, ...], tuple[StreamingCNN, nn.Module]] = {}
+        self._tensors: tuple[int, ...] = ()
         self.train(model.training)
         self._parts()  # refuse a plan for another model now, not at the first step
 
@@ -114,6 +117,7 @@ class StreamedModel(nn.Module):
     def forward(self, image: Image) -> torch.Tensor:
         """``model(image)``, the trunk streamed; see the class docstring."""
         scnn, head = self._parts()
+        check_fits_plan(tuple(image.shape)[2:], self.plan)
         features = stream_trunk(scnn, image)
         with scnn.autocast():  # a bfloat16/float16 plan: the head as under whole-model autocast
             return head(features)
@@ -138,6 +142,10 @@ class StreamedModel(nn.Module):
         return stream_trunk(self._parts()[0], image)
 
     def _parts(self) -> tuple[StreamingCNN, nn.Module]:
+        tensors = tuple(map(id, (*self.model.parameters(), *self.model.buffers())))
+        if tensors != self._tensors:  # traced code holds the tensors it read: trace again
+            self._engines.clear()
+            self._tensors = tensors
         key = tuple(m.training for m in self.model.modules())
         found = self._engines.get(key)
         if found is None:
@@ -163,25 +171,36 @@ class StreamedModel(nn.Module):
             parts = split_model(self.model, None if option == "auto" else option)
             trunk, head = parts.trunk, parts.head
         if trains_bn or plan.batch_norm == "frozen":
-            check_plan_matches(plan, trunk)
             scnn = StreamingCNN.from_plan(trunk, plan, **self._engine_kwargs)
         else:  # eval mode of a model planned with batch statistics: validation, prediction
+            fingerprint = trunk_fingerprint(trunk)
+            if fingerprint != plan.model.trunk_fingerprint:
+                raise PlanError(
+                    f"plan was made for a different model (trunk fingerprint "
+                    f"{plan.model.trunk_fingerprint} != {fingerprint}); re-run `tileplan "
+                    "profile` for this model"
+                )
             scnn = inference_engine(trunk, plan, **self._engine_kwargs)
         log.debug("streamed model: trunk traced with %s", "train" if self.training else "eval")
         return scnn, head
 
 
 def inference_engine(trunk: nn.Module, plan: Plan, **kwargs: Any) -> StreamingCNN:
-    """An engine for forward passes (and saliency) with a plan made for another BatchNorm
-    mode: a plan for batch statistics does not fit the frozen trunk's segments, so every
-    segment streams the plan's first forward tile in its own positions (at least its smallest
-    tile). Without autograd a forward tile holds less than the planned backward tiles."""
+    """An engine for the eval-mode trunk of a plan made for BatchNorm with batch statistics
+    (validation, prediction, saliency): the plan's segments do not fit the frozen trunk's, so
+    every segment streams the plan's first tiles (backward and forward) in its own positions,
+    each at least its smallest tile. Without autograd a forward tile holds less than the
+    planned backward tiles."""
     if plan.batch_norm == "frozen":
         return StreamingCNN.from_plan(trunk, plan, **kwargs)
     kwargs.setdefault("amp_dtype", plan.precision.amp_dtype)
-    probe = StreamingCNN(trunk, plan.forward_tile_px, **kwargs)
+    probe = StreamingCNN(trunk, plan.tile_px, forward_tile_shape=plan.forward_tile_px, **kwargs)
     first = probe.program.streams[0].geometry
-    tile = tuple(max(t, first.min_tile(ax)) for ax, t in enumerate(plan.forward_tile_px))
-    if tile == tuple(plan.forward_tile_px):
+
+    def floor(tile: Sequence[int]) -> tuple[int, ...]:
+        return tuple(max(t, first.min_tile(axis)) for axis, t in enumerate(tile))
+
+    tile, forward = floor(plan.tile_px), floor(plan.forward_tile_px)
+    if (tile, forward) == (tuple(plan.tile_px), tuple(plan.forward_tile_px)):
         return probe
-    return StreamingCNN(trunk, tile, **kwargs)
+    return StreamingCNN(trunk, tile, forward_tile_shape=forward, **kwargs)

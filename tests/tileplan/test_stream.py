@@ -290,3 +290,85 @@ def test_a_deep_copy_streams_its_own_model() -> None:
     assert all(p.grad is None for p in model.parameters())
     grads = [p.grad for p in twin.parameters()]
     assert all(g is not None for g in grads)
+
+
+def test_parameter_hooks_run_once_on_the_whole_gradient() -> None:
+    """A hook on a trunk parameter (``register_hook``) sees the total, as conventionally:
+    the tiles run with hook-free stand-ins of the parameters."""
+    model, plan = _plan("segmented")
+    ref = copy.deepcopy(model)
+    net = tileplan.stream(model, plan).train()
+    _conventional(ref, plan, net)
+    seen: dict[str, int] = {"streamed": 0, "conventional": 0}
+    for m, key in ((model, "streamed"), (ref, "conventional")):
+        bias = m.features[0].bias
+
+        def hook(g: torch.Tensor, key: str = key) -> torch.Tensor:
+            seen[key] += 1
+            return g * 2
+
+        bias.register_hook(hook)
+    image = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
+    _loss(net(image), torch.tensor([0])).backward()
+    _loss(ref(image), torch.tensor([0])).backward()
+    assert seen == {"streamed": 1, "conventional": 1}
+    _assert_same(model, ref)
+
+
+def test_autocast_around_backward_alone_does_not_change_the_gradients() -> None:
+    """The backward pass recomputes tiles under the forward's autocast state, not under one
+    opened only around ``backward()``."""
+    model, plan = _plan("segmented")
+    ref = copy.deepcopy(model)
+    net = tileplan.stream(model, plan).train()
+    _conventional(ref, plan, net)
+    image = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
+    loss = _loss(net(image), torch.tensor([1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss.backward()
+    _loss(ref(image), torch.tensor([1])).backward()
+    _assert_same(model, ref)
+
+
+def test_weights_loaded_by_assignment_are_the_ones_trained() -> None:
+    """``load_state_dict(assign=True)`` (or ``.to()``) replaces the model's tensors: the
+    streamed model traces the trunk again and trains the new ones."""
+    model, plan = _plan("statistics")
+    net = tileplan.stream(model, plan).train()
+    image = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    net(image).sum().backward()  # engines built on the old tensors
+    torch.manual_seed(9)
+    other = _build(TINY_GLOBAL_MODEL).double()
+    model.load_state_dict(other.state_dict(), assign=True)
+    ref = copy.deepcopy(model)
+    _conventional(ref, plan, net)
+    model.zero_grad(set_to_none=True)
+    net(image).sum().backward()
+    ref(image).sum().backward()
+    _assert_same(model, ref)
+
+
+def test_misuse_of_the_image_is_refused() -> None:
+    model, plan = _plan("segmented")
+    net = tileplan.stream(model, plan).train()
+    image = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
+    loss = net(image).sum()
+    image.add_(1.0)  # changed between forward and backward: other gradients
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    normalising = tileplan.stream(model, plan, preprocess=lambda crop: crop * 2.0)
+    with pytest.raises(StreamingError, match="preprocess"):
+        normalising(image.clone().requires_grad_())
+
+
+def test_eval_mode_of_a_batch_statistics_plan_still_refuses() -> None:
+    """Validation streams the eval-mode trunk with the plan's tiles: a plan for another model
+    and an image larger than the plan's are refused there too."""
+    model, plan = _plan("statistics")
+    assert plan.batch_norm == "train"
+    net = tileplan.stream(model, plan).eval()
+    with pytest.raises(PlanError, match="larger than the plan"):
+        net(torch.randn(1, 3, SIZE, SIZE + 8, dtype=torch.float64))
+    other = _build(TINY_MODEL).double().eval()
+    with pytest.raises(PlanError, match="different model"):
+        tileplan.stream(other, plan)
