@@ -2,7 +2,7 @@
 # One command for a machine with a CUDA device: the GPU tests, the streaming and planner
 # benchmarks on cuda, and `tileplan profile` of ResNet-34 at 8192² verified by a real step.
 # Prints a short summary; logs and the plan go to $GPU_CHECK_OUT (default ./gpu_check).
-# Designed to finish within 8 minutes on one H100 (each step has its own time limit).
+# Designed to finish within 9 minutes on one H100 (each step has its own time limit).
 #
 #   bash bench/gpu_check.sh            # on a GPU machine
 #   bash bench/gpu_check.sh --smoke    # the same steps on the CPU at toy sizes (tests the script)
@@ -28,13 +28,15 @@ if [[ $SMOKE == 1 ]]; then
     STREAM_ARGS=(--sizes 512:448 --memory 512:448 --repeats 1)
     PLANNER_ARGS=(--only 2 --sweep-image 512 --sweep-step 64)  # part 3 is the profile step below
     PROFILE_ARGS=(examples/small_cnn.py --image 512)
-    LIMITS=(120 120 240 120)
+    DROPIN_ARGS=(--image 512 --budget 1GiB --repeats 1)
+    LIMITS=(120 120 240 120 120)
 else
     DEVICE=cuda
     STREAM_ARGS=(--sizes 2048:1536 4096:1536 8192:2048 --memory 4096:1536 8192:2048 --repeats 3)
     PLANNER_ARGS=(--only 1 2 3 --sweep-step 256)
     PROFILE_ARGS=(examples/resnet34.py --image 8192)
-    LIMITS=(100 110 150 100)  # seconds: 460 in all, under 8 minutes
+    DROPIN_ARGS=(--image 8192 --budget 8GiB --repeats 2)
+    LIMITS=(100 100 140 90 70)  # seconds: 500 in all, under 9 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
 fi
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$SUMMARY"
@@ -57,6 +59,7 @@ step bench_streaming "${LIMITS[1]}" python bench/bench_streaming.py --device "$D
 step bench_planner "${LIMITS[2]}" python bench/bench_planner.py --device "$DEVICE" "${PLANNER_ARGS[@]}"
 step profile "${LIMITS[3]}" python -m tileplan profile "${PROFILE_ARGS[@]}" --device "$DEVICE" \
     --verify --out "$OUT/plan.yaml"
+step bench_dropin "${LIMITS[4]}" python bench/bench_dropin.py --device "$DEVICE" "${DROPIN_ARGS[@]}"
 
 {
     echo "-- gpu tests"
@@ -68,5 +71,7 @@ step profile "${LIMITS[3]}" python -m tileplan profile "${PROFILE_ARGS[@]}" --de
     grep -E "%$|chosen ÷ best|planner chose|wall time|^tile " "$OUT/bench_planner.log"
     echo "-- tileplan profile ${PROFILE_ARGS[*]} --device $DEVICE --verify"
     grep -E "^tile |^verified|^not verified|^trunk" "$OUT/profile.log"
+    echo "-- tileplan.stream + loss.backward() vs the manual pair vs conventional (ResNet-34)"
+    grep -E "^torch|^ *(dropin|manual|conventional) |^drop-in" "$OUT/bench_dropin.log"
 } | tee -a "$SUMMARY"
 exit $FAILED

@@ -33,8 +33,9 @@ def test_every_step_runs_in_smoke_mode(tmp_path: Path) -> None:
     done = _run("--smoke", out=tmp_path / "out")
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    for step in ("gpu_tests", "bench_streaming", "bench_planner", "profile"):
+    for step in ("gpu_tests", "bench_streaming", "bench_planner", "profile", "bench_dropin"):
         assert f"== {step}: ok" in summary, summary
     assert "chosen ÷ best feasible" in summary
     assert "verified: one real streaming step on cpu" in summary
     assert "ratio" in summary
+    assert "drop-in / manual pair: time" in summary

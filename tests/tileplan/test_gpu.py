@@ -126,3 +126,34 @@ def test_a_slide_streams_from_disk_to_the_gpu_as_its_pixels_do(tmp_path: Path) -
     assert out_a.is_cuda
     assert torch.equal(out_a, out_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_stream_with_the_image_on_the_host_equals_conventional_on_the_gpu() -> None:
+    """``tileplan.stream`` with the trunk on the GPU and the image on the host (crops move one
+    at a time): output and every gradient equal the conventional pass on the GPU (float64)."""
+    import copy
+
+    import tileplan
+    from tests.oracle import assert_exact
+    from tests.tileplan.conftest import TINY_GLOBAL_MODEL
+
+    namespace: dict[str, object] = {}
+    exec(TINY_GLOBAL_MODEL, namespace)
+    model = namespace["build_model"]().double()  # type: ignore[operator]
+    plan = tileplan.profile(model, image=256, budget="2GiB", measure=False, dtype="float64",
+                            max_tile=96, bn="train", device="cuda")  # fmt: skip
+    model = model.cuda()
+    ref = copy.deepcopy(model)
+    net = tileplan.stream(model, plan).train()
+    ref.train()
+    image = torch.randn(2, 3, 256, 256, dtype=torch.float64)  # on the host
+    target = torch.tensor([0, 1], device="cuda")
+    out = net(image)
+    torch.nn.functional.cross_entropy(out, target).backward()
+    out_ref = ref(image.cuda())
+    torch.nn.functional.cross_entropy(out_ref, target).backward()
+    assert_exact(out.detach(), out_ref.detach(), "output")
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    largest = max(g.abs().max().item() for g in grads.values())
+    for name, p in model.named_parameters():
+        assert_exact(p.grad, grads[name], f"grad of {name}", largest)
