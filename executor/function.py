@@ -13,11 +13,12 @@ Memory is the engine's: between the passes the node holds what the streamed back
 and nothing of the trunk's autograd graph.
 
 Note: [Autograd node]
-    The tiles' own graphs are differentiated with ``torch.autograd.grad`` (returned, never
-    accumulated into ``.grad``), so the parameters' gradient-accumulator hooks (DDP's) run once
-    per backward call, on the pass's total. Tensor hooks registered with
-    ``Parameter.register_hook`` run on each tile's share instead (autograd calls them for
-    every gradient it computes for the parameter).
+    The tiles run with stand-ins of the trainable parameters (detached leaves on the same
+    storage, ``torch.func.functional_call``), and their graphs are differentiated with
+    ``torch.autograd.grad`` with respect to the stand-ins: returned, never accumulated into
+    ``.grad``. So no hook registered on a parameter (``Parameter.register_hook``, DDP's
+    gradient-accumulator hooks) sees one tile's share: each runs once per backward call, on
+    the total this node returns, as for a conventional module.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from torch import nn
 from executor import Plan, StreamingError
 from tileplan.units import format_bytes, parse_bytes, parse_shape
 
-__all__ = ["MemoryReport", "largest_image", "memory_report", "profile"]
+__all__ = ["MemoryReport", "largest_image", "memory_report", "profile", "profile_as_command"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def profile(
         >>> print(tileplan.memory_report(plan))
     """
     try:
-        return _profile(
+        return profile_as_command(
             model, image=image, data=data, channels=channels, device=device, budget=budget,
             margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
             measure=measure, verify=verify, verify_limit=verify_limit, segments=segments, cut=cut,
@@ -123,7 +123,7 @@ def _as_keywords(text: str) -> str:
     return _OPTION.sub(keyword, text.replace("tileplan profile", "tileplan.profile"))
 
 
-def _profile(
+def profile_as_command(
     model: nn.Module | str | os.PathLike[str], *, image: int | Sequence[int] | str | None,
     data: str | os.PathLike[str] | None, channels: int, device: str, budget: int | str | None,
     margin: float, dtype: str, tile: int | Sequence[int] | str | None, split: str | SplitFn,
@@ -131,6 +131,8 @@ def _profile(
     segments: int | str, cut: str | Sequence[str] | None, max_tile: int | None, bn: str,
     mpp: float | None, level: int | None, tissue: bool, progress: bool,
 ) -> Plan:  # fmt: skip
+    """``profile`` with every keyword given and the planner's messages as they are, naming
+    ``tileplan profile``'s options (the command's own call)."""
     from tileplan.planning.profile import ProfileRequest
     from tileplan.planning.profile import profile as run_profile
 

@@ -257,7 +257,7 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
     """
     from executor import save_plan
     from tileplan.api import memory_report
-    from tileplan.api import profile as plan_for
+    from tileplan.api import profile_as_command as plan_for
     from tileplan.planning.profile import NoFeasiblePlanError
     from tileplan.text import render_table
 
@@ -278,7 +278,8 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
                 model_file, image=image, channels=channels, device=device, budget=budget,
                 margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
                 measure=measure, verify=verify, verify_limit=verify_limit, segments=segments,
-                cut=cut_names, max_tile=max_tile, bn=batch_norm, progress=sys.stderr.isatty(),
+                cut=cut_names, max_tile=max_tile, bn=batch_norm, data=None, mpp=None,
+                level=None, tissue=False, progress=sys.stderr.isatty(),
             )  # fmt: skip
             save_plan(plan, out)
     except click.ClickException as err:
