@@ -62,6 +62,7 @@ __all__ = [
     "Verification",
     "VerifyStatus",
     "check_plan_matches",
+    "check_same_model",
     "load_plan",
     "save_plan",
     "trunk_fingerprint",
@@ -849,6 +850,21 @@ def _bn_hint(plan: Plan) -> str:
     return " (or train with the BatchNorm mode the plan was made for: --bn frozen)"
 
 
+def check_same_model(plan: Plan, trunk: nn.Module) -> None:
+    """Refuse a plan made for another trunk architecture (``trunk_fingerprint``).
+
+    Raises:
+        PlanError: one line with both fingerprints and what to do.
+    """
+    fingerprint = trunk_fingerprint(trunk)
+    if plan.model.trunk_fingerprint != fingerprint:
+        raise PlanError(
+            f"plan was made for a different model (trunk fingerprint "
+            f"{plan.model.trunk_fingerprint} != {fingerprint}); re-run `tileplan profile` "
+            "for this model"
+        )
+
+
 def check_plan_matches(
     plan: Plan,
     trunk: nn.Module,
@@ -862,13 +878,7 @@ def check_plan_matches(
         PlanError: one line naming what differs and what to do.
         UnsupportedLayerError: the trunk cannot be streamed at all.
     """
-    fingerprint = trunk_fingerprint(trunk)
-    if plan.model.trunk_fingerprint != fingerprint:
-        raise PlanError(
-            f"plan was made for a different model (trunk fingerprint "
-            f"{plan.model.trunk_fingerprint} != {fingerprint}); re-run `tileplan profile` "
-            "for this model"
-        )
+    check_same_model(plan, trunk)
     plan.check_geometry(analyze_trunk(trunk, plan.n_axes))
     ends = [s.end for s in plan.segments[:-1] if s.end]
     points = set(map_cut_points(trunk, plan.n_axes)) if ends else set()

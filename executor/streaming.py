@@ -616,7 +616,7 @@ class StreamingCNN:
         )  # fmt: skip
         originals = tuple(stats[n] for n in part.stats)
         needs = self._needs_grad(input_grad) if keep_last else {}
-        stand_ins = _StandIns(self._tile_module(part)) if keep_last else _StandIns(None)
+        stand_ins = _StandIns(self._tile_module(part)) if keep_last else None
         part_stats = (
             tuple(_stat_leaf(stats[n], needs.get(n, False)) for n in part.stats)
             if keep_last else originals
@@ -651,6 +651,7 @@ class StreamingCNN:
                     ].detach()
                 if keep:
                     assert cache is not None
+                    assert stand_ins is not None
                     cache.append(_CachedTile(tile, tuple(crop), tuple(ys), part_stats, stand_ins,
                                              weakref.ref(image), image_version(image)))  # fmt: skip
                 del crop, ys
@@ -993,10 +994,8 @@ class _StandIns:
     parameter (``Tensor.register_hook``, DDP's) runs on one tile's share: autograd runs them
     once, on the total the streamed node returns ([Autograd node])."""
 
-    def __init__(self, module: nn.Module | None) -> None:
-        named = [] if module is None else [
-            (name, p) for name, p in module.named_parameters() if p.requires_grad
-        ]  # fmt: skip
+    def __init__(self, module: nn.Module) -> None:
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.leaves = [p.detach().requires_grad_() for p in self.params]
         self._by_name = {name: leaf for (name, _), leaf in zip(named, self.leaves, strict=True)}

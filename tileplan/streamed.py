@@ -28,9 +28,9 @@ from executor import (
     PlanError,
     StreamingCNN,
     check_fits_plan,
+    check_same_model,
     load_plan,
     stream_trunk,
-    trunk_fingerprint,
 )
 
 __all__ = ["StreamedModel", "inference_engine", "stream"]
@@ -107,11 +107,11 @@ class StreamedModel(nn.Module):
 
     def train(self, mode: bool = True) -> StreamedModel:
         """Train mode, with BatchNorm in the plan's mode (see the class docstring)."""
+        from tileplan.planning.model_file import set_batch_norm
+
         super().train(mode)
         if mode and self.plan.batch_norm == "frozen":
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            set_batch_norm(self.model, "frozen")
         return self
 
     def forward(self, image: Image) -> torch.Tensor:
@@ -173,13 +173,6 @@ class StreamedModel(nn.Module):
         if trains_bn or plan.batch_norm == "frozen":
             scnn = StreamingCNN.from_plan(trunk, plan, **self._engine_kwargs)
         else:  # eval mode of a model planned with batch statistics: validation, prediction
-            fingerprint = trunk_fingerprint(trunk)
-            if fingerprint != plan.model.trunk_fingerprint:
-                raise PlanError(
-                    f"plan was made for a different model (trunk fingerprint "
-                    f"{plan.model.trunk_fingerprint} != {fingerprint}); re-run `tileplan "
-                    "profile` for this model"
-                )
             scnn = inference_engine(trunk, plan, **self._engine_kwargs)
         log.debug("streamed model: trunk traced with %s", "train" if self.training else "eval")
         return scnn, head
@@ -193,6 +186,7 @@ def inference_engine(trunk: nn.Module, plan: Plan, **kwargs: Any) -> StreamingCN
     planned backward tiles."""
     if plan.batch_norm == "frozen":
         return StreamingCNN.from_plan(trunk, plan, **kwargs)
+    check_same_model(plan, trunk)  # its segments are another trunk's: the model must match
     kwargs.setdefault("amp_dtype", plan.precision.amp_dtype)
     probe = StreamingCNN(trunk, plan.tile_px, forward_tile_shape=plan.forward_tile_px, **kwargs)
     first = probe.program.streams[0].geometry

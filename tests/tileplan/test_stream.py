@@ -79,19 +79,25 @@ def _assert_same(model: nn.Module, ref: nn.Module, *, grads: bool = True) -> Non
             assert torch.equal(b, buffers[name]), name
 
 
-def _conventional(ref: nn.Module, plan: tileplan.Plan, streamed: tileplan.StreamedModel) -> None:
+def _same_modes(ref: nn.Module, streamed: tileplan.StreamedModel) -> None:
     """``ref`` in the same train/eval state as the streamed model's layers."""
     for a, b in zip(streamed.model.modules(), ref.modules(), strict=True):
         b.train(a.training)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("case", list(CASES))
-def test_loss_backward_is_exact(case: str, batch: int) -> None:
+def _streamed(case: str) -> tuple[nn.Module, tileplan.Plan, tileplan.StreamedModel, nn.Module]:
+    """``(model, plan, streamed model in train mode, conventional copy in its modes)``."""
     model, plan = _plan(case)
     ref = copy.deepcopy(model)
     net = tileplan.stream(model, plan).train()
-    _conventional(ref, plan, net)
+    _same_modes(ref, net)
+    return model, plan, net, ref
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_backward_is_exact(case: str, batch: int) -> None:
+    model, plan, net, ref = _streamed(case)
     assert [id(p) for p in net.parameters()] == [id(p) for p in model.parameters()]
     torch.manual_seed(1)
     image = torch.randn(batch, 3, SIZE, SIZE, dtype=torch.float64)
@@ -111,10 +117,7 @@ def test_loss_backward_is_exact(case: str, batch: int) -> None:
 
 
 def test_gradients_accumulate_over_three_backward_calls() -> None:
-    model, plan = _plan("statistics")
-    ref = copy.deepcopy(model)
-    net = tileplan.stream(model, plan).train()
-    _conventional(ref, plan, net)
+    model, plan, net, ref = _streamed("statistics")
     torch.manual_seed(2)
     for _ in range(3):
         image = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
@@ -127,10 +130,7 @@ def test_gradients_accumulate_over_three_backward_calls() -> None:
 def test_retain_graph_backward_twice_equals_conventional() -> None:
     """A second backward through a retained graph recomputes the kept maps: the gradients
     are summed twice, as autograd sums them."""
-    model, plan = _plan("segmented")
-    ref = copy.deepcopy(model)
-    net = tileplan.stream(model, plan).train()
-    _conventional(ref, plan, net)
+    model, plan, net, ref = _streamed("segmented")
     image = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
     target = torch.tensor([1])
     for m, inp in ((net, image), (ref, image)):
@@ -141,10 +141,7 @@ def test_retain_graph_backward_twice_equals_conventional() -> None:
 
 
 def test_grad_scaler_and_clipping_see_conventional_gradients() -> None:
-    model, plan = _plan("statistics")
-    ref = copy.deepcopy(model)
-    net = tileplan.stream(model, plan).train()
-    _conventional(ref, plan, net)
+    model, plan, net, ref = _streamed("statistics")
     image = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
     target = torch.tensor([0, 1])
     norms = []
@@ -165,7 +162,7 @@ def test_bfloat16_plan_is_as_accurate_as_conventional_autocast() -> None:
     ref, reference = copy.deepcopy(model), copy.deepcopy(model).double()
     net = tileplan.stream(model, plan).train()
     for other in (ref, reference):
-        _conventional(other, plan, net)
+        _same_modes(other, net)
     torch.manual_seed(3)
     image = torch.randn(1, 3, SIZE, SIZE)
     target = torch.tensor([0])
@@ -180,10 +177,7 @@ def test_bfloat16_plan_is_as_accurate_as_conventional_autocast() -> None:
 
 
 def test_no_grad_streams_forward_only() -> None:
-    model, plan = _plan("statistics")
-    ref = copy.deepcopy(model)
-    net = tileplan.stream(model, plan).train()
-    _conventional(ref, plan, net)
+    model, plan, net, ref = _streamed("statistics")
     image = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
     with torch.no_grad():
         out, out_ref = net(image), ref(image)
@@ -197,10 +191,7 @@ def test_no_grad_streams_forward_only() -> None:
 
 
 def test_a_slide_source_streams_like_its_pixels() -> None:
-    model, plan = _plan("segmented")
-    ref = copy.deepcopy(model)
-    net = tileplan.stream(model, plan).train()
-    _conventional(ref, plan, net)
+    model, plan, net, ref = _streamed("segmented")
     image = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
     target = torch.tensor([1])
     _loss(net(TensorSource(image)), target).backward()
@@ -295,10 +286,7 @@ def test_a_deep_copy_streams_its_own_model() -> None:
 def test_parameter_hooks_run_once_on_the_whole_gradient() -> None:
     """A hook on a trunk parameter (``register_hook``) sees the total, as conventionally:
     the tiles run with hook-free stand-ins of the parameters."""
-    model, plan = _plan("segmented")
-    ref = copy.deepcopy(model)
-    net = tileplan.stream(model, plan).train()
-    _conventional(ref, plan, net)
+    model, plan, net, ref = _streamed("segmented")
     seen: dict[str, int] = {"streamed": 0, "conventional": 0}
     for m, key in ((model, "streamed"), (ref, "conventional")):
         bias = m.features[0].bias
@@ -318,10 +306,7 @@ def test_parameter_hooks_run_once_on_the_whole_gradient() -> None:
 def test_autocast_around_backward_alone_does_not_change_the_gradients() -> None:
     """The backward pass recomputes tiles under the forward's autocast state, not under one
     opened only around ``backward()``."""
-    model, plan = _plan("segmented")
-    ref = copy.deepcopy(model)
-    net = tileplan.stream(model, plan).train()
-    _conventional(ref, plan, net)
+    model, plan, net, ref = _streamed("segmented")
     image = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
     loss = _loss(net(image), torch.tensor([1]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -341,7 +326,7 @@ def test_weights_loaded_by_assignment_are_the_ones_trained() -> None:
     other = _build(TINY_GLOBAL_MODEL).double()
     model.load_state_dict(other.state_dict(), assign=True)
     ref = copy.deepcopy(model)
-    _conventional(ref, plan, net)
+    _same_modes(ref, net)
     model.zero_grad(set_to_none=True)
     net(image).sum().backward()
     ref(image).sum().backward()
