@@ -99,10 +99,11 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, Split | None]:
 
 def disc_images(n: int, size: Sequence[int], *, seed: int, dtype: torch.dtype = torch.float32
                 ) -> TensorDataset:  # fmt: skip
-    """``n`` noisy images of ``size`` px, label 1 when they hold a bright disc."""
+    """``n`` noisy images of ``size`` px, label 1 when they hold a bright disc (the same
+    pixels in every ``dtype``: drawn in float32)."""
     gen = torch.Generator().manual_seed(seed)
     h, w = size
-    images = torch.randn(n, 3, h, w, generator=gen, dtype=dtype) * 0.5
+    images = torch.randn(n, 3, h, w, generator=gen).to(dtype) * 0.5
     labels = torch.arange(n) % 2
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     for i in range(n):
