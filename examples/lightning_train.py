@@ -141,6 +141,11 @@ def train(model_file: str | Path, plan_path: str | Path | None, *, epochs: int =
         # Every rank writes its own weights (``NAME.rankR.pt``): DDP keeps them equal.
         path = Path(out)
         torch.save(model.state_dict(), path.with_suffix(f".rank{trainer.global_rank}.pt"))
+    if torch.distributed.is_initialized():
+        # Lightning leaves the process group up; a process that exits with gloo's threads
+        # still running can abort ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return module
 
 
