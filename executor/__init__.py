@@ -10,6 +10,7 @@ from executor.classify import traced_trunk
 from executor.errors import ContractError, GeometryError, StreamingError, UnsupportedLayerError
 from executor.fileio import atomic_write, atomic_write_path
 from executor.function import stream_trunk
+from executor.axes import spatial_axes
 from executor.geometry import (
     AxisGeometry,
     AxisTile,
@@ -62,6 +63,7 @@ from executor.streaming import (
 from executor.trace import trace
 
 __all__ = [
+    "spatial_axes",
     "BATCH_NORM_MODES",
     "DTYPE_NAMES",
     "EFFECTS",

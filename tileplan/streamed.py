@@ -168,7 +168,7 @@ class StreamedModel(nn.Module):
             trunk, head = self._split_fn(self.model)
         else:
             option = plan.model.split_option
-            parts = split_model(self.model, None if option == "auto" else option)
+            parts = split_model(self.model, None if option == "auto" else option, plan.n_axes)
             trunk, head = parts.trunk, parts.head
         if trains_bn or plan.batch_norm == "frozen":
             scnn = StreamingCNN.from_plan(trunk, plan, **self._engine_kwargs)

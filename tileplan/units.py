@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["GIB", "MIB", "format_bytes", "format_shape", "parse_bytes", "parse_shape"]
+__all__ = [
+    "GIB", "MIB", "broadcast_shape", "format_bytes", "format_shape", "parse_bytes", "parse_shape",
+]  # fmt: skip
 
 MIB = 1024**2
 GIB = 1024**3  # bytes per GiB
@@ -39,21 +41,41 @@ def format_bytes(n: float | None) -> str:
     return f"{n / MIB:.0f} MiB"
 
 
-def parse_shape(text: str | int, n_axes: int = 2) -> tuple[int, ...]:
-    """``'8192'`` -> (8192, 8192); ``'6000x9000'`` -> (6000, 9000) (H x W).
+def parse_shape(text: str | int, n_axes: int | None = None) -> tuple[int, ...]:
+    """``'8192'`` -> (8192,) or, with ``n_axes``, (8192,) * n_axes; ``'6000x9000'`` -> (6000,
+    9000) (H x W); ``'64x256x256'`` -> (64, 256, 256) (D x H x W, a volume). A single size
+    stands for every axis of the model (``broadcast_shape``).
 
     Raises:
-        ValueError: not a positive shape.
+        ValueError: not a positive shape, or not ``n_axes`` sizes (nor one) when that is given.
     """
     parts = str(text).lower().replace("×", "x").split("x")
     try:
         values = tuple(int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"'{text}' is not a size; write 8192 or 6000x9000 (H x W)") from None
+        raise ValueError(
+            f"'{text}' is not a size; write 8192, 6000x9000 (H x W) or 64x512x512 (D x H x W)"
+        ) from None
+    if min(values) < 1 or len(values) > 3:
+        raise ValueError(f"'{text}' is not a size of 1 to 3 positive integers")
+    return values if n_axes is None else broadcast_shape(values, n_axes, str(text))
+
+
+def broadcast_shape(shape: Sequence[int], n_axes: int, shown: str | None = None) -> tuple[int, ...]:
+    """``shape`` with one size per spatial axis: a single size repeated ``n_axes`` times.
+
+    Raises:
+        ValueError: ``shape`` has another number of axes (a 2-D size for a volume model).
+    """
+    values = tuple(int(v) for v in shape)
     if len(values) == 1:
-        values = values * n_axes
-    if len(values) != n_axes or min(values) < 1:
-        raise ValueError(f"'{text}' is not a {n_axes}-axis size of positive integers")
+        return values * n_axes
+    if len(values) != n_axes:
+        what = {2: "H x W (an image)", 3: "D x H x W (a volume)"}.get(n_axes, f"{n_axes} sizes")
+        raise ValueError(
+            f"'{shown or format_shape(values)}' has {len(values)} axes but the model takes "
+            f"{n_axes} spatial axes: give {what}, or one size for all"
+        )
     return values
 
 

@@ -66,15 +66,16 @@ def run_measurement(spec: Any) -> dict[str, Any]:
     spec = spec if isinstance(spec, dict) else spec.__dict__
     device = torch.device(spec["device"])
     precision = Precision.of(spec["dtype"])
+    shape = tuple(spec["shape"])
     loaded = load_model_file(spec["model_file"], spec["split"],
-                             batch_norm=spec.get("batch_norm", "frozen"))  # fmt: skip
+                             batch_norm=spec.get("batch_norm", "frozen"),
+                             n_axes=len(shape) - 2)  # fmt: skip
     model = loaded.model.to(device=device, dtype=precision.param_dtype)
     trunk, head = loaded.trunk, loaded.head
-    shape = tuple(spec["shape"])
     # Warm up forward and backward kernels on a small input, so that their one-off
     # allocations (thread pools, primitive caches) are in the baseline, not in the peak
     # (global-context layers make deep receptive fields: no larger than the image's crops).
-    geometry = analyze_trunk(trunk)
+    geometry = analyze_trunk(trunk, len(shape) - 2)
     small = min(max(geometry.receptive_field) + 1, max(512, 4 * max(geometry.output_stride)))
     small_shape = (1, shape[1], *(small,) * (len(shape) - 2))
     _tile_pass(trunk, small_shape, device, precision)

@@ -37,6 +37,7 @@ from executor import (
     cut_points,
     find_node,
     prefix,
+    spatial_axes,
     suffix,
     trace,
 )
@@ -65,6 +66,8 @@ class LoadedModel:
         head: the rest, applied to the trunk's output map.
         split: where the trunk ends, in words.
         stopped_by: why an automatic split ends there (see ``Split.stopped_by``).
+        n_axes: spatial axes of the maps the model takes (2 images, 3 volumes), from its
+            layers (``executor.spatial_axes``).
     """
 
     path: Path
@@ -75,6 +78,7 @@ class LoadedModel:
     split: str
     stopped_by: str | None = None
     batch_norm: str = "frozen"  # the BatchNorm mode the model was split (traced) in
+    n_axes: int = 2
     _user_split: object = None
     _split_option: str = "auto"
 
@@ -90,7 +94,7 @@ class LoadedModel:
             set_batch_norm(self.model, batch_norm)
             return self
         return _split(self.path, self.entry, self.model, self._user_split, self._split_option,
-                      batch_norm)  # fmt: skip
+                      batch_norm, self.n_axes)  # fmt: skip
 
 
 def set_batch_norm(model: nn.Module, mode: str) -> None:
@@ -101,8 +105,8 @@ def set_batch_norm(model: nn.Module, mode: str) -> None:
             module.train(mode == "train")
 
 
-def load_model_file(path: str | Path, split: str = "auto", *, batch_norm: str = "frozen"
-                    ) -> LoadedModel:  # fmt: skip
+def load_model_file(path: str | Path, split: str = "auto", *, batch_norm: str = "frozen",
+                    n_axes: int | None = None) -> LoadedModel:  # fmt: skip
     """Import ``path``, build the model and split it.
 
     Args:
@@ -113,6 +117,8 @@ def load_model_file(path: str | Path, split: str = "auto", *, batch_norm: str = 
             batch statistics. The model is traced in that mode (code such as timm's
             ``BatchNormAct2d`` reads ``self.training`` while it is traced), so a trunk for the
             other mode is another split of the same model (``LoadedModel.resplit``).
+        n_axes: spatial axes of the model's input when its layers do not say (they do
+            through ``executor.spatial_axes``: ``Conv3d`` means volumes); default 2.
 
     Raises:
         ModelFileError: missing or broken file, no model in it, no streamable trunk.
@@ -135,25 +141,26 @@ def load_model_file(path: str | Path, split: str = "auto", *, batch_norm: str = 
             f"{entry} in '{path}' returned {type(model).__name__}, not a torch.nn.Module"
         )
     model.eval()
-    return _split(path, entry, model, getattr(namespace, "split", None), split, batch_norm)
+    return _split(path, entry, model, getattr(namespace, "split", None), split, batch_norm,
+                  spatial_axes(model, n_axes or 2))
 
 
 SplitFn = Callable[[nn.Module], tuple[nn.Module, nn.Module]]
 
 
 def load_module(model: nn.Module, split: str | SplitFn = "auto", *, batch_norm: str = "frozen",
-                label: str = "<module>") -> LoadedModel:  # fmt: skip
+                label: str = "<module>", n_axes: int | None = None) -> LoadedModel:  # fmt: skip
     """Split a module given in Python as ``load_model_file`` splits a file's (in eval mode,
     BatchNorm in ``batch_norm`` mode). ``split``: ``"auto"``, a module name, or a function
     ``split(model) -> (trunk, head)``; ``label`` stands for the file in messages."""
     model.eval()
     user_split = split if callable(split) else None
     return _split(Path(label), "module", model, user_split, "auto" if callable(split) else split,
-                  batch_norm)  # fmt: skip
+                  batch_norm, spatial_axes(model, n_axes or 2))  # fmt: skip
 
 
 def _split(path: Path, entry: str, model: nn.Module, user_split: object, split: str,
-           batch_norm: str) -> LoadedModel:  # fmt: skip
+           batch_norm: str, n_axes: int) -> LoadedModel:  # fmt: skip
     set_batch_norm(model, batch_norm)
     if split == "auto" and callable(user_split):
         parts = _call(path, lambda: user_split(model), "split(model)")
@@ -162,13 +169,13 @@ def _split(path: Path, entry: str, model: nn.Module, user_split: object, split: 
         )):  # fmt: skip
             raise ModelFileError(f"split(model) in '{path}' must return (trunk, head) modules")
         trunk, head = parts
-        build_program(trunk)  # refuse an unstreamable trunk now, naming the layer
+        build_program(trunk, n_axes)  # refuse an unstreamable trunk now, naming the layer
         return LoadedModel(path, entry, model, trunk, head, "split(model) in the model file",
-                           batch_norm=batch_norm, _user_split=user_split,
+                           batch_norm=batch_norm, n_axes=n_axes, _user_split=user_split,
                            _split_option=split)  # fmt: skip
-    parts = split_model(model, None if split == "auto" else split)
+    parts = split_model(model, None if split == "auto" else split, n_axes)
     return LoadedModel(path, entry, model, parts.trunk, parts.head, parts.where, parts.stopped_by,
-                       batch_norm=batch_norm, _user_split=user_split,
+                       batch_norm=batch_norm, n_axes=n_axes, _user_split=user_split,
                        _split_option=split)  # fmt: skip
 
 
@@ -267,24 +274,26 @@ def _traced(model: nn.Module) -> tuple[torch.fx.GraphModule, Callable[[nn.Module
         return gm, lambda suffix: _ThenHead(suffix, model)
 
 
-def split_model(model: nn.Module, name: str | None = None) -> Split:
+def split_model(model: nn.Module, name: str | None = None, n_axes: int | None = None) -> Split:
     """Split ``model`` into a trunk and a head at a point where one feature map flows on.
 
     Args:
         model: the whole model.
         name: end the trunk after this module (qualified name) or graph node; ``None`` picks
             the largest streamable prefix.
+        n_axes: spatial axes of the model's input when its layers do not say (default 2).
 
     Raises:
         ModelFileError: the model cannot be traced, ``name`` is not a cut point, or no prefix
             of the model can be streamed.
     """
+    n_axes = spatial_axes(model, n_axes or 2)
     gm, finish = _traced(model)
     nodes = list(gm.graph.nodes)
     position = {n.name: i for i, n in enumerate(nodes)}
     cuts = [position[c] for c in cut_points(gm)]
     if name is not None:
-        return _split_at_name(gm, nodes, cuts, name, finish)
+        return _split_at_name(gm, nodes, cuts, name, finish, n_axes)
     last_error: UnsupportedLayerError | None = None
     limit = len(nodes)  # cuts at or after a refused node cannot stream
     for index in reversed(cuts):
@@ -292,7 +301,7 @@ def split_model(model: nn.Module, name: str | None = None) -> Split:
             continue
         trunk = prefix(gm, nodes[index].name)
         try:
-            build_program(trunk)
+            build_program(trunk, n_axes)
         except UnsupportedLayerError as err:
             last_error = err
             limit = min(limit, position.get(err.node or "", limit))
@@ -310,7 +319,7 @@ def split_model(model: nn.Module, name: str | None = None) -> Split:
 
 def _split_at_name(
     gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], cuts: list[int], name: str,
-    finish: Callable[[nn.Module], nn.Module],
+    finish: Callable[[nn.Module], nn.Module], n_axes: int,
 ) -> Split:  # fmt: skip
     node = find_node(gm, name)
     if node is None:
@@ -326,7 +335,7 @@ def _split_at_name(
             "choose the end of a whole block"
         )
     trunk = prefix(gm, nodes[index].name)
-    build_program(trunk)
+    build_program(trunk, n_axes)
     head = finish(suffix(gm, nodes[index].name))
     return Split(trunk, head, f"trunk ends after {_describe(nodes[index])}")
 

@@ -69,7 +69,7 @@ from tileplan.planning.search import Scored, candidate_tiles, choose, proxy_cost
 from tileplan.planning.segments import Costs, SegmentSearch, candidate_cuts, resolve_cuts
 from tileplan.settings import OPTIMIZERS
 from tileplan.text import shallow_trunk_note
-from tileplan.units import format_bytes
+from tileplan.units import broadcast_shape, format_bytes
 
 __all__ = ["NoFeasiblePlanError", "ProfileRequest", "profile"]
 
@@ -232,6 +232,7 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     """
     bar = tqdm(total=7, desc="profile", disable=not progress, leave=False)
     loaded = _load(req)
+    req = _with_axes(req, loaded.n_axes)
     info = device_info(req.device, assume=not req.measure)
     budget = req.budget_bytes or (
         info.total_bytes if info.device != "cpu" else info.available_bytes
@@ -244,13 +245,13 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     precision = req.precision
     if req.measure:
         loaded.model.to(device=torch.device(info.device), dtype=precision.param_dtype)
-    geometry = analyze_trunk(loaded.trunk)
-    program = build_program(loaded.trunk, geometry.n_axes)
+    geometry = analyze_trunk(loaded.trunk, loaded.n_axes)
+    program = build_program(loaded.trunk, loaded.n_axes)
     forced = len(program.streams)  # statistics of whole maps end segments: at least this many
     _check_forced(req, forced)
     image = (req.batch, req.channels, *req.image_shape)
     state = ModelState.of(loaded.model, req.optimizer, precision.param_dtype)
-    cuts = resolve_cuts(loaded.trunk, req.cuts) if req.cuts else []
+    cuts = resolve_cuts(loaded.trunk, req.cuts, loaded.n_axes) if req.cuts else []
     bar.update()
 
     # One tile shape for the whole trunk, unless statistics end segments (then it would be
@@ -310,14 +311,28 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
 
 
 def _load(req: ProfileRequest) -> LoadedModel:
-    """The model to plan, split: a copy of a module given in Python, or the model file's."""
+    """The model to plan, split: a copy of a module given in Python, or the model file's.
+    Its spatial axes come from its layers; a model without convolution or pooling layers
+    takes as many as the image size has."""
+    axes = len(req.image_shape) if len(req.image_shape) > 1 else None
     if req.module is not None:
         return load_module(copy.deepcopy(req.module), req.split_fn or req.split,
-                           batch_norm=req.batch_norm,
-                           label=req.model_label or "<module>")  # fmt: skip
+                           batch_norm=req.batch_norm, label=req.model_label or "<module>",
+                           n_axes=axes)  # fmt: skip
     if req.model_file is None:
         raise ValueError("give a model file or a module to plan for")
-    return load_model_file(req.model_file, req.split, batch_norm=req.batch_norm)
+    return load_model_file(req.model_file, req.split, batch_norm=req.batch_norm, n_axes=axes)
+
+
+def _with_axes(req: ProfileRequest, n_axes: int) -> ProfileRequest:
+    """The request with one size per spatial axis of the model in the image and tile shapes.
+
+    Raises:
+        ValueError: ``--image`` or ``--tile`` has another number of axes than the model.
+    """
+    image = broadcast_shape(req.image_shape, n_axes)
+    tile = None if req.tile is None else broadcast_shape(req.tile, n_axes)
+    return replace(req, image_shape=image, tile=tile)
 
 
 def _check_forced(req: ProfileRequest, forced: int) -> None:
@@ -566,11 +581,11 @@ def _segmentations(
     elif forced > 1:  # where statistics end segments, and up to two more cuts
         search = SegmentSearch(loaded.trunk, image, [], costs)
         ends = {e for part in search.program(()).streams for e in part.end.split(",")}
-        options = [c for c in candidate_cuts(loaded.trunk) if c[0] not in ends]
+        options = [c for c in candidate_cuts(loaded.trunk, n_axes=loaded.n_axes) if c[0] not in ends]
         search.cuts = options
         found = search.search([k for k in (1, *_AUTO_SEGMENTS) if k - 1 <= len(options)])
     else:
-        options = candidate_cuts(loaded.trunk)
+        options = candidate_cuts(loaded.trunk, n_axes=loaded.n_axes)
         counts = [req.segments] if req.segments else list(_AUTO_SEGMENTS)
         counts = [k for k in counts if k - 1 <= len(options)]
         if req.segments and not counts:

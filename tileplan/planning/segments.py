@@ -88,23 +88,24 @@ def _where(node: torch.fx.Node) -> str:
     return node.name
 
 
-def candidate_cuts(trunk: nn.Module, limit: int = 6) -> list[tuple[str, str]]:
+def candidate_cuts(trunk: nn.Module, limit: int = 6, n_axes: int = 2) -> list[tuple[str, str]]:
     """``(node name, where)`` of the last cut point of each stride level inside the trunk
     (at most ``limit``, the deepest levels kept)."""
     gm = trace(trunk)
     nodes = {n.name: n for n in gm.graph.nodes}
-    cuts = map_cut_points(trunk)
+    cuts = map_cut_points(trunk, n_axes)
     # The stride of each cut: of the prefix ending there.
     ends: dict[tuple[int, ...], str] = {}
     for name in cuts:
         (prefix_part, _) = chain(gm, [name])
-        ends[analyze_trunk(prefix_part).output_stride] = name
+        ends[analyze_trunk(prefix_part, n_axes).output_stride] = name
     # The last level ends at the trunk's output: no cut there.
     levels = list(ends)[:-1]
     return [(ends[level], _where(nodes[ends[level]])) for level in levels][-limit:]
 
 
-def resolve_cuts(trunk: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:
+def resolve_cuts(trunk: nn.Module, names: Sequence[str], n_axes: int = 2
+                 ) -> list[tuple[str, str]]:  # fmt: skip
     """The cut points for ``--cut`` names: a node name, or a module (the last node inside it).
 
     Raises:
@@ -112,7 +113,7 @@ def resolve_cuts(trunk: nn.Module, names: Sequence[str]) -> list[tuple[str, str]
     """
     gm = trace(trunk)
     nodes = list(gm.graph.nodes)
-    valid = set(map_cut_points(trunk))
+    valid = set(map_cut_points(trunk, n_axes))
     resolved = []
     for name in names:
         node = find_node(gm, name)

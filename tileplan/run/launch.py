@@ -101,7 +101,7 @@ def run_training(
     spec = RunSpec.from_plan(plan, **req.options)  # type: ignore[arg-type]
     _seed_everything(spec.seed)  # the model's initial weights too
     loaded = load_model_file(req.model_file, plan.model.split_option,
-                             batch_norm=spec.batch_norm)  # fmt: skip
+                             batch_norm=spec.batch_norm, n_axes=plan.n_axes)  # fmt: skip
     check_plan_matches(plan, loaded.trunk)
     # Validation normalises with the running statistics: a frozen trunk of the same model.
     frozen = loaded.resplit("frozen") if spec.batch_norm == "train" else loaded

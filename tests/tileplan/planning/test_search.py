@@ -20,19 +20,42 @@ def test_candidates_are_the_smallest_tiles_per_tile_count() -> None:
     g = _geometry()
     image = (512, 384)
     tiles = candidate_tiles(g, image)
-    counts = [max(g.tile_grid(image, t).counts) for t in tiles]
-    # Growing tiles, strictly falling tile counts, down to a single tile.
-    assert all(a[0] < b[0] for a, b in zip(tiles, tiles[1:], strict=False))
+    # The nearest to squares (cut to the image): growing tiles, falling tile counts.
+    squares = [min((t for t in tiles if t[0] == side), key=lambda t: abs(t[1] - min(side, 384)))
+               for side in sorted({t[0] for t in tiles})]  # fmt: skip
+    counts = [max(g.tile_grid(image, t).counts) for t in squares]
+    assert all(a[0] < b[0] for a, b in zip(squares, squares[1:], strict=False))
     assert all(a > b for a, b in zip(counts, counts[1:], strict=False))
     assert counts[-1] == 1
     assert tiles[-1] == (512, 384)  # the whole image, capped per axis
-    for t, k in zip(tiles, counts, strict=True):
-        assert t[0] % 4 == 0
-        # Minimal: one alignment step smaller needs more tiles (or is below the minimum).
-        smaller = t[0] - 4
-        if smaller >= max(g.min_tile(0), SMALLEST_TILE):
-            assert max(g.tile_grid(image, (smaller, smaller)).counts) > k
+    for t in tiles:
+        assert t[0] % 4 == 0 and (t[1] % 4 == 0 or t[1] == 384)
+        # Minimal per axis: one alignment step smaller needs more tiles along it (or is
+        # below the minimum).
+        grid = g.tile_grid(image, t)
+        for ax in (0, 1):
+            smaller = list(t)
+            smaller[ax] -= 4
+            if smaller[ax] >= max(g.min_tile(ax), SMALLEST_TILE) and t[ax] < image[ax]:
+                assert g.tile_grid(image, tuple(smaller)).counts[ax] > grid.counts[ax]
     assert tiles[0][0] == -(-max(g.min_tile(0), SMALLEST_TILE) // 4) * 4
+
+
+def test_volume_candidates_vary_the_short_axis_on_its_own() -> None:
+    """A scan has far fewer slices than pixels per slice: slabs whole in depth, and slabs cut
+    in depth with the same in-plane tile, are both candidates; in-plane axes stay square."""
+    g = analyze_trunk(nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.MaxPool3d(2),
+                                    nn.Conv3d(4, 4, 3, padding=1)), 3)  # fmt: skip
+    image = (160, 512, 512)
+    tiles = candidate_tiles(g, image)
+    assert all(t[1] == t[2] for t in tiles)
+    in_plane = {t[1] for t in tiles if t[1] < 512}
+    assert len(in_plane) > 3
+    for side in in_plane:
+        depths = {t[0] for t in tiles if t[1] == side}
+        assert len(depths) >= 2, (side, depths)  # the cube, and at least one other depth
+    assert (160, 512, 512) in tiles
+    assert any(t[0] == 160 and t[1] < 160 for t in tiles)  # whole depth, small in-plane
 
 
 def test_no_candidate_below_the_smallest_tile() -> None:
