@@ -5,12 +5,12 @@ Everything outside this package uses only the names exported here::
     from executor import StreamingCNN, analyze_trunk, load_plan
 """
 
+from executor.axes import spatial_axes
 from executor.chain import SegmentedStreamingCNN, SegmentSpec
 from executor.classify import traced_trunk
 from executor.errors import ContractError, GeometryError, StreamingError, UnsupportedLayerError
 from executor.fileio import atomic_write, atomic_write_path
 from executor.function import stream_trunk
-from executor.axes import spatial_axes
 from executor.geometry import (
     AxisGeometry,
     AxisTile,

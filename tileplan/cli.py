@@ -311,8 +311,9 @@ def validate(plan_file: Path, model_file: Path | None) -> None:
     with _one_line_errors():
         plan = load_plan(plan_file)
         path = model_file or Path(plan.model.file)
-        loaded = load_model_file(path, plan.model.split_option, batch_norm=plan.batch_norm,
-                                 n_axes=plan.n_axes)
+        loaded = load_model_file(
+            path, plan.model.split_option, batch_norm=plan.batch_norm, n_axes=plan.n_axes
+        )
         check_plan_matches(plan, loaded.trunk)
     click.echo(f"{plan_file}: valid plan for {path} at {format_shape(plan.image_shape_px)} px, "
                f"{plan.dtype}, tile {format_shape(plan.tile_px)}")  # fmt: skip

@@ -141,8 +141,15 @@ def load_model_file(path: str | Path, split: str = "auto", *, batch_norm: str = 
             f"{entry} in '{path}' returned {type(model).__name__}, not a torch.nn.Module"
         )
     model.eval()
-    return _split(path, entry, model, getattr(namespace, "split", None), split, batch_norm,
-                  spatial_axes(model, n_axes or 2))
+    return _split(
+        path,
+        entry,
+        model,
+        getattr(namespace, "split", None),
+        split,
+        batch_norm,
+        spatial_axes(model, n_axes or 2),
+    )
 
 
 SplitFn = Callable[[nn.Module], tuple[nn.Module, nn.Module]]

@@ -581,7 +581,8 @@ def _segmentations(
     elif forced > 1:  # where statistics end segments, and up to two more cuts
         search = SegmentSearch(loaded.trunk, image, [], costs)
         ends = {e for part in search.program(()).streams for e in part.end.split(",")}
-        options = [c for c in candidate_cuts(loaded.trunk, n_axes=loaded.n_axes) if c[0] not in ends]
+        options = [c for c in candidate_cuts(loaded.trunk, n_axes=loaded.n_axes)
+                   if c[0] not in ends]  # fmt: skip
         search.cuts = options
         found = search.search([k for k in (1, *_AUTO_SEGMENTS) if k - 1 <= len(options)])
     else:

@@ -105,8 +105,9 @@ def candidate_tiles(geometry: TrunkGeometry, image_shape: Sequence[int],
     Axes of equal length (an image's H and W, a scan's in-plane axes) share one tile length;
     axes of another length (a scan's far fewer slices) get their own: for each length of the
     longest axes, the other axes take their own smallest length nearest to it (about a
-    cube, cut to the image), or that of one tile more or one fewer along them. So a 96x384x384 volume is considered in
-    whole-depth slabs as well as in cubes, and a 2-D square image in squares only.
+    cube, cut to the image), or that of one tile more or one fewer along them. So a
+    96x384x384 volume is considered in whole-depth slabs as well as in cubes, and a 2-D
+    square image in squares only.
 
     Raises:
         GeometryError: the image is too small for the trunk.

@@ -125,8 +125,9 @@ def predict_files(
     # Inference normalises with running statistics: the plan is checked against the model in
     # its own BatchNorm mode, and a plan for batch statistics streams the frozen trunk with
     # its forward tile (``inference_engine``).
-    loaded = load_model_file(model_file, plan.model.split_option, batch_norm=plan.batch_norm,
-                             n_axes=plan.n_axes)
+    loaded = load_model_file(
+        model_file, plan.model.split_option, batch_norm=plan.batch_norm, n_axes=plan.n_axes
+    )
     check_plan_matches(plan, loaded.trunk)
     loaded = loaded.resplit("frozen")
     try:

@@ -29,7 +29,8 @@ def test_candidates_are_the_smallest_tiles_per_tile_count() -> None:
     assert counts[-1] == 1
     assert tiles[-1] == (512, 384)  # the whole image, capped per axis
     for t in tiles:
-        assert t[0] % 4 == 0 and (t[1] % 4 == 0 or t[1] == 384)
+        assert t[0] % 4 == 0
+        assert t[1] % 4 == 0 or t[1] == 384
         # Minimal per axis: one alignment step smaller needs more tiles along it (or is
         # below the minimum).
         grid = g.tile_grid(image, t)
