@@ -161,18 +161,22 @@ def profile_as_command(
 
 def largest_image(
     data: str | os.PathLike[str], *, mpp: float | None = None, level: int | None = None,
-    tissue: bool = False,
-) -> tuple[tuple[int, int], int]:  # fmt: skip
+    tissue: bool = False, spacing: Sequence[float] | None = None, intensity: str = "raw",
+    n_axes: int = 2,
+) -> tuple[tuple[int, ...], int]:  # fmt: skip
     """``((H, W), channels)``: what a plan for every image of the CSV ``data`` needs, read at
-    ``mpp``/``level`` (and cropped to tissue)."""
+    ``mpp``/``level`` (and cropped to tissue); with ``n_axes=3``, ``((D, H, W), channels)`` of
+    its volumes resampled to ``spacing`` (mm)."""
     from tileplan.run.data import load_csv
     from tileplan.settings import DataSettings
 
-    settings = DataSettings(mpp=mpp, level=level, tissue=tissue)
-    dataset = load_csv(Path(data), settings=settings)
+    settings = DataSettings(mpp=mpp, level=level, tissue=tissue, intensity=intensity,
+                            spacing=None if spacing is None else tuple(spacing))  # fmt: skip
+    dataset = load_csv(Path(data), settings=settings, n_axes=n_axes)
     largest = dataset.largest_shape
-    log.info("%s: %d images at %s; planning for the largest, %s px", data, len(dataset),
-             settings.describe_reading(), "x".join(map(str, largest)))  # fmt: skip
+    log.info("%s: %d images at %s; planning for the largest, %s", data, len(dataset),
+             settings.describe_volumes() if n_axes == 3 else settings.describe_reading(),
+             "x".join(map(str, largest)))  # fmt: skip
     return largest, dataset.channels
 
 

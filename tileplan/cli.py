@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,14 +80,32 @@ def main() -> None:
 
 
 def _largest_image(
-    data: Path, mpp: float | None, level: int | None, tissue: bool
-) -> tuple[tuple[int, int], int]:
-    """``((H, W), channels)`` a plan for every image of the CSV ``data`` needs."""
+    data: Path, mpp: float | None, level: int | None, tissue: bool, *, model_file: Path,
+    spacing: tuple[float, ...] | None, intensity: str,
+) -> tuple[tuple[int, ...], int]:  # fmt: skip
+    """``((H, W) or (D, H, W), channels)`` a plan for every image of the CSV ``data`` needs;
+    volumes when the model's layers take three spatial axes."""
     from tileplan.api import largest_image
+    from tileplan.planning.model_file import load_model_file
 
-    largest, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue)
-    click.echo(f"{data}: planning for the largest image, {format_shape(largest)} px", err=True)
+    n_axes = load_model_file(model_file).n_axes
+    largest, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue, spacing=spacing,
+                                      intensity=intensity, n_axes=n_axes)  # fmt: skip
+    unit = "voxels" if n_axes == 3 else "px"
+    click.echo(f"{data}: planning for the largest image, {format_shape(largest)} {unit}", err=True)
     return largest, channels
+
+
+def _spacing(text: str) -> tuple[float, ...]:
+    """``'2'`` -> (2, 2, 2); ``'3x1x1'`` -> (3, 1, 1) (mm, D x H x W)."""
+    try:
+        values = tuple(float(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        values = ()
+    values = values * 3 if len(values) == 1 else values
+    if len(values) != 3 or not all(v > 0 and math.isfinite(v) for v in values):
+        raise ValueError(f"'{text}' is not a voxel spacing; write 2 or 3x1x1 (mm, D x H x W)")
+    return values
 
 
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]
@@ -104,6 +123,12 @@ def _slide_options(*, oversize: bool = True) -> Decorator:
         click.option("--tissue", is_flag=True,
                      help="Crop each image to the bounding box of its tissue (Otsu on "
                      "saturation of a thumbnail; cached per slide)."),
+        click.option("--spacing", type=_Parsed("MM", _spacing), default=None,
+                     help="Volumes: resample every volume to this voxel spacing in mm (2, or "
+                     "3x1x1 as D x H x W; exact area averages, coarser than stored only)."),
+        click.option("--intensity", default="raw", show_default=True,
+                     help="Volumes: raw (values as stored), zscore (per volume and channel) "
+                     "or window:LO,HI (clip, map to [0, 1]; e.g. window:-1000,400 for CT)."),
     ]  # fmt: skip
     if oversize:
         options.append(click.option(
@@ -249,7 +274,8 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
             tile: tuple[int, ...] | None, split: str, optimizer: str, measure: bool,
             verify: bool | None, verify_limit: float, segments: str, cuts: str | None,
             max_tile: int | None, out: Path, as_json: bool, batch_norm: str, mpp: float | None,
-            level: int | None, tissue: bool) -> None:  # fmt: skip
+            level: int | None, tissue: bool, spacing: tuple[float, ...] | None,
+            intensity: str) -> None:  # fmt: skip
     """Choose the tile shape for MODEL_FILE at an image size and save the plan as YAML.
 
     MODEL_FILE defines build_model() (or a module-level `model`) and may define
@@ -268,12 +294,15 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
     cut_names = tuple(c.strip() for c in cuts.split(",") if c.strip()) if cuts else ()
     if (image is None) == (data is None):
         raise click.UsageError("give --image SIZE, or --data CSV to plan for its largest image")
-    if data is None and (mpp is not None or level is not None or tissue):
-        raise click.UsageError("--mpp, --level and --tissue choose how --data is read; give --data")
+    if data is None and (mpp is not None or level is not None or tissue or spacing is not None
+                         or intensity != "raw"):  # fmt: skip
+        raise click.UsageError("--mpp, --level, --tissue, --spacing and --intensity choose how "
+                               "--data is read; give --data")  # fmt: skip
     try:
         with _one_line_errors():
             if data is not None:
-                image, channels = _largest_image(data, mpp, level, tissue)
+                image, channels = _largest_image(data, mpp, level, tissue, model_file=model_file,
+                                                 spacing=spacing, intensity=intensity)  # fmt: skip
             plan = plan_for(
                 model_file, image=image, channels=channels, device=device, budget=budget,
                 margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
@@ -402,7 +431,8 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
           epochs: int, lr: float, optimizer: str | None, batch: int,
           mean: tuple[float, ...] | None, std: tuple[float, ...] | None, amp: bool, resume: bool,
           seed: int, num_workers: int, device: str, report: bool, batch_norm: str | None,
-          mpp: float | None, level: int | None, tissue: bool, oversize: str) -> None:  # fmt: skip
+          mpp: float | None, level: int | None, tissue: bool, spacing: tuple[float, ...] | None,
+          intensity: str, oversize: str) -> None:  # fmt: skip
     """Train MODEL_FILE with the trunk streamed as PLAN says, on images listed in a CSV.
 
     Data parallel: torchrun --nproc-per-node N -m tileplan train ...
@@ -412,7 +442,8 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
     from tileplan.text import render_report
 
     with _one_line_errors():
-        settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize)  # type: ignore[arg-type]
+        settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize,  # type: ignore[arg-type]
+                                spacing=spacing, intensity=intensity)  # fmt: skip
         options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
                    "epochs": epochs, "seed": seed, "num_workers": num_workers,
                    "data": settings, "batch_norm": batch_norm}  # fmt: skip
@@ -493,12 +524,28 @@ def report(run_dir: Path) -> None:
     help="Write whole-slide images instead: pyramidal JPEG slides of different sizes (up to "
     "--size per side), tissue on glass, as Aperio .svs and pyramidal .tif at 0.25 µm/px.",
 )
-def demo_data(out_dir: Path, n: int, size: int, seed: int, slides: bool) -> None:
+@click.option(
+    "--volumes",
+    is_flag=True,
+    help="Write 3-D volumes instead: CT-like int16 NIfTI (.nii.gz, Hounsfield units, 2.5x0.8x0.8 "
+    "mm voxels) of --size/4 x --size x --size voxels.",
+)
+def demo_data(out_dir: Path, n: int, size: int, seed: int, slides: bool, volumes: bool) -> None:
     """Write a synthetic dataset whose labels need full resolution (train.csv, val.csv)."""
     from tileplan.run.demo_data import write_demo_dataset
     from tileplan.run.demo_slides import demo_slide_sizes, write_demo_slides
 
     with _one_line_errors():
+        if slides and volumes:
+            raise click.UsageError("give --slides or --volumes, not both")
+        if volumes:
+            from tileplan.run.demo_volumes import write_demo_volumes
+
+            depth = max(16, size // 4)
+            write_demo_volumes(out_dir, n=n, depth=depth, side=size, seed=seed)
+            click.echo(f"wrote {n} volumes of {depth}x{size}x{size} voxels with train.csv and "
+                       f"val.csv to {out_dir}")  # fmt: skip
+            return
         if slides:
             sizes = demo_slide_sizes(n, size)
             path = write_demo_slides(out_dir, n=n, sizes=sizes, seed=seed)

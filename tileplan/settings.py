@@ -34,7 +34,7 @@ from executor import (
 
 __all__ = [
     "OPTIMIZERS", "DataSettings", "Normalization", "OptimizerSpec", "RunSpec", "SettingsError",
-    "describe_resolution", "resolve_device",
+    "describe_resolution", "parse_intensity", "resolve_device",
 ]  # fmt: skip
 
 
@@ -102,8 +102,11 @@ class Normalization:
             raise SettingsError(f"--std {list(self.std)} must be > 0 for every channel")
 
     @classmethod
-    def default(cls, channels: int) -> Normalization:
-        """ImageNet's statistics for 3 channels; mean 0.5, std 0.5 otherwise."""
+    def default(cls, channels: int, *, volume: bool = False) -> Normalization:
+        """ImageNet's statistics for 3 channels; mean 0.5, std 0.5 otherwise. Volumes: mean 0,
+        std 1 (none: ``DataSettings.intensity`` scales them)."""
+        if volume:
+            return cls(mean=(0.0,) * channels, std=(1.0,) * channels)
         if channels == 3:
             return cls(mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
         return cls(mean=(0.5,) * channels, std=(0.5,) * channels)
@@ -166,14 +169,29 @@ class DataSettings:
         tissue: crop each image to the bounding box of its tissue.
         oversize: an image larger than the plan's image: ``crop`` to its centre (with a
             warning) or ``refuse`` it before training starts.
+        spacing: volumes: mm per voxel (D, H, W) to resample every volume to (exact area
+            averages, coarser than stored only), or None to read them as stored.
+        intensity: volumes: ``raw`` (values as stored, e.g. Hounsfield units), ``zscore``
+            (each volume to mean 0, std 1 per channel) or ``window:LO,HI`` (clipped to
+            [LO, HI] and mapped to [0, 1], e.g. ``window:-1000,400`` for lung CT).
     """
 
     level: int | None = None
     mpp: float | None = None
     tissue: bool = False
     oversize: Oversize = "crop"
+    spacing: tuple[float, ...] | None = None
+    intensity: str = "raw"
 
     def __post_init__(self) -> None:
+        if self.spacing is not None and not (
+            len(self.spacing) == 3 and all(v > 0 and math.isfinite(v) for v in self.spacing)
+        ):
+            raise SettingsError(
+                f"--spacing {self.spacing}: give one size in mm (2) or one per axis (3x1x1, "
+                "D x H x W), each > 0"
+            )
+        parse_intensity(self.intensity)
         if self.level is not None and self.mpp is not None:
             raise SettingsError("give either --level or --mpp, not both")
         if self.level is not None and self.level < 0:
@@ -182,6 +200,12 @@ class DataSettings:
             raise SettingsError(f"--mpp {self.mpp} must be a positive number of microns per px")
         if self.oversize not in get_args(Oversize):
             raise SettingsError(f"--oversize {self.oversize!r}: use crop or refuse")
+
+    def describe_volumes(self) -> str:
+        """What is read of each volume, e.g. ``3x1x1 mm voxels, intensity window:-1000,400``."""
+        where = "voxels as stored" if self.spacing is None else (
+            "x".join(f"{v:g}" for v in self.spacing) + " mm voxels")  # fmt: skip
+        return f"{where}, intensity {self.intensity}"
 
     def describe_reading(self) -> str:
         """What is read of each image, e.g. ``1 µm/px, tissue box``."""
@@ -192,6 +216,28 @@ class DataSettings:
         """E.g. ``1 µm/px, tissue box, larger images centre-cropped``."""
         policy = "centre-cropped" if self.oversize == "crop" else "refused"
         return f"{self.describe_reading()}, larger images {policy}"
+
+
+def parse_intensity(text: str) -> tuple[str, tuple[float, float] | None]:
+    """``'raw'``, ``'zscore'`` or ``'window:LO,HI'`` as (mode, window).
+
+    Raises:
+        SettingsError: anything else, or a window with ``LO >= HI``.
+    """
+    mode, _, rest = text.partition(":")
+    if mode in ("raw", "zscore") and not rest:
+        return mode, None
+    if mode == "window":
+        try:
+            lo, hi = (float(v) for v in rest.split(","))
+        except ValueError:
+            lo = hi = math.nan
+        if lo < hi and math.isfinite(lo) and math.isfinite(hi):
+            return mode, (lo, hi)
+    raise SettingsError(
+        f"--intensity {text}: use raw, zscore, or window:LO,HI with LO < HI (e.g. "
+        "window:-1000,400 for CT in Hounsfield units)"
+    )
 
 
 def describe_resolution(level: int | None, mpp: float | None) -> str:
@@ -261,7 +307,7 @@ class RunSpec:
         for, its BatchNorm mode unless another is asked for (the plan then refuses the
         model: its segments are another mode's), and the default normalisation for its
         channel count unless ``mean``/``std``."""
-        normalization = Normalization.default(plan.channels)
+        normalization = Normalization.default(plan.channels, volume=plan.n_axes == 3)
         if mean is not None or std is not None:
             normalization = Normalization(
                 mean=_floats(mean) or normalization.mean, std=_floats(std) or normalization.std

@@ -81,7 +81,11 @@ if TYPE_CHECKING:
     from tileplan.settings import DataSettings
 
 __all__ = [
+    "FIX_ROW",
     "IMAGE_SUFFIXES",
+    "RowError",
+    "parse_label",
+    "read_csv_rows",
     "DataError",
     "Dataset",
     "ImageInfo",
@@ -113,8 +117,8 @@ IMAGE_SUFFIXES: dict[str, str] = {
 }
 
 _COLUMNS = ("image", "label")
-_OPTIONAL_COLUMNS = ("level",)
-_FIX_ROW = "fix or remove the row"
+_OPTIONAL_COLUMNS = ("level", "spacing")  # spacing: of volumes (tileplan.run.volumes)
+FIX_ROW = "fix or remove the row"
 _DTYPE_HINT = "store 8-bit (uint8) or float32 images"
 
 # Pillow modes that read as one channel, and those we cannot represent without rescaling.
@@ -630,6 +634,11 @@ class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether images stream from their files region by region (``source``), not whole."""
+        return self.regions is not None
+
     def source(self, index: int) -> ImageSource:
         """Image ``index`` as an ``executor.ImageSource`` of shape ``(1, C, H, W)``: read region
         by region from its file with ``regions``, else the tensor ``self[index]`` holds."""
@@ -651,7 +660,7 @@ class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         except DataError as exc:
             where = self.csv_path if self.csv_path is not None else "dataset"
             raise DataError(
-                f"{where} row {sample.row}: {exc}; {_FIX_ROW}",
+                f"{where} row {sample.row}: {exc}; {FIX_ROW}",
                 csv_path=self.csv_path,
                 row=sample.row,
             ) from exc
@@ -702,14 +711,14 @@ class Dataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
 # --------------------------------------------------------------------------------------------
 
 
-class _RowError(Exception):
+class RowError(Exception):
     def __init__(self, row: int, reason: str) -> None:
         self.row = row
         self.reason = reason
         super().__init__(reason)
 
 
-def _read_rows(csv_path: Path, shown: str) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
+def read_csv_rows(csv_path: Path, shown: str) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
     """Return the column index of each name and ``(row, fields)`` for each non-blank data row."""
     if not csv_path.exists():
         raise DataError(f"{shown}: file not found", csv_path=csv_path)
@@ -763,19 +772,19 @@ def _check_header(header: list[str], shown: str, csv_path: Path) -> dict[str, in
     if problems:
         raise DataError(
             f"{shown}: {'; '.join(problems)} in header {','.join(header)!r}; "
-            "the header must be 'image,label' (and optionally 'level')",
+            "the header must be 'image,label' (and optionally 'level', or 'spacing' for volumes)",
             csv_path=csv_path,
         )
     return {name: names.index(name) for name in (*_COLUMNS, *_OPTIONAL_COLUMNS) if name in names}
 
 
-def _parse_label(text: str, row: int) -> float:
+def parse_label(text: str, row: int) -> float:
     try:
         label = float(text)
     except ValueError:
-        raise _RowError(row, f"label {text.strip()!r} is not a number") from None
+        raise RowError(row, f"label {text.strip()!r} is not a number") from None
     if not math.isfinite(label):
-        raise _RowError(row, f"label {text.strip()!r} is not a finite number")
+        raise RowError(row, f"label {text.strip()!r} is not a finite number")
     return label
 
 
@@ -784,7 +793,7 @@ def _parse_level(text: str, row: int) -> int | None:
     if not text:
         return None
     if not text.isdigit():
-        raise _RowError(row, f"level {text!r} is not a whole number >= 0 (0 = full resolution)")
+        raise RowError(row, f"level {text!r} is not a whole number >= 0 (0 = full resolution)")
     return int(text)
 
 
@@ -792,21 +801,21 @@ def _parse_row(
     row: int, fields: list[str], columns: dict[str, int], base: Path
 ) -> tuple[Sample, ImageInfo]:
     if len(fields) != len(columns):
-        raise _RowError(row, f"expected {len(columns)} fields ({','.join(columns)}), got "
+        raise RowError(row, f"expected {len(columns)} fields ({','.join(columns)}), got "
                              f"{len(fields)}")  # fmt: skip
     name = fields[columns["image"]].strip()
     if not name:
-        raise _RowError(row, "the image path is empty")
-    label = _parse_label(fields[columns["label"]], row)
+        raise RowError(row, "the image path is empty")
+    label = parse_label(fields[columns["label"]], row)
     level = _parse_level(fields[columns["level"]], row) if "level" in columns else None
     path = Path(name).expanduser()
     path = (path if path.is_absolute() else base / path).resolve()
     if not path.exists():
-        raise _RowError(row, f"image {name!r} not found (looked for {path})")
+        raise RowError(row, f"image {name!r} not found (looked for {path})")
     try:
         info = _probe(path)
     except Exception as exc:  # any reader failure becomes one clear line
-        raise _RowError(row, f"cannot read {name!r}: {_describe(exc)}") from exc
+        raise RowError(row, f"cannot read {name!r}: {_describe(exc)}") from exc
     return Sample(path=path, label=label, row=row, level=level), info
 
 
@@ -814,13 +823,13 @@ def _check_consistent(samples: Sequence[Sample], infos: Sequence[ImageInfo]) -> 
     first = infos[0]
     for sample, info in zip(samples, infos, strict=True):
         if info.channels != first.channels:
-            raise _RowError(
+            raise RowError(
                 sample.row,
                 f"image has {info.channels} channel(s) but row {samples[0].row} has "
                 f"{first.channels}; all images must have the same channels",
             )
         if info.dtype != first.dtype:
-            raise _RowError(
+            raise RowError(
                 sample.row,
                 f"image is {info.dtype} but row {samples[0].row} is {first.dtype}; all images "
                 "must have the same pixel type",
@@ -857,7 +866,7 @@ def _log_summary(shown: str, dataset: Dataset) -> None:
 
 def _resolve_rows(
     samples: Sequence[Sample], target_shape: Sequence[int] | None, settings: DataSettings
-) -> tuple[list[Resolved], list[_RowError]]:
+) -> tuple[list[Resolved], list[RowError]]:
     from tileplan.run.slides import resolve
 
     resolved, errors = [], []
@@ -869,7 +878,7 @@ def _resolve_rows(
                             max_shape=target_shape, oversize=settings.oversize)  # fmt: skip
             resolved.append(found)
         except Exception as exc:  # any reader failure becomes one clear line
-            errors.append(_RowError(sample.row, f"'{sample.path.name}' {_describe(exc)}"))
+            errors.append(RowError(sample.row, f"'{sample.path.name}' {_describe(exc)}"))
     return resolved, errors
 
 
@@ -877,6 +886,7 @@ def load_csv(
     path: str | os.PathLike[str],
     target_shape: Sequence[int] | None = None,
     settings: DataSettings | None = None,
+    n_axes: int = 2,
 ) -> Dataset:
     """Read and validate a dataset CSV (columns ``image,label``) before any training starts.
 
@@ -891,6 +901,8 @@ def load_csv(
             ``settings`` it is the largest size instead (see the module docstring).
         settings: read images region by region as slides (resolution, tissue, oversize
             policy), each at its own size; every row is resolved and checked now.
+        n_axes: spatial axes of the plan's images: 3 reads every row as a volume
+            (``tileplan.run.volumes.load_volume_csv``, which needs ``settings``).
 
     Returns:
         The validated :class:`Dataset`.
@@ -899,17 +911,25 @@ def load_csv(
         DataError: one line naming the CSV, the 1-based data row and the fix, e.g.
             ``train.csv row 3: cannot read 'img3.tif': ...; fix or remove the row``.
     """
+    if n_axes == 3:
+        from tileplan.run.volumes import load_volume_csv
+        from tileplan.settings import DataSettings as Settings
+
+        return load_volume_csv(path, target_shape, settings or Settings())
     shown = os.fspath(path)
     csv_path = Path(path)
-    columns, rows = _read_rows(csv_path, shown)
+    columns, rows = read_csv_rows(csv_path, shown)
+    if "spacing" in columns:
+        raise DataError(f"{shown}: the 'spacing' column states the voxel spacing of volumes, and "
+                        "these are 2-D images; remove the column", csv_path=csv_path)  # fmt: skip
     base = csv_path.absolute().parent
     samples: list[Sample] = []
     infos: list[ImageInfo] = []
-    errors: list[_RowError] = []
+    errors: list[RowError] = []
     for row, fields in rows:
         try:
             sample, info = _parse_row(row, fields, columns, base)
-        except _RowError as exc:
+        except RowError as exc:
             errors.append(exc)
             continue
         samples.append(sample)
@@ -917,7 +937,7 @@ def load_csv(
     if not errors:
         try:
             _check_consistent(samples, infos)
-        except _RowError as exc:
+        except RowError as exc:
             errors.append(exc)
     resolved: list[Resolved] = []
     if settings is not None and not errors:
@@ -928,7 +948,7 @@ def load_csv(
         more = f" ({len(errors) - 1} more bad row(s) logged)" if len(errors) > 1 else ""
         first = errors[0]
         raise DataError(
-            f"{shown} row {first.row}: {first.reason}; {_FIX_ROW}{more}",
+            f"{shown} row {first.row}: {first.reason}; {FIX_ROW}{more}",
             csv_path=csv_path,
             row=first.row,
         )

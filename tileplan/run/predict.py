@@ -24,6 +24,7 @@ from torch import nn
 
 from executor import (
     ImageSource,
+    Plan,
     StreamingCNN,
     atomic_write,
     check_plan_matches,
@@ -34,7 +35,7 @@ from tileplan.run.checkpoint import CheckpointError, load_checkpoint
 from tileplan.run.data import DataError, Task, describe_error
 from tileplan.run.slides import Region, SlideSource, resolve, thumbnail
 from tileplan.run.trainer import decide, inference_engine
-from tileplan.settings import resolve_device
+from tileplan.settings import DataSettings, resolve_device
 
 __all__ = [
     "Prediction", "predict_files", "predict_image", "predictions_csv", "saliency_overlay",
@@ -145,6 +146,9 @@ def predict_files(
         preprocess=lambda crop: normalization.apply(crop, dtype),
     )  # fmt: skip
     data = spec.data
+    if plan.n_axes == 3:
+        return _predict_volumes(scnn, loaded.head, images, plan=plan, data=data,
+                                task=ckpt.meta.task, saliency_dir=saliency_dir)  # fmt: skip
     found = []
     for path in images:  # every image is checked before any is predicted
         try:
@@ -166,6 +170,33 @@ def predict_files(
             _write_saliency(saliency_dir, path, pred.saliency, magnitude)
             overlay = saliency_overlay(thumbnail(slide.pyramid), magnitude, slide.region)
             _write_png(saliency_dir / f"{path.stem}.overlay.png", overlay)
+        results.append((path, pred))
+    return results
+
+
+def _predict_volumes(scnn: StreamingCNN, head: nn.Module, images: Sequence[Path], *, plan: Plan,
+                     data: DataSettings, task: Task, saliency_dir: Path | None,
+                     ) -> list[tuple[Path, Prediction]]:  # fmt: skip
+    """Volumes, read as in training (spacing, intensity); saliency as the raw ``(C, D, H, W)``
+    gradient (``.npy``) and a PNG of its magnitude's maximum over depth."""
+    from tileplan.run.volumes import VolumeSource, resolve_volume
+
+    regions = []
+    for path in images:  # every volume is checked before any is predicted
+        try:
+            regions.append(resolve_volume(Path(path), data, max_shape=plan.image_shape_px))
+        except Exception as exc:  # any reader failure becomes one clear line
+            raise DataError(f"cannot predict '{path}': {describe_error(exc)}") from exc
+    results = []
+    for path, region in zip(images, regions, strict=True):
+        source = VolumeSource(region)
+        try:
+            pred = predict_image(scnn, head, source, task=task, saliency=saliency_dir is not None)
+        finally:
+            source.close()
+        if saliency_dir is not None and pred.saliency is not None:
+            magnitude = saliency_to_uint8(pred.saliency)  # (D, H, W)
+            _write_saliency(saliency_dir, path, pred.saliency, magnitude.max(axis=0))
         results.append((path, pred))
     return results
 

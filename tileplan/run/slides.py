@@ -63,6 +63,7 @@ from tileplan.run.data import (
     _tiff_layout,
     read_image,
 )
+from tileplan.run.resample import area_taps, resample_axis, round_ratio
 from tileplan.settings import describe_resolution
 
 __all__ = [
@@ -425,73 +426,6 @@ def choose_region(pyramid: Pyramid, *, level: int | None = None, mpp: float | No
     return Region(best, target, (0, 0, *target))
 
 
-def _taps(start: int, stop: int, size: int, out: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Area-average taps of output pixels ``[start, stop)`` of an axis of ``size`` level px
-    resampled to ``out`` px (``size >= out``).
-
-    Output pixel ``i`` covers level interval ``[i size / out, (i+1) size / out)``; level pixel
-    ``j`` contributes its overlap with it, ``num / size`` with the integer
-    ``num = min((j+1) out, (i+1) size) - max(j out, i size)`` (the nums of a pixel sum to
-    ``size``), so taps depend on ``i`` and ``j`` only, never on the region read.
-
-    Returns:
-        ``(index, num, lo, hi)``: ``index[k, i]`` is tap k's level pixel relative to ``lo``,
-        ``num[k, i]`` its integer weight (int64), ``[lo, hi)`` the level pixels needed.
-    """
-    i = np.arange(start, stop, dtype=np.int64)
-    first = (i * size) // out
-    last = -((-(i + 1) * size) // out)  # ceil, exclusive
-    n_taps = int((last - first).max())
-    j = first[None, :] + np.arange(n_taps, dtype=np.int64)[:, None]  # (K, n)
-    num = np.clip(np.minimum((j + 1) * out, (i + 1) * size) - np.maximum(j * out, i * size), 0,
-                  None)  # fmt: skip
-    lo, hi = int(first[0]), int(last[-1])
-    index = np.minimum(j, hi - 1) - lo  # taps past the interval have weight 0
-    return index, num, lo, hi
-
-
-Taps = tuple[np.ndarray, np.ndarray, int, int]  # (index, num, lo, hi) of _taps
-
-
-def _resample_axis(data: np.ndarray, axis: int, taps: Taps, size: int, out: int
-                   ) -> tuple[np.ndarray, int]:  # fmt: skip
-    """The output pixels of ``taps`` (:func:`_taps`; ``data``'s ``axis`` holds its level px
-    ``[lo, hi)``) as ``sum_k num[k] * data[index[k]]``, and the denominator (``size``) that
-    makes it a mean. Integer data is summed exactly in integers (so in any order, with the
-    narrowest type that cannot overflow); float data in float64 in tap order with weights
-    ``num / size`` (denominator 1)."""
-    exact = data.dtype.kind in "ui"
-    if exact:
-        bound = int(data.max(initial=0)) * size  # the largest sum
-        work: Any = np.int32 if bound < 2**31 else np.int64
-    else:
-        work = np.float64
-    if size % out == 0:  # whole footprints of f level px each: strided slices, weight out
-        f = size // out  # (the region read starts at level px start * f = lo)
-        view = np.moveaxis(data, axis, 0)
-        n = taps[0].shape[1]
-        acc = view[0 : n * f : f].astype(work)
-        for k in range(1, f):
-            acc += view[k : k + n * f : f]
-        acc = np.moveaxis(acc, 0, axis)
-        return (acc * out, size) if exact else (acc * (out / size), 1)
-    index, num, _, _ = taps
-    shape = [1] * data.ndim
-    shape[axis] = -1
-    acc = None
-    for k in range(index.shape[0]):
-        weight = num[k].astype(work) if exact else num[k] / size
-        term = np.take(data, index[k], axis=axis).astype(work) * weight.reshape(shape)
-        acc = term if acc is None else acc + term
-    assert acc is not None
-    return acc, (size if exact else 1)
-
-
-def _round_ratio(total: np.ndarray, count: int) -> np.ndarray:
-    """``total / count`` rounded half up, in exact integer arithmetic (``total >= 0``)."""
-    return (2 * total + count) // (2 * count)
-
-
 def _block_mean(data: np.ndarray, fy: int, fx: int) -> np.ndarray:
     """Mean of every ``fy x fx`` block of a uint8 ``(C, fy n, fx m)`` array as ``(C, n, m)``
     uint8, rounded half up: the integer factors' case of the area average, as an exact
@@ -507,7 +441,7 @@ def _block_mean(data: np.ndarray, fy: int, fx: int) -> np.ndarray:
     for k in range(1, fx):
         total += rows[:, :, k::fx]
     total += count // 2
-    total //= count  # == (2 total + count) // (2 count): the same rounding as _round_ratio
+    total //= count  # == (2 total + count) // (2 count): the same rounding as round_ratio
     return total.astype(np.uint8)
 
 
@@ -516,7 +450,7 @@ class SlideSource:
 
     Each ``read`` decodes only the level's part that the asked region needs (plus, when
     resampling, the level pixels its edge output pixels overlap), and resamples it with
-    :func:`_taps`, so any region equals the same part of a whole read bit for bit. The file is
+    ``area_taps``, so any region equals the same part of a whole read bit for bit. The file is
     opened on the first read and kept open (one read at a time) until ``close``.
     """
 
@@ -549,15 +483,18 @@ class SlideSource:
             if (level_h, level_w) == (out_h, out_w):
                 data = reader.read(self.region.level, a_y, a_x, b_y - a_y, b_x - a_x)
                 return torch.from_numpy(np.ascontiguousarray(data))[None]
-            taps_y, taps_x = _taps(a_y, b_y, level_h, out_h), _taps(a_x, b_x, level_w, out_w)
+            taps_y, taps_x = (
+                area_taps(a_y, b_y, level_h, out_h),
+                area_taps(a_x, b_x, level_w, out_w),
+            )
             (*_, lo_y, hi_y), (*_, lo_x, hi_x) = taps_y, taps_x
             data = reader.read(self.region.level, lo_y, lo_x, hi_y - lo_y, hi_x - lo_x)
         if data.dtype == np.uint8 and level_h % out_h == 0 and level_w % out_w == 0:
             return torch.from_numpy(_block_mean(data, level_h // out_h, level_w // out_w))[None]
-        rows, den_y = _resample_axis(data, 1, taps_y, level_h, out_h)
-        both, den_x = _resample_axis(rows, 2, taps_x, level_w, out_w)
+        rows, den_y = resample_axis(data, 1, taps_y, level_h, out_h)
+        both, den_x = resample_axis(rows, 2, taps_x, level_w, out_w)
         if data.dtype == np.uint8:  # exact integer sum / exact integer count, rounded once
-            scaled = _round_ratio(both, den_y * den_x).astype(np.uint8)
+            scaled = round_ratio(both, den_y * den_x).astype(np.uint8)
         else:
             scaled = both.astype(np.float32)
         return torch.from_numpy(scaled)[None]

@@ -53,6 +53,7 @@ from tileplan.run.data import Dataset, Task
 from tileplan.run.report import EpochMetrics, save_metrics
 from tileplan.settings import RunSpec
 from tileplan.streamed import inference_engine
+from tileplan.units import format_shape
 
 __all__ = ["Decision", "TrainError", "Trainer", "binary_auc", "decide", "loss_for"]
 
@@ -188,7 +189,7 @@ class Trainer:
                                               preprocess=spec.preprocess())  # fmt: skip
         self.task: Task = self._task()
         for data in (train_data, val_data):
-            if data is not None and data.regions is not None:
+            if data is not None and data.streamed:
                 check_image_sizes(self.scnn, head, data, channels=self._trunk_channels,
                                   outputs=self._head_outputs,
                                   planned_output=plan.output_shape)  # fmt: skip
@@ -295,7 +296,7 @@ class Trainer:
             yield batch[self.rank :: self.world], len(batch)
 
     def _image(self, data: Dataset, index: int) -> tuple[torch.Tensor | ImageSource, torch.Tensor]:
-        if data.regions is not None:  # streamed from its file, region by region
+        if data.streamed:  # streamed from its file, region by region
             label = torch.tensor([data.samples[index].label], dtype=torch.float32)
             return data.source(index), label
         image, label = data[index]
@@ -317,7 +318,7 @@ class Trainer:
         """(1, C, *spatial) images and labels in ``indices`` order, read ahead by
         ``num_workers`` processes (slides: opened ahead by as many threads; their tiles are
         read during the passes)."""
-        if self.train_data.regions is not None:
+        if self.train_data.streamed:
             yield from _opened_ahead(
                 (self._image(self.train_data, i) for i in indices), self.spec.num_workers
             )
@@ -482,28 +483,32 @@ def check_image_sizes(
         head_outputs = None  # type: ignore[assignment]
     seen: set[tuple[int, ...]] = set()
     for index, sample in enumerate(data.samples):
-        _, h, w = data.image_shape(index)
-        if (h, w) in seen:
+        size = tuple(data.image_shape(index)[1:])
+        if size in seen:
             continue
-        seen.add((h, w))
+        seen.add(size)
+        px = "voxels" if len(size) == 3 else "px"
         try:
-            grids = scnn.tile_grids((h, w))
+            grids = scnn.tile_grids(size)
             out_shape = grids[-1].output_shape
         except GeometryError as err:
-            raise TrainError(f"{where} row {sample.row}: an image of {h}x{w} px cannot be "
-                             f"streamed: {err}") from None  # fmt: skip
+            raise TrainError(f"{where} row {sample.row}: '{sample.path.name}' is "
+                             f"{format_shape(size)} {px} as read, and the model cannot stream "
+                             f"it: {err}") from None  # fmt: skip
         if head_outputs is None:
             continue
         try:
             got = head_outputs(out_shape)
         except Exception as err:  # the head's own error, whatever it is
             raise TrainError(
-                f"{where} row {sample.row}: the head cannot take the trunk's {out_shape[0]}x"
-                f"{out_shape[1]} output of this {h}x{w} px image ({type(err).__name__}); images "
-                "of different sizes need a head that pools globally (e.g. AdaptiveAvgPool2d(1))"
+                f"{where} row {sample.row}: the head cannot take the trunk's "
+                f"{format_shape(out_shape)} output of this {format_shape(size)} {px} image "
+                f"({type(err).__name__}); images of different sizes need a head that pools "
+                "globally (e.g. AdaptiveAvgPool2d(1))"
             ) from None
         if got != outputs:
             raise TrainError(
-                f"{where} row {sample.row}: the head gives {got} values for a {h}x{w} px image "
-                f"but {outputs} for the plan's; pool globally before the classifier"
+                f"{where} row {sample.row}: the head gives {got} values for a "
+                f"{format_shape(size)} {px} image but {outputs} for the plan's; pool globally "
+                "before the classifier"
             )

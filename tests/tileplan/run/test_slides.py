@@ -351,7 +351,7 @@ def test_fractional_area_average_equals_exact_fractions() -> None:
     resampled to O px is the overlap-weighted mean of level interval [i L/O, (i+1) L/O)."""
     from fractions import Fraction
 
-    from tileplan.run.slides import _resample_axis, _round_ratio, _taps
+    from tileplan.run.resample import area_taps, resample_axis, round_ratio
 
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, (2, 7, 10), dtype=np.uint8)
@@ -361,9 +361,9 @@ def test_fractional_area_average_equals_exact_fractions() -> None:
         a, b = Fraction(i * size, out), Fraction((i + 1) * size, out)
         return [max(Fraction(0), min(b, j + 1) - max(a, j)) / (b - a) for j in range(size)]
 
-    rows, den_y = _resample_axis(data, 1, _taps(0, oh, h, oh), h, oh)
-    both, den_x = _resample_axis(rows, 2, _taps(0, ow, w, ow), w, ow)
-    got = _round_ratio(both, den_y * den_x)
+    rows, den_y = resample_axis(data, 1, area_taps(0, oh, h, oh), h, oh)
+    both, den_x = resample_axis(rows, 2, area_taps(0, ow, w, ow), w, ow)
+    got = round_ratio(both, den_y * den_x)
     for c in range(2):
         for i in range(oh):
             for k in range(ow):

@@ -1,0 +1,294 @@
+"""Volumes end to end: readers (NIfTI, .npy, TIFF stacks), spacing and intensity, refusals,
+float64 equivalence of 3-D trunks through the model-file loading path, and the CLI story."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+import tifffile
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from executor import SegmentSpec, StreamingCNN
+from tests.oracle import compare_with_conventional
+from tileplan.cli import cli
+from tileplan.planning.model_file import load_model_file
+from tileplan.run.data import DataError, load_csv
+from tileplan.run.volume_readers import VolumeFileError, probe_volume
+from tileplan.run.volumes import VolumeSource, resolve_volume
+from tileplan.settings import DataSettings, SettingsError
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def _nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, float] | None,
+           slope: float | None = None) -> Path:  # fmt: skip
+    """(D, H, W[, C]) written as NIfTI array (W, H, D[, C]) with voxel sizes (mm)."""
+    data = np.moveaxis(volume, (0, 1, 2), (2, 1, 0))
+    zooms = spacing or (1.0, 1.0, 1.0)
+    img = nibabel.Nifti1Image(data, np.diag([zooms[2], zooms[1], zooms[0], 1.0]))
+    img.header.set_xyzt_units("mm" if spacing else "unknown")
+    if spacing is None:
+        img.header["pixdim"][1:4] = 0  # records no spacing
+    if slope is not None:
+        img.header.set_slope_inter(slope, -1024.0)
+    raw = img.to_bytes()
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def _csv(path: Path, rows: list[tuple[str, ...]], header: str = "image,label") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["v.nii", "v.nii.gz"])
+def test_nifti_crops_equal_the_whole_volume_in_tileplans_axis_order(tmp_path: Path,
+                                                                    name: str) -> None:  # fmt: skip
+    rng = np.random.default_rng(0)
+    vol = rng.integers(-1000, 1000, (7, 11, 13)).astype(np.int16)
+    path = _nifti(tmp_path / name, vol, (2.5, 0.8, 0.7), slope=2.0)
+    info = probe_volume(path)
+    assert (info.shape, info.channels, info.spacing) == ((7, 11, 13), 1, (2.5, 0.8, 0.7))
+    region = resolve_volume(path, DataSettings())
+    whole = VolumeSource(region).read_all()
+    assert whole.shape == (1, 1, 7, 11, 13)
+    assert whole.dtype == torch.float32
+    np.testing.assert_array_equal(whole[0, 0].numpy(), vol * 2.0 - 1024.0)  # slope, intercept
+    crop = VolumeSource(region).read((slice(2, 5), slice(3, 10), slice(0, 4)))
+    assert torch.equal(crop, whole[..., 2:5, 3:10, 0:4])
+
+
+def test_npy_and_tiff_stack_layouts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    vol = rng.random((2, 6, 9, 10), dtype=np.float32)  # (C, D, H, W)
+    np.save(tmp_path / "cf.npy", vol)
+    np.save(tmp_path / "cl.npy", np.moveaxis(vol, 0, -1))  # (D, H, W, C)
+    for name in ("cf.npy", "cl.npy"):
+        region = resolve_volume(tmp_path / name, DataSettings())
+        got = VolumeSource(region).read_all()[0]
+        np.testing.assert_array_equal(got.numpy(), vol)
+    stack = (rng.random((5, 9, 10)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, resolution=(1 / 0.5, 1 / 0.5),
+                     metadata={"spacing": 2.0, "unit": "mm", "axes": "ZYX"})  # fmt: skip
+    info = probe_volume(tmp_path / "s.tif")
+    assert (info.shape, info.spacing) == ((5, 9, 10), (2.0, 0.5, 0.5))
+    source = VolumeSource(resolve_volume(tmp_path / "s.tif", DataSettings()))
+    np.testing.assert_array_equal(source.read((slice(1, 4), slice(0, 9), slice(2, 7)))[0, 0],
+                                  stack[1:4, :, 2:7])  # fmt: skip
+
+
+def test_spacing_resamples_exactly_and_crops_match_the_whole(tmp_path: Path) -> None:
+    """Area averages from global coordinates: any crop equals the same part of the whole."""
+    rng = np.random.default_rng(2)
+    vol = rng.normal(size=(9, 20, 21)).astype(np.float32)
+    path = _nifti(tmp_path / "v.nii", vol, (1.0, 0.5, 0.5))
+    region = resolve_volume(path, DataSettings(spacing=(3.0, 1.0, 0.7)))
+    assert region.scaled == (3, 10, 15)
+    source = VolumeSource(region)
+    whole = source.read_all()[0, 0].numpy()
+    # Output voxel (0, 0, 0) covers stored [0, 3) x [0, 2) x [0, 1.4): the last column by 0.4.
+    weights = np.array([1.0, 0.4])
+    expected = (vol[0:3, 0:2, 0:2].astype(np.float64) * weights).sum() / (3 * 2 * 1.4)
+    assert whole[0, 0, 0] == pytest.approx(expected, rel=1e-6)
+    for box in [(slice(0, 2), slice(3, 9), slice(4, 15)), (slice(1, 3), slice(0, 1), slice(0, 7))]:
+        np.testing.assert_array_equal(source.read(box)[0, 0].numpy(), whole[box])
+
+
+def test_block_means_along_whole_factors(tmp_path: Path) -> None:
+    vol = np.arange(6 * 8 * 4, dtype=np.float32).reshape(6, 8, 4)
+    path = _nifti(tmp_path / "v.nii", vol, (1.0, 1.0, 1.0))
+    got = VolumeSource(resolve_volume(path, DataSettings(spacing=(2.0, 4.0, 1.0)))).read_all()
+    expected = vol.reshape(3, 2, 2, 4, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(got[0, 0].numpy(), expected, rtol=1e-6)
+
+
+def test_intensity_window_and_zscore(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    vol = rng.integers(-1024, 2000, (4, 8, 8)).astype(np.int16)
+    path = _nifti(tmp_path / "ct.nii", vol, (1.0, 1.0, 1.0))
+    window = VolumeSource(resolve_volume(path, DataSettings(intensity="window:-1000,400")))
+    expected = (np.clip(vol, -1000, 400) + 1000) / 1400
+    np.testing.assert_allclose(window.read_all()[0, 0].numpy(), expected, rtol=1e-6)
+    z = VolumeSource(resolve_volume(path, DataSettings(intensity="zscore"))).read_all()
+    assert float(z.mean()) == pytest.approx(0, abs=1e-5)
+    assert float(z.double().std(unbiased=False)) == pytest.approx(1, abs=1e-5)
+    with pytest.raises(SettingsError, match="window:LO,HI"):
+        DataSettings(intensity="window:5,1")
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals: one line naming the row, the file, what it has and the fix
+# --------------------------------------------------------------------------------------------
+
+
+def _refusal(tmp_path: Path, rows: list[tuple[str, ...]], header: str = "image,label",
+             **settings: object) -> str:  # fmt: skip
+    path = _csv(tmp_path / "data.csv", rows, header)
+    with pytest.raises(DataError) as info:
+        load_csv(path, (16, 16, 16), DataSettings(**settings), n_axes=3)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    assert "row 1" in message
+    return message
+
+
+def test_bad_volumes_are_refused_in_one_line(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat.png")
+    assert "not a volume file (a 2-D image)" in _refusal(tmp_path, [("flat.png", "0")])
+    np.save(tmp_path / "flat.npy", np.zeros((8, 8), np.float32))
+    assert "2-D .npy array of shape (8, 8), not a volume" in _refusal(
+        tmp_path, [("flat.npy", "0")])  # fmt: skip
+    vol = np.zeros((4, 6, 6), np.int16)
+    raw = _nifti(tmp_path / "t.nii", vol, (1.0, 1.0, 1.0)).read_bytes()
+    (tmp_path / "t.nii").write_bytes(raw[: len(raw) - 40])
+    assert "cannot be read as nifti" in _refusal(tmp_path, [("t.nii", "0")])
+    (tmp_path / "c.nii.gz").write_bytes(gzip.compress(raw)[:-30])
+    assert "cannot be read as nifti" in _refusal(tmp_path, [("c.nii.gz", "0")])
+    _nifti(tmp_path / "nospacing.nii", vol, None)
+    message = _refusal(tmp_path, [("nospacing.nii", "0")], spacing=(2.0, 2.0, 2.0))
+    assert "records no voxel spacing (it is 4x6x6 voxels)" in message
+    assert "'spacing' column" in message
+    _nifti(tmp_path / "coarse.nii", vol, (3.0, 3.0, 3.0))
+    assert "raise --spacing" in _refusal(tmp_path, [("coarse.nii", "0")], spacing=(2.0, 2.0, 2.0))
+    _nifti(tmp_path / "big.nii", np.zeros((20, 6, 6), np.int16), (1.0, 1.0, 1.0))
+    message = _refusal(tmp_path, [("big.nii", "0")], oversize="refuse")
+    assert "20x6x6 voxels" in message
+    assert "--oversize crop" in message
+    assert "is not mm per voxel" in _refusal(tmp_path, [("coarse.nii", "0", "2xq")],
+                                             header="image,label,spacing")  # fmt: skip
+
+
+def test_a_csv_spacing_states_what_the_file_does_not(tmp_path: Path) -> None:
+    _nifti(tmp_path / "nospacing.nii", np.ones((4, 6, 6), np.int16), None)
+    path = _csv(tmp_path / "d.csv", [("nospacing.nii", "1", "1x0.5x0.5")], "image,label,spacing")
+    data = load_csv(path, (16, 16, 16), DataSettings(spacing=(2.0, 1.0, 1.0)), n_axes=3)
+    assert data.image_shape(0) == (1, 2, 3, 3)
+    with pytest.raises(DataError, match="'spacing' column states the voxel spacing of volumes"):
+        load_csv(path)
+    with pytest.raises(VolumeFileError, match="not a volume file"):
+        probe_volume(tmp_path / "d.csv")
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness: 3-D trunks through the model-file loading path
+# --------------------------------------------------------------------------------------------
+
+
+def test_r3d18_trunk_streams_exactly_in_float64(tmp_path: Path) -> None:
+    """torchvision's r3d_18 (its receptive field is 109 slices deep, more than a CPU test's
+    volume) streamed in segments, whose tiles need only their own halo: anisotropic tiles
+    that do not divide the maps."""
+    pytest.importorskip("torchvision")
+    loaded = load_model_file(EXAMPLES / "r3d18.py")
+    assert loaded.n_axes == 3
+    assert "layer4" in loaded.split
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, 20, 72, 68)
+    segments = [SegmentSpec("layer1_1_relu", (14, 40, 40)), SegmentSpec("layer2_1_relu",
+                (16, 24, 24)), SegmentSpec("layer3_1_relu", (10, 18, 18)),
+                SegmentSpec(None, (5, 9, 9))]  # fmt: skip
+    result = compare_with_conventional(loaded.trunk, image, 0, segments=segments)
+    assert result.n_tiles > 8
+
+
+@st.composite
+def _trunks3d(draw: st.DrawFn) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c = 2
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv", "conv", "maxpool", "avgpool", "bn", "act"]))
+        if kind == "conv":
+            k = draw(st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)))
+            s = draw(st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 2)))
+            pad = tuple(draw(st.integers(0, n // 2)) for n in k)
+            out = draw(st.integers(1, 3))
+            layers.append(nn.Conv3d(c, out, k, s, pad))
+            c = out
+        elif kind in ("maxpool", "avgpool"):
+            k = draw(st.tuples(st.integers(1, 2), st.integers(2, 3), st.integers(2, 3)))
+            pool = nn.MaxPool3d if kind == "maxpool" else nn.AvgPool3d
+            layers.append(pool(k, k))
+        elif kind == "bn":
+            bn = nn.BatchNorm3d(c).eval()
+            bn.running_mean.uniform_(-1, 1)
+            layers.append(bn)
+        else:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trunk=_trunks3d(), size=st.tuples(st.integers(9, 14), st.integers(20, 33),
+                                          st.integers(20, 33)), data=st.data())  # fmt: skip
+def test_random_3d_trunks_stream_exactly(trunk: nn.Sequential, size: tuple[int, int, int],
+                                         data: st.DataObject) -> None:  # fmt: skip
+    torch.manual_seed(1)
+    image = torch.randn(1, 2, *size)
+    try:
+        geometry_tile = StreamingCNN(trunk.double(), size).program.streams[0].geometry
+        smallest = [geometry_tile.min_tile(ax) for ax in range(3)]
+    except Exception:  # the image is too small for this trunk: nothing to compare
+        return
+    tile = tuple(min(n, max(m, data.draw(st.integers(m, n)))) for m, n in
+                 zip(smallest, size, strict=True))  # fmt: skip
+    compare_with_conventional(trunk, image, tile)
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI story: demo volumes -> profile -> train -> report -> predict -> view
+# --------------------------------------------------------------------------------------------
+
+
+def test_volume_workflow_through_the_cli(tmp_path: Path) -> None:
+    runner = CliRunner()
+    model = str(EXAMPLES / "small_cnn3d.py")
+
+    def run(*args: str) -> str:
+        result = runner.invoke(cli, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("demo-data", str(tmp_path / "vols"), "--volumes", "--n", "6", "--size", "48")
+    out = run(
+        "profile",
+        model,
+        "--data",
+        str(tmp_path / "vols/train.csv"),
+        "--intensity",
+        "window:-1000,400",
+        "--tile",
+        "12x24x24",
+        "--out",
+        str(tmp_path / "plan.yaml"),
+    )
+    assert "16x48x48" in out  # at least 16 slices of 48 x 48 px
+    run("train", model, "--plan", str(tmp_path / "plan.yaml"), "--data",
+        str(tmp_path / "vols/train.csv"), "--val", str(tmp_path / "vols/val.csv"), "--out",
+        str(tmp_path / "run"), "--epochs", "1", "--batch", "2", "--num-workers", "0",
+        "--intensity", "window:-1000,400", "--no-report")  # fmt: skip
+    out = run("predict", model, str(tmp_path / "vols/vol_000.nii.gz"), "--plan",
+              str(tmp_path / "plan.yaml"), "--checkpoint", str(tmp_path / "run/last.pt"),
+              "--saliency", str(tmp_path / "maps"))  # fmt: skip
+    assert "vol_000.nii.gz" in out
+    saliency = np.load(tmp_path / "maps/vol_000.nii.saliency.npy")
+    assert saliency.shape == (1, 16, 48, 48)
+    run("view", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "plan.html"), "--no-open")
+    assert (tmp_path / "plan.html").stat().st_size > 0
+    result = runner.invoke(cli, ["profile", model, "--image", "48x48"])
+    assert result.exit_code != 0
+    assert "has 2 axes but the model takes 3 spatial axes" in result.output
