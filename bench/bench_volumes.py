@@ -1,0 +1,170 @@
+"""Benchmark: volumes. torchvision's r3d_18 (one input channel, ``examples/r3d18.py``) on a
+CT-sized volume, streamed (``tileplan.stream`` with the planner's plan) vs conventional; the
+read throughput of a NIfTI crop vs the whole volume; and the estimate-only plan for a 512³ CT
+on an 80 GiB GPU.
+
+Each training method runs in its own fresh process repeating its own step (alternating them in
+one process slows the conventional step); time is the median of ``--repeats`` steps after one
+warm-up step, memory the peak RSS above the RSS after the warm-up (CPU) or the CUDA allocator's
+peak above what was allocated before.
+
+    python bench/bench_volumes.py                                  # 1x96x384x384, 2 GiB plan
+    python bench/bench_volumes.py --volume 64x256x256 --budget 1GiB --repeats 1
+    python bench/bench_volumes.py --device cuda --volume 128x512x512 --budget 8GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+GIB = 1024**3
+METHODS = ("streamed", "conventional")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "r3d18.py"
+
+
+def build(device: str) -> nn.Module:
+    spec = importlib.util.spec_from_file_location("r3d18_example", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.build_model().to(device).eval()  # BatchNorm frozen
+
+
+def child(method: str, plan_path: str, repeats: int, device: str) -> dict[str, float]:
+    import tileplan
+    from tileplan.planning.measure_child import peak_rss, reset_peak_rss
+
+    model = build(device)
+    plan = tileplan.load_plan(plan_path)
+    net = tileplan.stream(model, plan).train()
+    image = torch.randn(1, 1, *plan.image_shape_px)  # on the host: crops move per tile
+    target = torch.tensor([1], device=device)
+
+    def step() -> None:
+        if method == "streamed":
+            nn.functional.cross_entropy(net(image), target).backward()
+        else:
+            nn.functional.cross_entropy(model(image.to(device)), target).backward()
+
+    cuda = device.startswith("cuda")
+    step()
+    base = torch.cuda.memory_allocated(device) if cuda else reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
+    return {"seconds": statistics.median(times), "peak_bytes": peak - base}
+
+
+def run_child(method: str, plan: Path, repeats: int, device: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", method, str(plan), str(repeats), device]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"seconds": float("nan"), "peak_bytes": float("nan"),
+                "error": (done.stderr.strip().splitlines() or ["?"])[-1]}  # type: ignore[dict-item]  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def reading(folder: Path, shape: tuple[int, int, int]) -> None:
+    """Seconds to read one 64³ crop vs the whole volume, from .nii and .nii.gz."""
+    import gzip
+
+    import nibabel
+
+    from tileplan.run.volumes import VolumeSource, resolve_volume
+    from tileplan.settings import DataSettings
+
+    data = np.random.default_rng(0).integers(-1024, 2000, shape[::-1]).astype(np.int16)
+    img = nibabel.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0]))
+    img.header.set_xyzt_units("mm")
+    raw = img.to_bytes()
+    (folder / "ct.nii").write_bytes(raw)
+    (folder / "ct.nii.gz").write_bytes(gzip.compress(raw, compresslevel=1))
+    crop = tuple(slice(n // 2 - 32, n // 2 + 32) for n in shape)
+    print(f"NIfTI reading, {'x'.join(map(str, shape))} int16 voxels, crop 64x64x64 in the middle:")
+    for name in ("ct.nii", "ct.nii.gz"):
+        region = resolve_volume(folder / name, DataSettings())
+        times = {}
+        for what, box in (("crop", crop), ("whole", tuple(slice(0, n) for n in shape))):
+            source = VolumeSource(region)
+            start = time.perf_counter()
+            source.read(box)
+            times[what] = time.perf_counter() - start
+            source.close()
+        print(f"  {name:>10}: crop {times['crop']:.3f} s, whole {times['whole']:.3f} s "
+              f"({times['whole'] / times['crop']:.1f}x the crop)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volume", default="96x384x384", help="D x H x W voxels")
+    parser.add_argument("--budget", default="2GiB", help="memory budget of the plan")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, plan, repeats, device = args.child
+        print(json.dumps(child(method, plan, int(repeats), device)))
+        return
+    import tileplan
+    from tileplan.units import parse_shape
+
+    device = "cuda:0" if args.device == "cuda" else args.device
+    shape = parse_shape(args.volume, 3)
+    ct = tileplan.profile(build("cpu"), image=(512, 512, 512), channels=1, budget="80GiB",
+                          measure=False, device="cuda")  # fmt: skip
+    tiles = sum(g.n_tiles for g in ct.tile_grids())
+    print(f"512^3 CT on an 80 GiB GPU (estimates): {len(ct.segments) or 1} segment(s), "
+          f"tile {'x'.join(map(str, ct.tile_px))}, {tiles} tiles, peak "
+          f"{ct.peak_bytes / GIB:.1f} GiB; conventional would need "
+          f"{ct.conventional_peak_bytes / GIB:.1f} GiB")  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        reading(Path(folder), (64, 256, 256))
+        plan = tileplan.profile(build("cpu"), image=shape, channels=1, budget=args.budget,
+                                measure=False, device=device)  # fmt: skip
+        plan_path = plan.save(Path(folder) / "plan.yaml")
+        where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+                 else f"CPU, {torch.get_num_threads()} threads")  # fmt: skip
+        tiles = sum(g.n_tiles for g in plan.tile_grids())
+        print(f"torch {torch.__version__}, {where}, float32, r3d_18, volume {args.volume}, "
+              f"plan: {len(plan.segments) or 1} segment(s), {tiles} tiles, predicted peak "
+              f"{plan.peak_bytes / GIB:.2f} GiB")  # fmt: skip
+        results = {m: run_child(m, plan_path, args.repeats, device) for m in args.methods}
+    print(f"{'method':>13} {'step s':>8} {'peak GiB':>9}")
+    for method, r in results.items():
+        note = f"  ({r['error']})" if "error" in r else ""
+        print(f"{method:>13} {r['seconds']:>8.2f} {r['peak_bytes'] / GIB:>9.3f}{note}")
+    if set(METHODS) <= results.keys():
+        s, c = results["streamed"], results["conventional"]
+        print(f"streamed / conventional: time {s['seconds'] / c['seconds']:.3f}x, "
+              f"peak {s['peak_bytes'] / c['peak_bytes']:.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
