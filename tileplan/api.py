@@ -162,7 +162,8 @@ def profile_as_command(
 def largest_image(
     data: str | os.PathLike[str], *, mpp: float | None = None, level: int | None = None,
     tissue: bool = False, spacing: Sequence[float] | None = None, intensity: str = "raw",
-    n_axes: int = 2,
+    n_axes: int = 2, assume_mpp: float | None = None,
+    assume_spacing: Sequence[float] | None = None, command: str | None = None,
 ) -> tuple[tuple[int, ...], int]:  # fmt: skip
     """``((H, W), channels)``: what a plan for every image of the CSV ``data`` needs, read at
     ``mpp``/``level`` (and cropped to tissue); with ``n_axes=3``, ``((D, H, W), channels)`` of
@@ -170,9 +171,12 @@ def largest_image(
     from tileplan.run.data import load_csv
     from tileplan.settings import DataSettings
 
-    settings = DataSettings(mpp=mpp, level=level, tissue=tissue, intensity=intensity,
-                            spacing=None if spacing is None else tuple(spacing))  # fmt: skip
-    dataset = load_csv(Path(data), settings=settings, n_axes=n_axes)
+    settings = DataSettings(
+        mpp=mpp, level=level, tissue=tissue, intensity=intensity, assume_mpp=assume_mpp,
+        spacing=None if spacing is None else tuple(spacing),
+        assume_spacing=None if assume_spacing is None else tuple(assume_spacing),
+    )  # fmt: skip
+    dataset = load_csv(Path(data), settings=settings, n_axes=n_axes, command=command)
     largest = dataset.largest_shape
     log.info("%s: %d images at %s; planning for the largest, %s", data, len(dataset),
              settings.describe_volumes() if n_axes == 3 else settings.describe_reading(),

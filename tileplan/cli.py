@@ -81,7 +81,8 @@ def main() -> None:
 
 def _largest_image(
     data: Path, mpp: float | None, level: int | None, tissue: bool, *, model_file: Path,
-    spacing: tuple[float, ...] | None, intensity: str,
+    spacing: tuple[float, ...] | None, intensity: str, assume_mpp: float | None,
+    assume_spacing: tuple[float, ...] | None,
 ) -> tuple[tuple[int, ...], int]:  # fmt: skip
     """``((H, W) or (D, H, W), channels)`` a plan for every image of the CSV ``data`` needs;
     volumes when the model's layers take three spatial axes."""
@@ -90,7 +91,9 @@ def _largest_image(
 
     n_axes = load_model_file(model_file).n_axes
     largest, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue, spacing=spacing,
-                                      intensity=intensity, n_axes=n_axes)  # fmt: skip
+                                      intensity=intensity, n_axes=n_axes, assume_mpp=assume_mpp,
+                                      assume_spacing=assume_spacing,
+                                      command="profile")  # fmt: skip
     unit = "voxels" if n_axes == 3 else "px"
     click.echo(f"{data}: planning for the largest image, {format_shape(largest)} {unit}", err=True)
     return largest, channels
@@ -111,6 +114,16 @@ def _spacing(text: str) -> tuple[float, ...]:
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]
 
 
+_ASSUME_MPP = click.option(
+    "--assume-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="Microns per pixel of files that record none (PNG, plain TIFF); a CSV 'mpp' column "
+    "states it per row.")  # fmt: skip
+_ASSUME_SPACING = click.option(
+    "--assume-spacing", type=_Parsed("MM", lambda text: _spacing(text)), default=None,  # noqa: PLW0108
+    help="Volumes: voxel spacing in mm (2 or 3x1x1) of files that record none; a CSV "
+    "'spacing' column states it per row.")  # fmt: skip
+
+
 def _slide_options(*, oversize: bool = True) -> Decorator:
     """--mpp, --level, --tissue (and --oversize): how images, whole slides above all, are read."""
     options = [
@@ -126,6 +139,8 @@ def _slide_options(*, oversize: bool = True) -> Decorator:
         click.option("--spacing", type=_Parsed("MM", _spacing), default=None,
                      help="Volumes: resample every volume to this voxel spacing in mm (2, or "
                      "3x1x1 as D x H x W; exact area averages, coarser than stored only)."),
+        _ASSUME_MPP,
+        _ASSUME_SPACING,
         click.option("--intensity", default="raw", show_default=True,
                      help="Volumes: raw (values as stored), zscore (per volume and channel) "
                      "or window:LO,HI (clip, map to [0, 1]; e.g. window:-1000,400 for CT)."),
@@ -275,6 +290,7 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
             verify: bool | None, verify_limit: float, segments: str, cuts: str | None,
             max_tile: int | None, out: Path, as_json: bool, batch_norm: str, mpp: float | None,
             level: int | None, tissue: bool, spacing: tuple[float, ...] | None,
+            assume_mpp: float | None, assume_spacing: tuple[float, ...] | None,
             intensity: str) -> None:  # fmt: skip
     """Choose the tile shape for MODEL_FILE at an image size and save the plan as YAML.
 
@@ -295,14 +311,17 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
     if (image is None) == (data is None):
         raise click.UsageError("give --image SIZE, or --data CSV to plan for its largest image")
     if data is None and (mpp is not None or level is not None or tissue or spacing is not None
-                         or intensity != "raw"):  # fmt: skip
-        raise click.UsageError("--mpp, --level, --tissue, --spacing and --intensity choose how "
-                               "--data is read; give --data")  # fmt: skip
+                         or intensity != "raw" or assume_mpp is not None
+                         or assume_spacing is not None):  # fmt: skip
+        raise click.UsageError("--mpp, --level, --tissue, --spacing, --intensity and --assume-* "
+                               "choose how --data is read; give --data")  # fmt: skip
     try:
         with _one_line_errors():
             if data is not None:
                 image, channels = _largest_image(data, mpp, level, tissue, model_file=model_file,
-                                                 spacing=spacing, intensity=intensity)  # fmt: skip
+                                                 spacing=spacing, intensity=intensity,
+                                                 assume_mpp=assume_mpp,
+                                                 assume_spacing=assume_spacing)  # fmt: skip
             plan = plan_for(
                 model_file, image=image, channels=channels, device=device, budget=budget,
                 margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
@@ -432,7 +451,8 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
           mean: tuple[float, ...] | None, std: tuple[float, ...] | None, amp: bool, resume: bool,
           seed: int, num_workers: int, device: str, report: bool, batch_norm: str | None,
           mpp: float | None, level: int | None, tissue: bool, spacing: tuple[float, ...] | None,
-          intensity: str, oversize: str) -> None:  # fmt: skip
+          assume_mpp: float | None, assume_spacing: tuple[float, ...] | None, intensity: str,
+          oversize: str) -> None:  # fmt: skip
     """Train MODEL_FILE with the trunk streamed as PLAN says, on images listed in a CSV.
 
     Data parallel: torchrun --nproc-per-node N -m tileplan train ...
@@ -443,7 +463,8 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
 
     with _one_line_errors():
         settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize,  # type: ignore[arg-type]
-                                spacing=spacing, intensity=intensity)  # fmt: skip
+                                spacing=spacing, intensity=intensity, assume_mpp=assume_mpp,
+                                assume_spacing=assume_spacing)  # fmt: skip
         options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
                    "epochs": epochs, "seed": seed, "num_workers": num_workers,
                    "data": settings, "batch_norm": batch_norm}  # fmt: skip
@@ -480,15 +501,20 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
     "--out", type=_PATH, default=None, help="Write predictions CSV here (default: stdout)."
 )
 @click.option("--device", default="auto", show_default=True)
+@_ASSUME_MPP
+@_ASSUME_SPACING
 def predict(model_file: Path, images: tuple[Path, ...], plan_file: Path, checkpoint: Path,
-            saliency_dir: Path | None, out: Path | None, device: str) -> None:  # fmt: skip
-    """Predict whole IMAGES by streaming them forward (no autograd memory)."""
+            saliency_dir: Path | None, out: Path | None, device: str, assume_mpp: float | None,
+            assume_spacing: tuple[float, ...] | None) -> None:  # fmt: skip
+    """Predict whole IMAGES by streaming them forward (no autograd memory), read as the run
+    read its images (resolution, tissue, spacing, intensity)."""
     from tileplan.run.predict import predict_files, predictions_csv
 
     with _one_line_errors():
         results = predict_files(model_file=model_file, plan_file=plan_file,
                                 checkpoint=checkpoint, images=images, saliency_dir=saliency_dir,
-                                device=device)  # fmt: skip
+                                device=device, assume_mpp=assume_mpp,
+                                assume_spacing=assume_spacing)  # fmt: skip
         text = predictions_csv(results)
         if out is not None:
             atomic_write(out, lambda f: f.write(text.encode()))

@@ -174,6 +174,10 @@ class DataSettings:
         intensity: volumes: ``raw`` (values as stored, e.g. Hounsfield units), ``zscore``
             (each volume to mean 0, std 1 per channel) or ``window:LO,HI`` (clipped to
             [LO, HI] and mapped to [0, 1], e.g. ``window:-1000,400`` for lung CT).
+        assume_mpp: the µm/px of level 0 of files that record none (a CSV ``mpp`` column
+            states it per row, and wins over a file's own).
+        assume_spacing: volumes: mm per voxel (D, H, W) of files that record none (a CSV
+            ``spacing`` column states it per row, and wins).
     """
 
     level: int | None = None
@@ -182,6 +186,8 @@ class DataSettings:
     oversize: Oversize = "crop"
     spacing: tuple[float, ...] | None = None
     intensity: str = "raw"
+    assume_mpp: float | None = None
+    assume_spacing: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.spacing is not None and not (
@@ -192,6 +198,17 @@ class DataSettings:
                 "D x H x W), each > 0"
             )
         parse_intensity(self.intensity)
+        if self.assume_mpp is not None and not (
+            self.assume_mpp > 0 and math.isfinite(self.assume_mpp)
+        ):
+            raise SettingsError(f"--assume-mpp {self.assume_mpp} must be a positive number of "
+                                "microns per pixel")  # fmt: skip
+        if self.assume_spacing is not None and not (
+            len(self.assume_spacing) == 3
+            and all(v > 0 and math.isfinite(v) for v in self.assume_spacing)
+        ):
+            raise SettingsError(f"--assume-spacing {self.assume_spacing}: give one size in mm "
+                                "or one per axis (3x1x1, D x H x W), each > 0")  # fmt: skip
         if self.level is not None and self.mpp is not None:
             raise SettingsError("give either --level or --mpp, not both")
         if self.level is not None and self.level < 0:

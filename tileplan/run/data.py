@@ -70,11 +70,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import tifffile
 import torch
 from PIL import Image
 
 from executor import ImageSource, StreamingError, TensorSource
+from tileplan.run.advice import UnusableImageError
+from tileplan.run.pixels import DTYPE_HINT, BadImageError, Layout, out_dtype
+from tileplan.run.tiff import check_tiff_extent, decode_first_segment, open_tiff, tiff_layout
 
 if TYPE_CHECKING:
     from tileplan.run.slides import Pyramid, Region, Resolved
@@ -112,27 +114,28 @@ IMAGE_SUFFIXES: dict[str, str] = {
     ".npy": "npy",
     **{
         suffix: "openslide"
-        for suffix in (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+        for suffix in (
+            ".svs",
+            ".ndpi",
+            ".mrxs",
+            ".scn",
+            ".bif",
+            ".vms",
+            ".vmu",
+            ".svslide",
+            ".dcm",
+        )  # fmt: skip
     },
 }
 
 _COLUMNS = ("image", "label")
-_OPTIONAL_COLUMNS = ("level", "spacing")  # spacing: of volumes (tileplan.run.volumes)
+_OPTIONAL_COLUMNS = ("level", "mpp", "spacing")  # spacing: of volumes (tileplan.run.volumes)
 FIX_ROW = "fix or remove the row"
-_DTYPE_HINT = "store 8-bit (uint8) or float32 images"
 
 # Pillow modes that read as one channel, and those we cannot represent without rescaling.
 _PIL_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 _PIL_REFUSED_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _PIL_LOCK = threading.Lock()
-
-_PHOTOMETRIC_MINISWHITE = int(tifffile.PHOTOMETRIC.MINISWHITE)
-_PHOTOMETRIC_RGB = int(tifffile.PHOTOMETRIC.RGB)
-_PHOTOMETRIC_YCBCR = int(tifffile.PHOTOMETRIC.YCBCR)  # JPEG-compressed slides (SVS, ...)
-_PHOTOMETRIC_GRAY = int(tifffile.PHOTOMETRIC.MINISBLACK)
-_PHOTOMETRIC_SUPPORTED = frozenset(
-    {_PHOTOMETRIC_MINISWHITE, _PHOTOMETRIC_GRAY, _PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR}
-)
 
 
 class DataError(StreamingError):
@@ -151,10 +154,6 @@ class DataError(StreamingError):
         super().__init__(message)
 
 
-class _BadImageError(Exception):
-    """Internal: why an image cannot be read (turned into a DataError with context)."""
-
-
 @dataclass(frozen=True)
 class Sample:
     """One row of a dataset CSV.
@@ -170,6 +169,7 @@ class Sample:
     label: float
     row: int
     level: int | None = None
+    mpp: float | None = None  # the row's statement of the file's µm/px (CSV column ``mpp``)
 
 
 @dataclass(frozen=True)
@@ -293,107 +293,45 @@ def infer_task(labels: Iterable[float], max_classes: int = 100) -> Task:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """How a raw array maps to (C, H, W): ``kind`` in {"hw", "hwc", "chw"}, keep ``channels``."""
-
-    kind: str
-    channels: int
-    invert: bool = False
-
-
 def _reader_for(path: Path) -> str:
+    if path.is_dir():  # the folder of a DICOM whole-slide image series
+        return "openslide"
     reader = IMAGE_SUFFIXES.get(path.suffix.lower())
     if reader is None:
         known = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise _BadImageError(
+        raise BadImageError(
             f"unsupported file type '{path.suffix or path.name}' (use one of {known})"
         )
     return reader
 
 
-def _out_dtype(dtype: np.dtype) -> Literal["uint8", "float32"]:
-    if dtype == np.uint8:
-        return "uint8"
-    if dtype.kind == "f":
-        return "float32"
-    raise _BadImageError(f"pixel type {dtype.name} is not supported; {_DTYPE_HINT}")
-
-
-def _npy_layout(shape: tuple[int, ...]) -> tuple[_Layout, int, int]:
+def _npy_layout(shape: tuple[int, ...]) -> tuple[Layout, int, int]:
     if len(shape) == 2:
-        return _Layout("hw", 1), shape[0], shape[1]
+        return Layout("hw", 1), shape[0], shape[1]
     if len(shape) == 3:
         if shape[-1] <= 4 < shape[0]:
-            return _Layout("hwc", shape[2]), shape[0], shape[1]
-        return _Layout("chw", shape[0]), shape[1], shape[2]
-    raise _BadImageError(
+            return Layout("hwc", shape[2]), shape[0], shape[1]
+        return Layout("chw", shape[0]), shape[1], shape[2]
+    raise BadImageError(
         f"array of shape {shape} is not an image; expected (H, W), (H, W, C) or (C, H, W)"
     )
 
 
-def _tiff_layout(page: Any) -> tuple[_Layout, int, int]:
-    axes, shape = page.axes, tuple(page.shape)
-    photometric = int(page.photometric)
-    if photometric not in _PHOTOMETRIC_SUPPORTED:
-        name = getattr(page.photometric, "name", photometric)
-        raise _BadImageError(
-            f"TIFF colour space {name} is not supported; convert it to RGB or grayscale"
-        )
-    if axes == "YX":
-        return _Layout("hw", 1, photometric == _PHOTOMETRIC_MINISWHITE), shape[0], shape[1]
-    if axes not in ("YXS", "SYX"):
-        raise _BadImageError(
-            f"TIFF layout '{axes}' {shape} is not a 2-D image; expected YX, YXS or SYX"
-        )
-    samples = int(page.samplesperpixel)
-    keep = samples - len(page.extrasamples)  # extra samples (alpha, ...) are dropped
-    if photometric in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR):
-        keep = 3
-    keep = max(1, min(keep, samples))
-    invert = photometric == _PHOTOMETRIC_MINISWHITE
-    if axes == "YXS":
-        return _Layout("hwc", keep, invert), shape[0], shape[1]
-    return _Layout("chw", keep, invert), shape[1], shape[2]
-
-
-def _check_tiff_extent(page: Any, file_size: int) -> None:
-    ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
-    if not ends and page.shape and min(page.shape) > 0:
-        raise _BadImageError("TIFF page has no image data")
-    if ends and max(ends) > file_size:
-        raise _BadImageError(
-            f"file is truncated: image data runs to byte {max(ends)} but the file has "
-            f"{file_size} bytes"
-        )
-
-
-def _decode_first_segment(tif: Any, page: Any) -> None:
-    """Decode one tile/strip: catches missing codecs and garbage data cheaply."""
-    index = next((i for i, c in enumerate(page.databytecounts) if c), None)
-    if index is None:
-        return
-    fh = tif.filehandle
-    fh.seek(page.dataoffsets[index])
-    data = fh.read(page.databytecounts[index])
-    page.decode(data, index, jpegtables=page.jpegtables)
-
-
 @contextlib.contextmanager
 def _open_tiff(path: Path) -> Iterator[tuple[Any, Any]]:
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
         if not len(tif.pages):
-            raise _BadImageError("TIFF file has no pages")
+            raise BadImageError("TIFF file has no pages")
         yield tif, tif.pages[0]
 
 
 def _probe_tiff(path: Path) -> ImageInfo:
     with _open_tiff(path) as (tif, page):
-        layout, h, w = _tiff_layout(page)
-        dtype = _out_dtype(np.dtype(page.dtype))
-        _check_tiff_extent(page, path.stat().st_size)
+        layout, h, w = tiff_layout(page)
+        dtype = out_dtype(np.dtype(page.dtype))
+        check_tiff_extent(page, path.stat().st_size)
         if not page.is_memmappable:
-            _decode_first_segment(tif, page)
+            decode_first_segment(tif, page)
         if len(tif.series) and len(tif.series[0].pages) > 1:
             log.warning(
                 "%s: the first series has %d pages; only page 0 is used",
@@ -403,10 +341,10 @@ def _probe_tiff(path: Path) -> ImageInfo:
     return ImageInfo(layout.channels, h, w, dtype, "tiff")
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, _Layout]:
+def _read_tiff(path: Path) -> tuple[np.ndarray, Layout]:
     with _open_tiff(path) as (_tif, page):
-        layout, _, _ = _tiff_layout(page)
-        _out_dtype(np.dtype(page.dtype))
+        layout, _, _ = tiff_layout(page)
+        out_dtype(np.dtype(page.dtype))
         # A memmap outlives the TiffFile; only the cropped part is copied later.
         array = page.asarray(out="memmap") if page.is_memmappable else page.asarray()
     return array, layout
@@ -425,10 +363,10 @@ def _open_pil(path: Path) -> Iterator[Any]:
         yield image
 
 
-def _pil_layout(mode: str) -> _Layout:
+def _pil_layout(mode: str) -> Layout:
     if mode in _PIL_REFUSED_MODES:
-        raise _BadImageError(f"{mode} (16/32-bit) PNG/JPEG is not supported; {_DTYPE_HINT}")
-    return _Layout("hw", 1) if mode in _PIL_GRAY_MODES else _Layout("hwc", 3)
+        raise BadImageError(f"{mode} (16/32-bit) PNG/JPEG is not supported; {DTYPE_HINT}")
+    return Layout("hw", 1) if mode in _PIL_GRAY_MODES else Layout("hwc", 3)
 
 
 def _probe_pil(path: Path) -> ImageInfo:
@@ -438,7 +376,7 @@ def _probe_pil(path: Path) -> ImageInfo:
     return ImageInfo(layout.channels, height, width, "uint8", "pil")
 
 
-def _read_pil(path: Path) -> tuple[np.ndarray, _Layout]:
+def _read_pil(path: Path) -> tuple[np.ndarray, Layout]:
     with _open_pil(path) as image:
         layout = _pil_layout(image.mode)
         target_mode = "L" if layout.kind == "hw" else "RGB"
@@ -450,20 +388,20 @@ def _read_pil(path: Path) -> tuple[np.ndarray, _Layout]:
 def _load_npy(path: Path) -> np.ndarray:
     array = np.load(path, mmap_mode="r", allow_pickle=False)
     if not isinstance(array, np.ndarray):
-        raise _BadImageError("not a single .npy array")
+        raise BadImageError("not a single .npy array")
     return array
 
 
 def _probe_npy(path: Path) -> ImageInfo:
     array = _load_npy(path)
     layout, h, w = _npy_layout(array.shape)
-    return ImageInfo(layout.channels, h, w, _out_dtype(array.dtype), "npy")
+    return ImageInfo(layout.channels, h, w, out_dtype(array.dtype), "npy")
 
 
-def _read_npy(path: Path) -> tuple[np.ndarray, _Layout]:
+def _read_npy(path: Path) -> tuple[np.ndarray, Layout]:
     array = _load_npy(path)
     layout, _, _ = _npy_layout(array.shape)
-    _out_dtype(array.dtype)
+    out_dtype(array.dtype)
     return array, layout
 
 
@@ -475,13 +413,13 @@ def _probe_openslide(path: Path) -> ImageInfo:
     return ImageInfo(pyramid.channels, h, w, pyramid.dtype, "openslide")
 
 
-def _read_openslide(path: Path) -> tuple[np.ndarray, _Layout]:
+def _read_openslide(path: Path) -> tuple[np.ndarray, Layout]:
     from tileplan.run.slides import SlideSource, choose_region, open_pyramid
 
     pyramid = open_pyramid(path)
     source = SlideSource(pyramid, choose_region(pyramid))
     try:
-        return source.read_all()[0].numpy(), _Layout("chw", pyramid.channels)
+        return source.read_all()[0].numpy(), Layout("chw", pyramid.channels)
     finally:
         source.close()
 
@@ -492,9 +430,9 @@ _READERS = {"tiff": _read_tiff, "pil": _read_pil, "npy": _read_npy,
             "openslide": _read_openslide}  # fmt: skip
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, _BadImageError):
-        text = str(exc)
+def _describe(exc: BaseException, command: str | None = None) -> str:
+    if isinstance(exc, UnusableImageError):
+        text = exc.render(command)
     elif isinstance(exc, FileNotFoundError):
         text = "file not found"
     elif isinstance(exc, (IsADirectoryError, PermissionError)):
@@ -504,22 +442,23 @@ def _describe(exc: BaseException) -> str:
     return " ".join(text.split())  # one line
 
 
-def describe_error(exc: BaseException) -> str:
-    """Why reading an image failed, as one line (for messages that add file and row)."""
-    return _describe(exc)
+def describe_error(exc: BaseException, command: str | None = None) -> str:
+    """Why reading an image failed, as one line (for messages that add file and row), with
+    the fixes ``command`` offers (``tileplan.run.advice``; None: every fix)."""
+    return _describe(exc, command)
 
 
 def _probe(path: Path) -> ImageInfo:
     reader = _reader_for(path)
-    if not path.is_file():
-        raise _BadImageError("file not found" if not path.exists() else "not a regular file")
+    if not (path.is_file() or (reader == "openslide" and path.is_dir())):
+        raise BadImageError("file not found" if not path.exists() else "not a regular file")
     info = _PROBERS[reader](path)
     if info.height < 1 or info.width < 1 or info.channels < 1:
-        raise _BadImageError(f"empty image of shape {info.shape}")
+        raise BadImageError(f"empty image of shape {info.shape}")
     return info
 
 
-def _to_tensor(array: np.ndarray, layout: _Layout, shape: tuple[int, int] | None) -> torch.Tensor:
+def _to_tensor(array: np.ndarray, layout: Layout, shape: tuple[int, int] | None) -> torch.Tensor:
     if layout.kind == "hw":
         chw = array[None]
     elif layout.kind == "hwc":
@@ -531,7 +470,7 @@ def _to_tensor(array: np.ndarray, layout: _Layout, shape: tuple[int, int] | None
         sy, _, ly = _axis_plan(chw.shape[1], shape[0])
         sx, _, lx = _axis_plan(chw.shape[2], shape[1])
         chw = chw[:, sy : sy + ly, sx : sx + lx]
-    dtype = np.uint8 if _out_dtype(array.dtype) == "uint8" else np.float32
+    dtype = np.uint8 if out_dtype(array.dtype) == "uint8" else np.float32
     data = np.array(chw, dtype=dtype, order="C", copy=True)  # native order, writable, in RAM
     if layout.invert and dtype == np.uint8:
         np.subtract(255, data, out=data)
@@ -772,7 +711,8 @@ def _check_header(header: list[str], shown: str, csv_path: Path) -> dict[str, in
     if problems:
         raise DataError(
             f"{shown}: {'; '.join(problems)} in header {','.join(header)!r}; "
-            "the header must be 'image,label' (and optionally 'level', or 'spacing' for volumes)",
+            "the header must be 'image,label' (and optionally 'level' and 'mpp', or 'spacing' for "
+            "volumes)",
             csv_path=csv_path,
         )
     return {name: names.index(name) for name in (*_COLUMNS, *_OPTIONAL_COLUMNS) if name in names}
@@ -797,8 +737,21 @@ def _parse_level(text: str, row: int) -> int | None:
     return int(text)
 
 
+def _parse_mpp(text: str, row: int) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise RowError(row, f"mpp {text!r} is not a positive number of microns per pixel")
+    return value
+
+
 def _parse_row(
-    row: int, fields: list[str], columns: dict[str, int], base: Path
+    row: int, fields: list[str], columns: dict[str, int], base: Path, command: str | None
 ) -> tuple[Sample, ImageInfo]:
     if len(fields) != len(columns):
         raise RowError(row, f"expected {len(columns)} fields ({','.join(columns)}), got "
@@ -808,6 +761,7 @@ def _parse_row(
         raise RowError(row, "the image path is empty")
     label = parse_label(fields[columns["label"]], row)
     level = _parse_level(fields[columns["level"]], row) if "level" in columns else None
+    mpp = _parse_mpp(fields[columns["mpp"]], row) if "mpp" in columns else None
     path = Path(name).expanduser()
     path = (path if path.is_absolute() else base / path).resolve()
     if not path.exists():
@@ -815,8 +769,8 @@ def _parse_row(
     try:
         info = _probe(path)
     except Exception as exc:  # any reader failure becomes one clear line
-        raise RowError(row, f"cannot read {name!r}: {_describe(exc)}") from exc
-    return Sample(path=path, label=label, row=row, level=level), info
+        raise RowError(row, f"cannot read {name!r}: {_describe(exc, command)}") from exc
+    return Sample(path=path, label=label, row=row, level=level, mpp=mpp), info
 
 
 def _check_consistent(samples: Sequence[Sample], infos: Sequence[ImageInfo]) -> None:
@@ -865,8 +819,9 @@ def _log_summary(shown: str, dataset: Dataset) -> None:
 
 
 def _resolve_rows(
-    samples: Sequence[Sample], target_shape: Sequence[int] | None, settings: DataSettings
-) -> tuple[list[Resolved], list[RowError]]:
+    samples: Sequence[Sample], target_shape: Sequence[int] | None, settings: DataSettings,
+    command: str | None,
+) -> tuple[list[Resolved], list[RowError]]:  # fmt: skip
     from tileplan.run.slides import resolve
 
     resolved, errors = [], []
@@ -875,10 +830,11 @@ def _resolve_rows(
         mpp = None if sample.level is not None else settings.mpp
         try:
             found = resolve(sample.path, level=level, mpp=mpp, tissue=settings.tissue,
-                            max_shape=target_shape, oversize=settings.oversize)  # fmt: skip
+                            max_shape=target_shape, oversize=settings.oversize,
+                            assume_mpp=settings.assume_mpp, row_mpp=sample.mpp)  # fmt: skip
             resolved.append(found)
         except Exception as exc:  # any reader failure becomes one clear line
-            errors.append(RowError(sample.row, f"'{sample.path.name}' {_describe(exc)}"))
+            errors.append(RowError(sample.row, f"'{sample.path.name}' {_describe(exc, command)}"))
     return resolved, errors
 
 
@@ -887,6 +843,7 @@ def load_csv(
     target_shape: Sequence[int] | None = None,
     settings: DataSettings | None = None,
     n_axes: int = 2,
+    command: str | None = None,
 ) -> Dataset:
     """Read and validate a dataset CSV (columns ``image,label``) before any training starts.
 
@@ -903,6 +860,8 @@ def load_csv(
             policy), each at its own size; every row is resolved and checked now.
         n_axes: spatial axes of the plan's images: 3 reads every row as a volume
             (``tileplan.run.volumes.load_volume_csv``, which needs ``settings``).
+        command: the command reading it (``train``, ``profile``): messages offer only fixes
+            with its options (``tileplan.run.advice``); None: every fix.
 
     Returns:
         The validated :class:`Dataset`.
@@ -915,7 +874,7 @@ def load_csv(
         from tileplan.run.volumes import load_volume_csv
         from tileplan.settings import DataSettings as Settings
 
-        return load_volume_csv(path, target_shape, settings or Settings())
+        return load_volume_csv(path, target_shape, settings or Settings(), command=command)
     shown = os.fspath(path)
     csv_path = Path(path)
     columns, rows = read_csv_rows(csv_path, shown)
@@ -928,7 +887,7 @@ def load_csv(
     errors: list[RowError] = []
     for row, fields in rows:
         try:
-            sample, info = _parse_row(row, fields, columns, base)
+            sample, info = _parse_row(row, fields, columns, base, command)
         except RowError as exc:
             errors.append(exc)
             continue
@@ -941,7 +900,7 @@ def load_csv(
             errors.append(exc)
     resolved: list[Resolved] = []
     if settings is not None and not errors:
-        resolved, errors = _resolve_rows(samples, target_shape, settings)
+        resolved, errors = _resolve_rows(samples, target_shape, settings, command)
     if errors:
         for err in errors:
             log.error("%s row %d: %s", shown, err.row, err.reason)

@@ -107,9 +107,10 @@ def run_training(
     frozen = loaded.resplit("frozen") if spec.batch_norm == "train" else loaded
     # Images stream at their own size up to the plan's (a plan states the largest image).
     largest = plan.image_shape_px
-    train_data = load_csv(req.data, target_shape=largest, settings=spec.data, n_axes=plan.n_axes)
-    val_data = load_csv(req.val, target_shape=largest, settings=spec.data,
-                        n_axes=plan.n_axes) if req.val else None  # fmt: skip
+    train_data = load_csv(req.data, target_shape=largest, settings=spec.data, n_axes=plan.n_axes,
+                          command="train")  # fmt: skip
+    val_data = load_csv(req.val, target_shape=largest, settings=spec.data, n_axes=plan.n_axes,
+                        command="train") if req.val else None  # fmt: skip
     for data in (train_data, val_data):
         if data is not None and data.channels != plan.channels:
             raise DataError(

@@ -15,7 +15,7 @@ import csv
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from executor import (
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.checkpoint import CheckpointError, load_checkpoint
 from tileplan.run.data import DataError, Task, describe_error
+from tileplan.run.sizes import too_small
 from tileplan.run.slides import Region, SlideSource, resolve, thumbnail
 from tileplan.run.trainer import decide, inference_engine
 from tileplan.settings import DataSettings, resolve_device
@@ -112,6 +113,8 @@ def predict_files(
     images: Sequence[Path],
     saliency_dir: Path | None,
     device: str = "auto",
+    assume_mpp: float | None = None,
+    assume_spacing: tuple[float, ...] | None = None,
 ) -> list[tuple[Path, Prediction]]:
     """Predict whole images by streaming; write saliency maps (PNG + .npy) if asked.
 
@@ -145,7 +148,10 @@ def predict_files(
         loaded.trunk, plan, input_grad=saliency_dir is not None,
         preprocess=lambda crop: normalization.apply(crop, dtype),
     )  # fmt: skip
-    data = spec.data
+    data = spec.data  # read as the run read its images; what files do not record, stated here
+    if assume_mpp is not None or assume_spacing is not None:
+        data = replace(data, assume_mpp=assume_mpp or data.assume_mpp,
+                       assume_spacing=assume_spacing or data.assume_spacing)  # fmt: skip
     if plan.n_axes == 3:
         return _predict_volumes(scnn, loaded.head, images, plan=plan, data=data,
                                 task=ckpt.meta.task, saliency_dir=saliency_dir)  # fmt: skip
@@ -153,10 +159,15 @@ def predict_files(
     for path in images:  # every image is checked before any is predicted
         try:
             slide = resolve(Path(path), level=data.level, mpp=data.mpp, tissue=data.tissue,
-                            max_shape=plan.image_shape_px, oversize=data.oversize)  # fmt: skip
+                            max_shape=plan.image_shape_px, oversize=data.oversize,
+                            assume_mpp=data.assume_mpp)  # fmt: skip
             found.append(slide)
+            small = too_small(scnn, slide.region.shape, volumes=False,
+                              reading=data.describe_reading())  # fmt: skip
+            if small is not None:
+                raise small
         except Exception as exc:  # any reader failure becomes one clear line
-            raise DataError(f"cannot predict '{path}': {describe_error(exc)}") from exc
+            raise DataError(f"cannot predict '{path}': {describe_error(exc, 'predict')}") from exc
     results = []
     for path, slide in zip(images, found, strict=True):
         source = SlideSource(slide.pyramid, slide.region)
@@ -185,8 +196,12 @@ def _predict_volumes(scnn: StreamingCNN, head: nn.Module, images: Sequence[Path]
     for path in images:  # every volume is checked before any is predicted
         try:
             regions.append(resolve_volume(Path(path), data, max_shape=plan.image_shape_px))
+            small = too_small(scnn, regions[-1].shape, volumes=True,
+                              reading=data.describe_volumes())  # fmt: skip
+            if small is not None:
+                raise small
         except Exception as exc:  # any reader failure becomes one clear line
-            raise DataError(f"cannot predict '{path}': {describe_error(exc)}") from exc
+            raise DataError(f"cannot predict '{path}': {describe_error(exc, 'predict')}") from exc
     results = []
     for path, region in zip(images, regions, strict=True):
         source = VolumeSource(region)

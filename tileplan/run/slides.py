@@ -2,15 +2,16 @@
 
 Readers
     - Vendor formats (``.svs``, ``.ndpi``, ``.mrxs``, ``.scn``, ``.bif``, ``.vms``, ``.vmu``,
-      ``.svslide``) through OpenSlide (``openslide-python`` with the ``openslide-bin`` wheel:
-      no system package): the header, levels and microns per pixel (``openslide.mpp-x``/
-      ``-y``). Pixels: an Aperio ``.svs`` whose levels tifffile sees alike is decoded by
-      tifffile, tile by tile, exactly as stored. Otherwise OpenSlide reads them, at level-0
-      coordinates ``y * d_l, x * d_l``; OpenSlide interpolates a level whose downsample ``d_l``
-      is not an integer (a read would then depend on where the region starts), so only levels
-      with an integer downsample on both axes are used: ``--mpp`` picks among them and
-      ``--level`` of another one is refused. The alpha channel is dropped (0 outside the
-      scanned area).
+      ``.svslide``) and DICOM whole-slide images (``.dcm``: a file of the series, or the
+      series folder; OpenSlide 4 finds the other levels beside it) through OpenSlide
+      (``openslide-python`` with the ``openslide-bin`` wheel: no system package): the header,
+      levels and microns per pixel (``openslide.mpp-x``/``-y``). Pixels: an Aperio ``.svs``
+      whose levels tifffile sees alike is decoded by tifffile, tile by tile, exactly as
+      stored. Otherwise OpenSlide reads them, at level-0 coordinates ``y * d_l, x * d_l``;
+      OpenSlide interpolates a level whose downsample ``d_l`` is not an integer (a read would
+      then depend on where the region starts), so only levels with an integer downsample on
+      both axes are used: ``--mpp`` picks among them and ``--level`` of another one is
+      refused. The alpha channel is dropped (0 outside the scanned area).
     - TIFF (``.tif``/``.tiff``, plain or pyramidal: SubIFDs or a page per level, as tifffile's
       ``series[0].levels`` sees them) through tifffile. A region read decodes only the tiles
       (or strips) it touches. Microns per pixel come from XResolution/YResolution with
@@ -45,7 +46,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,20 +55,16 @@ import tifffile
 import torch
 
 from executor import atomic_write
-from tileplan.run.data import (
-    _BadImageError,
-    _check_tiff_extent,
-    _decode_first_segment,
-    _Layout,
-    _out_dtype,
-    _tiff_layout,
-    read_image,
-)
+from tileplan.run.advice import Fix, UnusableImageError
+from tileplan.run.data import read_image
+from tileplan.run.pixels import BadImageError, Layout, out_dtype
 from tileplan.run.resample import area_taps, resample_axis, round_ratio
+from tileplan.run.tiff import check_tiff_extent, decode_first_segment, open_tiff, tiff_layout
 from tileplan.settings import describe_resolution
 
 __all__ = [
     "OPENSLIDE_SUFFIXES",
+    "dicom_series_file",
     "Pyramid",
     "Region",
     "SlideSource",
@@ -81,7 +78,7 @@ log = logging.getLogger(__name__)
 
 #: File name suffixes (lower case) read through OpenSlide.
 OPENSLIDE_SUFFIXES = frozenset(
-    {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
+    {".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm"}
 )
 _TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 _THUMBNAIL_SIDE = 2048  # px, longest side of the image tissue is looked for on
@@ -141,11 +138,13 @@ def open_pyramid(path: str | os.PathLike[str]) -> Pyramid:
     """Read a slide's (or an image's) levels and resolution from its header.
 
     Raises:
-        _BadImageError: the file cannot be read as a slide (the caller adds file and row).
+        BadImageError: the file cannot be read as a slide (the caller adds file and row).
     """
     path = Path(path)
+    if path.is_dir():
+        path = dicom_series_file(path)
     if not path.is_file():
-        raise _BadImageError("file not found" if not path.exists() else "not a regular file")
+        raise BadImageError("file not found" if not path.exists() else "not a regular file")
     suffix = path.suffix.lower()
     if suffix in OPENSLIDE_SUFFIXES:
         return _probe_openslide(path)
@@ -157,15 +156,29 @@ def open_pyramid(path: str | os.PathLike[str]) -> Pyramid:
     return Pyramid(path, "array", ((info.height, info.width),), None, info.channels, info.dtype)
 
 
+def dicom_series_file(folder: Path) -> Path:
+    """A file of the DICOM whole-slide image series in ``folder`` (OpenSlide opens the series
+    from any one of its files, finding the other levels beside it).
+
+    Raises:
+        BadImageError: no ``.dcm`` file in the folder.
+    """
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
+    if not files:
+        raise BadImageError("is a folder without .dcm files; give a DICOM whole-slide image "
+                            "series folder, or a slide file")  # fmt: skip
+    return files[0]
+
+
 def _probe_openslide(path: Path) -> Pyramid:
     import openslide
 
     try:
         slide = openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
-        raise _BadImageError("OpenSlide does not recognise this file as a slide") from None
+        raise BadImageError("OpenSlide does not recognise this file as a slide") from None
     except openslide.OpenSlideError as err:
-        raise _BadImageError(f"OpenSlide cannot read it ({err})") from None
+        raise BadImageError(f"OpenSlide cannot read it ({err})") from None
     try:
         levels = tuple((h, w) for w, h in slide.level_dimensions)
         props = slide.properties
@@ -179,13 +192,13 @@ def _probe_openslide(path: Path) -> Pyramid:
         slide.read_region((0, 0), slide.level_count - 1, (min(w, 64), min(h, 64)))
         vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR)
     except openslide.OpenSlideError as err:
-        raise _BadImageError(f"OpenSlide cannot read it ({err})") from None
+        raise BadImageError(f"OpenSlide cannot read it ({err})") from None
     finally:
         slide.close()
     if vendor == "aperio":  # a TIFF: decode its tiles exactly, as stored, if tifffile agrees
         try:
             tiff = _probe_tiff_pyramid(path)
-        except _BadImageError:
+        except BadImageError:
             raise  # truncated or corrupt as a TIFF: say so now, not during training
         except Exception:  # noqa: BLE001 (e.g. a codec tifffile lacks: OpenSlide reads it)
             tiff = None
@@ -209,18 +222,18 @@ def _tiff_mpp(page: Any) -> tuple[float, float] | None:
 
 
 def _probe_tiff_pyramid(path: Path) -> Pyramid:
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
         pages = _tiff_levels(tif)
         dtype: Literal["uint8", "float32"] = "uint8"
         channels = 0
         levels = []
         for k, page in enumerate(pages):
-            layout, h, w = _tiff_layout(page)
+            layout, h, w = tiff_layout(page)
             if k == 0:
-                dtype, channels = _out_dtype(np.dtype(page.dtype)), layout.channels
-            _check_tiff_extent(page, path.stat().st_size)
+                dtype, channels = out_dtype(np.dtype(page.dtype)), layout.channels
+            check_tiff_extent(page, path.stat().st_size)
             levels.append((h, w))
-        _decode_first_segment(tif, pages[-1])
+        decode_first_segment(tif, pages[-1])
         mpp = _tiff_mpp(pages[0])
     return Pyramid(path, "tifffile", tuple(levels), mpp, channels, dtype)
 
@@ -228,7 +241,7 @@ def _probe_tiff_pyramid(path: Path) -> Pyramid:
 def _tiff_levels(tif: Any) -> list[Any]:
     """The pages of the pyramid of the first series, level 0 first (a plain TIFF has one)."""
     if not len(tif.pages):
-        raise _BadImageError("TIFF file has no pages")
+        raise BadImageError("TIFF file has no pages")
     series = tif.series[0] if tif.series else None
     if series is None:
         return [tif.pages[0]]
@@ -281,9 +294,9 @@ class _TiffReader(_LevelReader):
     """Decodes only the tiles (or strips) a region touches."""
 
     def __init__(self, path: Path) -> None:
-        self._tif = tifffile.TiffFile(path)
+        self._tif = open_tiff(path)
         self._pages = _tiff_levels(self._tif)
-        self._layouts = [_tiff_layout(p)[0] for p in self._pages]
+        self._layouts = [tiff_layout(p)[0] for p in self._pages]
 
     def read(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         page, layout = self._pages[level], self._layouts[level]
@@ -343,10 +356,10 @@ def _read_page_region(tif: Any, page: Any, y0: int, x0: int, h: int, w: int) -> 
     return out
 
 
-def _apply_layout(raw: np.ndarray, layout: _Layout) -> np.ndarray:
+def _apply_layout(raw: np.ndarray, layout: Layout) -> np.ndarray:
     """``(S, h, w)`` as stored -> ``(C, h, w)`` uint8/float32 as ``read_image`` returns."""
     data = raw[: layout.channels]
-    dtype = np.uint8 if _out_dtype(raw.dtype) == "uint8" else np.float32
+    dtype = np.uint8 if out_dtype(raw.dtype) == "uint8" else np.float32
     data = np.ascontiguousarray(data, dtype=dtype)
     if layout.invert and dtype == np.uint8:
         np.subtract(255, data, out=data)
@@ -381,45 +394,54 @@ class Region:
         return Region(self.level, self.scaled, box)
 
 
+# Fixes for slides that cannot be read as asked (``tileplan.run.advice``).
+_OTHER_LEVEL = Fix("choose another --level (or a CSV 'level' column)", ("--level",), csv=True)
+_STATE_MPP = Fix("state its resolution with --assume-mpp M", ("--assume-mpp",))
+_STATE_MPP_CSV = Fix("with a CSV 'mpp' column", csv=True)
+_BY_LEVEL = Fix("read it by --level instead", ("--level",))
+
+
 def choose_region(pyramid: Pyramid, *, level: int | None = None, mpp: float | None = None
                   ) -> Region:  # fmt: skip
     """The level to read and the size it is resampled to, for the whole slide: ``level`` as
     stored, or the resolution ``mpp`` (µm/px); neither means level 0.
 
     Raises:
-        _BadImageError: no such level; mpp asked of a slide without mpp metadata; an mpp
+        UnusableImageError: no such level; mpp asked of a slide without mpp metadata; an mpp
             finer than the slide's level 0.
     """
     n = len(pyramid.levels)
     if mpp is None:
         level = level or 0
         if level >= n:
-            raise _BadImageError(
-                f"has no level {level} (it has {n}: 0..{n - 1}); choose another level"
-            )
+            raise UnusableImageError(f"has no level {level} (it has {n}: 0..{n - 1})", _OTHER_LEVEL)
         if not pyramid.exact(level):
             (h0, w0), (h, w) = pyramid.levels[0], pyramid.levels[level]
-            raise _BadImageError(
+            raise UnusableImageError(
                 f"level {level} ({h}x{w} of {h0}x{w0} px) has a non-integer downsample, which "
-                "OpenSlide reads interpolated (not the same pixels from every tile); use --mpp "
-                "or level 0"
+                "OpenSlide reads interpolated (not the same pixels from every tile)",
+                Fix("use --mpp or --level 0", ("--mpp", "--level")),
             )
         h, w = pyramid.levels[level]
         return Region(level, (h, w), (0, 0, h, w))
+    (h0, w0) = pyramid.levels[0]
     if pyramid.mpp is None:
-        raise _BadImageError(
-            f"has no resolution metadata (microns per pixel), so --mpp {mpp:g} "
-            "cannot be honoured; use --level (or a 'level' column) for it"
-        )
-    (h0, w0), (mpp_y, mpp_x) = pyramid.levels[0], pyramid.mpp
+        raise UnusableImageError(
+            f"records no resolution (it is {h0}x{w0} px, no microns per pixel), and the run "
+            f"reads images at {mpp:g} µm/px", _STATE_MPP, _STATE_MPP_CSV, _BY_LEVEL,
+        )  # fmt: skip
+    mpp_y, mpp_x = pyramid.mpp
     target = (round(h0 * mpp_y / mpp), round(w0 * mpp_x / mpp))
     if target[0] > h0 or target[1] > w0:
-        raise _BadImageError(
-            f"is scanned at {mpp_x:.4g} µm/px, coarser than --mpp {mpp:g}; ask for "
-            f"{mpp_x:.4g} or more"
+        raise UnusableImageError(
+            f"is scanned at {mpp_x:.4g} µm/px, coarser than the {mpp:g} µm/px the run reads at",
+            Fix(f"read at --mpp {mpp_x:.4g} or more", ("--mpp",)),
         )
     if min(target) < 1:
-        raise _BadImageError(f"is smaller than one pixel at --mpp {mpp:g}")
+        raise UnusableImageError(
+            f"is {h0}x{w0} px at {mpp_x:.4g} µm/px: smaller than one pixel at {mpp:g} µm/px",
+            Fix("read at a finer --mpp", ("--mpp",)),
+        )
     # The coarsest level with at least the target's pixels on both axes: the least to decode.
     best = max(k for k, (h, w) in enumerate(pyramid.levels)
                if h >= target[0] and w >= target[1] and pyramid.exact(k))  # fmt: skip
@@ -567,7 +589,7 @@ def tissue_box(pyramid: Pyramid) -> tuple[int, int, int, int]:
     thumbnail (see the module docstring) and cached per slide.
 
     Raises:
-        _BadImageError: no tissue found (a blank slide, or one image of uniform colour).
+        BadImageError: no tissue found (a blank slide, or one image of uniform colour).
     """
     cache = _cache_file(pyramid.path)
     if cache.is_file():
@@ -586,6 +608,9 @@ def tissue_box(pyramid: Pyramid) -> tuple[int, int, int, int]:
     return box
 
 
+_NO_TISSUE = Fix("read it without --tissue", ("--tissue",))
+
+
 def _find_tissue(pyramid: Pyramid) -> tuple[int, int, int, int]:
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
@@ -593,16 +618,17 @@ def _find_tissue(pyramid: Pyramid) -> tuple[int, int, int, int]:
 
     thumb = thumbnail(pyramid)
     if thumb.shape[2] != 3:
-        raise _BadImageError("--tissue needs an RGB image (it thresholds colour saturation)")
+        raise UnusableImageError(f"has {thumb.shape[2]} channel(s), and the tissue box is found on "
+                           "colour saturation (RGB only)", _NO_TISSUE)  # fmt: skip
     rgb = thumb.astype(np.float64) / (255.0 if thumb.dtype == np.uint8 else 1.0)
     saturation = rgb2hsv(np.clip(rgb, 0.0, 1.0))[..., 1]
     if float(saturation.max()) == float(saturation.min()):
-        raise _BadImageError("no tissue found (uniform colour); remove --tissue or the row")
+        raise UnusableImageError("shows no tissue (uniform colour)", _NO_TISSUE)
     mask = saturation > threshold_otsu(saturation)
     mask = remove_small_objects(mask, max_size=max(1, mask.size // 1000))
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     if not len(rows):
-        raise _BadImageError("no tissue found; remove --tissue or the row")
+        raise UnusableImageError("shows no tissue", _NO_TISSUE)
     (h0, w0), (th, tw) = pyramid.levels[0], mask.shape
     # Thumbnail pixel r covers level-0 rows [r h0 / th, (r+1) h0 / th): floor and ceil.
     return ((int(rows[0]) * h0) // th, (int(cols[0]) * w0) // tw,
@@ -629,15 +655,23 @@ class Resolved:
 
 
 def resolve(path: Path, *, level: int | None, mpp: float | None, tissue: bool,
-            max_shape: Sequence[int] | None, oversize: str = "crop") -> Resolved:  # fmt: skip
+            max_shape: Sequence[int] | None, oversize: str = "crop",
+            assume_mpp: float | None = None, row_mpp: float | None = None) -> Resolved:  # fmt: skip
     """Open a slide and decide what of it is streamed: the resolution (``level`` as stored or
     ``mpp``), the tissue box if asked, and the centre crop to ``max_shape`` (``oversize``
     ``crop``) or a refusal (``refuse``) for a larger image.
 
+    Args:
+        assume_mpp: the user's statement of level 0's µm/px for a file that records none.
+        row_mpp: a CSV row's statement of it, which wins over the file's own.
+
     Raises:
-        _BadImageError: why the slide cannot be used this way (the caller adds file and row).
+        UnusableImageError: why the slide cannot be used this way (the caller adds file and row).
     """
     pyramid = open_pyramid(path)
+    stated = row_mpp or (assume_mpp if pyramid.mpp is None else None)
+    if stated is not None:
+        pyramid = replace(pyramid, mpp=(stated, stated))
     region = choose_region(pyramid, level=level, mpp=mpp)
     if tissue:
         region = region.with_box(box_in(region, pyramid.levels[0], tissue_box(pyramid)))
@@ -648,10 +682,12 @@ def resolve(path: Path, *, level: int | None, mpp: float | None, tissue: bool,
         return Resolved(pyramid, region, None)
     what = describe_resolution(level, mpp)
     if oversize == "refuse":
-        raise _BadImageError(
+        raise UnusableImageError(
             f"is {h}x{w} px at {what}{' (tissue box)' if tissue else ''}, larger than the "
-            f"plan's {mh}x{mw}; use --oversize crop, a coarser --mpp/--level, or a plan for a "
-            "larger --image"
+            f"plan's {mh}x{mw}",
+            Fix("stream its centre with --oversize crop", ("--oversize",)),
+            Fix("read it at a coarser --mpp or a higher --level", ("--mpp", "--level")),
+            Fix(f"use a plan made for at least {h}x{w} px"),
         )
     y0, x0, _, _ = region.box
     ch, cw = min(h, mh), min(w, mw)

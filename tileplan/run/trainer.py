@@ -49,8 +49,9 @@ from tileplan.run.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from tileplan.run.data import Dataset, Task
+from tileplan.run.data import FIX_ROW, Dataset, Task
 from tileplan.run.report import EpochMetrics, save_metrics
+from tileplan.run.sizes import too_small
 from tileplan.settings import RunSpec
 from tileplan.streamed import inference_engine
 from tileplan.units import format_shape
@@ -190,8 +191,10 @@ class Trainer:
         self.task: Task = self._task()
         for data in (train_data, val_data):
             if data is not None and data.streamed:
+                reading = (spec.data.describe_volumes() if plan.n_axes == 3
+                           else spec.data.describe_reading())  # fmt: skip
                 check_image_sizes(self.scnn, head, data, channels=self._trunk_channels,
-                                  outputs=self._head_outputs,
+                                  outputs=self._head_outputs, reading=reading,
                                   planned_output=plan.output_shape)  # fmt: skip
         self.loss = loss_for(self.task)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
@@ -454,6 +457,7 @@ def check_image_sizes(
     channels: int,
     outputs: int,
     planned_output: Sequence[int],
+    reading: str = "as stored",
 ) -> None:
     """Every image of ``data`` streams at its own size: check, before training, that the trunk
     tiles each size and that the head takes each output map of ``channels`` channels (on the
@@ -488,13 +492,17 @@ def check_image_sizes(
             continue
         seen.add(size)
         px = "voxels" if len(size) == 3 else "px"
+        problem = too_small(scnn, size, volumes=len(size) == 3, reading=reading)
+        if problem is not None:
+            raise TrainError(f"{where} row {sample.row}: '{sample.path.name}' "
+                             f"{problem.render('train')}; {FIX_ROW}")  # fmt: skip
         try:
             grids = scnn.tile_grids(size)
             out_shape = grids[-1].output_shape
-        except GeometryError as err:
+        except GeometryError as err:  # streams, but not in the plan's tiles
             raise TrainError(f"{where} row {sample.row}: '{sample.path.name}' is "
-                             f"{format_shape(size)} {px} as read, and the model cannot stream "
-                             f"it: {err}") from None  # fmt: skip
+                             f"{format_shape(size)} {px} as read, and the plan's tiles cannot "
+                             f"stream it: {err}") from None  # fmt: skip
         if head_outputs is None:
             continue
         try:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from tileplan.run.advice import UnusableImageError
+
 __all__ = ["VOLUME_SUFFIXES", "Volume", "VolumeFileError", "open_volume_reader", "probe_volume",
            "volume_format"]  # fmt: skip
 
@@ -21,7 +23,7 @@ _IMAGEJ_TO_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0, "micron": 1e-3, "um": 1e-3,
                  "\\u00b5m": 1e-3, "nm": 1e-6}  # fmt: skip
 
 
-class VolumeFileError(ValueError):
+class VolumeFileError(UnusableImageError):
     """Why a volume cannot be used, as the rest of a line that starts with its name."""
 
 

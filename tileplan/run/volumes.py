@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tileplan.run.advice import Fix
 from tileplan.run.data import (
     FIX_ROW,
     DataError,
@@ -85,47 +86,54 @@ class VolumeRegion:
         return tuple(self.box[3:])  # type: ignore[return-value]
 
 
+_STATE_SPACING = Fix("state its spacing with --assume-spacing DxHxW (mm)", ("--assume-spacing",))
+_STATE_SPACING_CSV = Fix("with a CSV 'spacing' column", csv=True)
+
+
 def resolve_volume(path: Path, settings: DataSettings, *, stated: tuple[float, ...] | None = None,
                    max_shape: Sequence[int] | None = None) -> VolumeRegion:  # fmt: skip
     """The region of the volume at ``path`` to stream under ``settings``.
 
     Args:
-        stated: the user's spacing (mm, D x H x W) for a file that records none.
+        stated: a CSV row's statement of its spacing (mm, D x H x W), which wins over the
+            file's own; ``settings.assume_spacing`` serves files that record none.
         max_shape: the plan's volume; larger volumes are centre-cropped or refused
             (``settings.oversize``).
 
     Raises:
         VolumeFileError: unreadable, no spacing when one is asked, spacing finer than stored,
-            larger than the plan under ``--oversize refuse``.
+            larger than the plan under ``oversize="refuse"``.
     """
     volume = probe_volume(path)
-    spacing = volume.spacing or stated
-    if stated is not None and volume.spacing is not None:
-        spacing = stated  # the user's statement wins, e.g. over a header known to be wrong
+    spacing = stated or volume.spacing or settings.assume_spacing
     scaled = volume.shape
     if settings.spacing is not None:
         if spacing is None:
             raise VolumeFileError(
-                f"records no voxel spacing (it is {format_shape(volume.shape)} voxels) and "
-                f"--spacing {_mm(settings.spacing)} asks to resample it; state its spacing in "
-                "the CSV's 'spacing' column (e.g. 3x1x1, mm)"
-            )
+                f"records no voxel spacing (it is {format_shape(volume.shape)} voxels), and the "
+                f"run resamples volumes to {_mm(settings.spacing)} mm voxels",
+                _STATE_SPACING, _STATE_SPACING_CSV,
+            )  # fmt: skip
         scaled = tuple(round(n * s / t) for n, s, t in
                        zip(volume.shape, spacing, settings.spacing, strict=True))  # fmt: skip
         finer = [ax for ax, (n, m) in enumerate(zip(volume.shape, scaled, strict=True)) if m > n]
         if finer or min(scaled) < 1:
+            coarsest = _mm([max(a, b) for a, b in zip(spacing, settings.spacing, strict=True)])
             raise VolumeFileError(
-                f"is stored at {_mm(spacing)} mm voxels, coarser than --spacing "
-                f"{_mm(settings.spacing)} asks on an axis; volumes are only resampled to "
-                "coarser spacings: raise --spacing"
-            )
+                f"is stored at {_mm(spacing)} mm voxels, coarser on an axis than the "
+                f"{_mm(settings.spacing)} mm the run resamples to (volumes are only resampled "
+                "to coarser spacings)",
+                Fix(f"resample to --spacing {coarsest} or coarser", ("--spacing",)),
+            )  # fmt: skip
     box, cropped = (0, 0, 0, *scaled), None
     if max_shape is not None and any(n > m for n, m in zip(scaled, max_shape, strict=True)):
         if settings.oversize == "refuse":
             raise VolumeFileError(
                 f"is {format_shape(scaled)} voxels at the run's spacing, larger than the plan's "
-                f"{format_shape(max_shape)}; use --oversize crop, or plan for it with "
-                f"`tileplan profile --image {format_shape(scaled)}`"
+                f"{format_shape(max_shape)}",
+                Fix("stream its centre with --oversize crop", ("--oversize",)),
+                Fix("resample it to a coarser --spacing", ("--spacing",)),
+                Fix(f"use a plan made for at least {format_shape(scaled)} voxels"),
             )
         size = tuple(min(n, m) for n, m in zip(scaled, max_shape, strict=True))
         start = tuple((n - s) // 2 for n, s in zip(scaled, size, strict=True))
@@ -157,8 +165,10 @@ def _channel_stats(volume: Volume) -> tuple[tuple[float, float], ...]:
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     if not np.all(std > 0):
-        raise VolumeFileError("is constant in a channel, so --intensity zscore cannot scale it; "
-                              "use --intensity raw or window:LO,HI")  # fmt: skip
+        raise VolumeFileError(
+            "is constant in a channel, which a per-volume z-score cannot scale",
+            Fix("use --intensity raw or window:LO,HI", ("--intensity",)),
+        )
     return tuple((float(m), float(s)) for m, s in zip(mean, std, strict=True))
 
 
@@ -280,8 +290,10 @@ class VolumeDataset(Dataset):
         raise ValueError("a dataset of volumes is not fitted to a shape")
 
 
-def load_volume_csv(path: str | os.PathLike[str], target_shape: Sequence[int] | None,
-                    settings: DataSettings) -> VolumeDataset:  # fmt: skip
+def load_volume_csv(
+    path: str | os.PathLike[str], target_shape: Sequence[int] | None, settings: DataSettings,
+    *, command: str | None = None,
+) -> VolumeDataset:  # fmt: skip
     """Read and validate a CSV of volumes (columns ``image,label`` and optionally
     ``spacing``, mm per voxel ``DxHxW`` for files that record none) before training.
 
@@ -291,14 +303,16 @@ def load_volume_csv(path: str | os.PathLike[str], target_shape: Sequence[int] | 
     shown = os.fspath(path)
     csv_path = Path(path)
     columns, rows = read_csv_rows(csv_path, shown)
-    if "level" in columns:
-        raise DataError(f"{shown}: the 'level' column picks a slide's pyramid level, and these "
-                        "are volumes; remove the column", csv_path=csv_path)  # fmt: skip
+    for column in ("level", "mpp"):
+        if column in columns:
+            raise DataError(f"{shown}: the '{column}' column is for slides, and these are "
+                            "volumes; remove the column", csv_path=csv_path)  # fmt: skip
     base = csv_path.absolute().parent
     samples, regions, errors = [], [], []
     for row, fields in rows:
         try:
-            sample, region = _volume_row(row, fields, columns, base, settings, target_shape)
+            sample, region = _volume_row(row, fields, columns, base, settings, target_shape,
+                                         command)  # fmt: skip
         except RowError as err:
             errors.append(err)
             continue
@@ -332,7 +346,7 @@ def load_volume_csv(path: str | os.PathLike[str], target_shape: Sequence[int] | 
 
 def _volume_row(row: int, fields: list[str], columns: dict[str, int], base: Path,
                 settings: DataSettings, target_shape: Sequence[int] | None,
-                ) -> tuple[Sample, VolumeRegion]:  # fmt: skip
+                command: str | None) -> tuple[Sample, VolumeRegion]:  # fmt: skip
     if len(fields) != len(columns):
         raise RowError(row, f"expected {len(columns)} fields ({','.join(columns)}), got "
                             f"{len(fields)}")  # fmt: skip
@@ -359,5 +373,5 @@ def _volume_row(row: int, fields: list[str], columns: dict[str, int], base: Path
     try:
         region = resolve_volume(path, settings, stated=stated, max_shape=target_shape)
     except VolumeFileError as err:
-        raise RowError(row, f"'{name}' {err}") from None
+        raise RowError(row, f"'{name}' {err.render(command)}") from None
     return Sample(path=path, label=label, row=row), region

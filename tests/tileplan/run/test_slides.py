@@ -26,7 +26,8 @@ from torch import nn
 
 from executor import StreamingCNN
 from tileplan.planning.estimate import LiveBytes
-from tileplan.run.data import DataError, _BadImageError, load_csv
+from tileplan.run.advice import UnusableImageError
+from tileplan.run.data import DataError, load_csv
 from tileplan.run.demo_slides import SyntheticSlide, write_pyramidal_tiff, write_svs
 from tileplan.run.slides import (
     SlideSource,
@@ -140,7 +141,7 @@ def test_openslide_levels_with_a_fractional_downsample_are_not_used(tmp_path: Pa
     pyramid = dataclasses.replace(open_pyramid(path), backend="openslide")
     assert pyramid.levels[1] == (300, 400)
     assert not pyramid.exact(1)
-    with pytest.raises(_BadImageError, match="non-integer downsample"):
+    with pytest.raises(UnusableImageError, match="non-integer downsample"):
         choose_region(pyramid, level=1)
     assert choose_region(pyramid, mpp=1.0).level == 0
     # Through tifffile (what an Aperio file gets) every level is exact. Level 1 is 1.0025
@@ -303,21 +304,22 @@ def test_oversize_slides_are_centre_cropped_or_refused(
     assert data.regions[1].box == (150, 0, 1000, 900)  # only its height is too large
     assert "larger than the plan's 1000x1000" in caplog.text
     with pytest.raises(DataError, match=r"train.csv row 1: 'a.svs' is 1500x2100 px at level 0, "
-                       r"larger than the plan's 1000x1000; use --oversize crop"):  # fmt: skip
+                       r"larger than the plan's 1000x1000; stream its centre with "
+                       r"--oversize crop"):  # fmt: skip
         load_csv(csv, target_shape=(1000, 1000), settings=DataSettings(oversize="refuse"))
 
 
 @pytest.mark.parametrize(("make", "settings_", "message"), [
     ("missing_level", DataSettings(level=5), r"row 1: 'a.svs' has no level 5 \(it has 3: 0..2\)"),
-    ("no_mpp", DataSettings(mpp=1.0), r"row 1: 'plain.tif' has no resolution metadata .* use "
-     r"--level"),
+    ("no_mpp", DataSettings(mpp=1.0), r"row 1: 'plain.tif' records no resolution .* "
+     r"--assume-mpp M, or with a CSV 'mpp' column, or read it by --level instead"),
     ("truncated", DataSettings(), r"row 1: cannot read '\S*cut.svs': OpenSlide .*; fix or "
      r"remove the row"),
     ("truncated_tif", DataSettings(), r"row 1: cannot read '\S*cut.tif': file is truncated"),
     ("garbage", DataSettings(), r"row 1: cannot read '\S*junk.svs': OpenSlide does not "
      r"recognise this file as a slide; fix or remove the row"),
     ("too_fine", DataSettings(mpp=0.1), r"row 1: 'a.svs' is scanned at 0.25 µm/px, coarser "
-     r"than --mpp 0.1"),
+     r"than the 0.1 µm/px the run reads at; read at --mpp 0.25 or more"),
     ("bad_level", DataSettings(), r"row 1: level 'x' is not a whole number"),
 ])  # fmt: skip
 def test_bad_slides_are_refused_in_one_line_before_training(

@@ -1,0 +1,36 @@
+"""Pixels as tileplan returns them: how a stored array maps to ``(C, H, W)``, which pixel
+types are kept, and the error a reader raises for an image it cannot use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from tileplan.run.advice import UnusableImageError
+
+__all__ = ["DTYPE_HINT", "BadImageError", "Layout", "out_dtype"]
+
+DTYPE_HINT = "store 8-bit (uint8) or float32 images"
+
+
+class BadImageError(UnusableImageError):
+    """Why an image cannot be read (the caller adds file and row)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a raw array maps to (C, H, W): ``kind`` in {"hw", "hwc", "chw"}, keep ``channels``."""
+
+    kind: str
+    channels: int
+    invert: bool = False
+
+
+def out_dtype(dtype: np.dtype) -> Literal["uint8", "float32"]:
+    if dtype == np.uint8:
+        return "uint8"
+    if dtype.kind == "f":
+        return "float32"
+    raise BadImageError(f"pixel type {dtype.name} is not supported; {DTYPE_HINT}")
