@@ -365,27 +365,39 @@ def _owned(t: AxisTile, stride: int, length: int) -> tuple[int, int]:
     return min(t.out_start * stride, length), min(t.out_stop * stride, length)
 
 
-def _drawn_axes(grid: TileGrid) -> tuple[Sequence[AxisTile], Sequence[AxisTile]]:
+# Which two axes a panel draws (rows, columns) and where: one panel for an image; three
+# orthogonal views for a volume (across depth, and the two through it).
+_Pair = tuple[int, int]
+_AXIS_NAMES = {2: ("y", "x"), 3: ("depth", "y", "x")}  # axis titles
+_HOVER_NAMES = {2: ("rows", "cols"), 3: ("slices", "rows", "cols")}  # ranges in hover texts
+
+
+def _drawn_axes(grid: TileGrid, pair: _Pair) -> tuple[Sequence[AxisTile], Sequence[AxisTile]]:
     """Row and column tiles to draw: all, or the top-left block of about MAX_DRAWN_TILES."""
-    rows, cols = grid.axes[-2], grid.axes[-1]
+    rows, cols = grid.axes[pair[0]], grid.axes[pair[1]]
     if len(rows) * len(cols) <= MAX_DRAWN_TILES:
         return rows, cols
     side = max(1, math.isqrt(MAX_DRAWN_TILES))
     return rows[:side], cols[:side]
 
 
-def _grid_traces(fig: go.Figure, grid: TileGrid, name: str, style: dict[str, Any]) -> int:
+def _grid_traces(fig: go.Figure, grid: TileGrid, name: str, style: dict[str, Any],
+                 pair: _Pair = (-2, -1), **where: Any) -> int:  # fmt: skip
     """The crops of ``grid`` as one trace of rectangles; returns how many were drawn."""
-    rows, cols = _drawn_axes(grid)
+    rows, cols = _drawn_axes(grid, pair)
     pairs = [(r, c) for r in rows for c in cols]
     xs, ys = _rects((c.in_start, c.in_stop, r.in_start, r.in_stop) for r, c in pairs)
-    fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines", hoverinfo="skip", **style))
+    fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines", hoverinfo="skip",
+                             legendgroup=name, **style), **where)  # fmt: skip
     return len(pairs)
 
 
-def _owned_traces(fig: go.Figure, grid: TileGrid) -> None:
-    (sr, sc), (hr, wc) = grid.stride[-2:], grid.image_shape[-2:]
-    rows_ax, cols_ax = _drawn_axes(grid)
+def _owned_traces(fig: go.Figure, grid: TileGrid, pair: _Pair = (-2, -1), **where: Any) -> None:
+    (sr, sc) = grid.stride[pair[0]], grid.stride[pair[1]]
+    (hr, wc) = grid.image_shape[pair[0]], grid.image_shape[pair[1]]
+    names = _HOVER_NAMES.get(len(grid.axes), ("rows", "cols"))
+    rname, cname = names[pair[0]], names[pair[1]]
+    rows_ax, cols_ax = _drawn_axes(grid, pair)
     boxes, centres, texts = [], [], []
     for i, r in enumerate(rows_ax):
         for j, c in enumerate(cols_ax):
@@ -393,29 +405,35 @@ def _owned_traces(fig: go.Figure, grid: TileGrid) -> None:
             boxes.append((x0, x1, y0, y1))
             centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
             texts.append(
-                f"tile ({i}, {j})<br>crop rows {r.in_start}–{r.in_stop}, cols {c.in_start}–"
-                f"{c.in_stop} ({r.in_len}x{c.in_len} px)<br>owns rows {y0}–{y1}, cols {x0}–{x1}"
-                f"<br>(output positions {r.out_start}–{r.out_stop} x {c.out_start}–{c.out_stop})"
+                f"tile ({i}, {j})<br>crop {rname} {r.in_start}–{r.in_stop}, {cname} "
+                f"{c.in_start}–{c.in_stop} ({r.in_len}x{c.in_len} px)<br>owns {rname} {y0}–{y1},"
+                f" {cname} {x0}–{x1}<br>(output positions {r.out_start}–{r.out_stop} x "
+                f"{c.out_start}–{c.out_stop})"
             )
     xs, ys = _rects(boxes)
+    legend = where.pop("showlegend", True)
+    name = "owned region (outputs this tile computes)"
     fig.add_trace(go.Scatter(
-        x=xs, y=ys, name="owned region (outputs this tile computes)", mode="lines",
+        x=xs, y=ys, name=name, mode="lines", legendgroup=name, showlegend=legend,
         hoverinfo="skip", line={"color": "#2f7d32", "width": 1.5, "dash": "dash"},
-    ))  # fmt: skip
+    ), **where)  # fmt: skip
     fig.add_trace(go.Scatter(
         x=[p[0] for p in centres], y=[p[1] for p in centres], text=texts, mode="markers",
-        name="tile details (hover)", marker={"size": 7, "color": "#2f7d32", "opacity": 0.5},
+        name="tile details (hover)", legendgroup="details", showlegend=legend,
+        marker={"size": 7, "color": "#2f7d32", "opacity": 0.5},
         hovertemplate="%{text}<extra></extra>",
-    ))  # fmt: skip
+    ), **where)  # fmt: skip
 
 
-def _image_trace(fig: go.Figure, shape: Sequence[int]) -> None:
-    h, w = shape[-2:]
+def _image_trace(fig: go.Figure, shape: Sequence[int], pair: _Pair = (-2, -1),
+                 **where: Any) -> None:  # fmt: skip
+    h, w = shape[pair[0]], shape[pair[1]]
+    legend = where.pop("showlegend", True)
     xs, ys = _rects([(0, w, 0, h)])
     fig.add_trace(go.Scatter(
-        x=xs, y=ys, name=f"image {h}x{w} px", mode="lines", hoverinfo="skip",
-        line={"color": "#000", "width": 2.5},
-    ))  # fmt: skip
+        x=xs, y=ys, name=f"image {format_shape(shape)} px", mode="lines", hoverinfo="skip",
+        legendgroup="image", showlegend=legend, line={"color": "#000", "width": 2.5},
+    ), **where)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -460,14 +478,18 @@ def _grid_title(tiled: _Tiled, grid: TileGrid) -> str:
     )
 
 
-def _draw_grid(fig: go.Figure, tiled: _Tiled, grid: TileGrid) -> None:
-    _image_trace(fig, tiled.shape)
-    drawn = _grid_traces(
-        fig, grid, "backward-pass crop (owned region + halo)",
-        {"fill": "toself", "fillcolor": "rgba(76,120,168,0.16)",
-         "line": {"color": "#4c78a8", "width": 1.2}},
-    )  # fmt: skip
-    _owned_traces(fig, grid)
+def _draw_grid(fig: go.Figure, tiled: _Tiled, grid: TileGrid, pair: _Pair = (-2, -1),
+               **where: Any) -> None:  # fmt: skip
+    """One panel: the crops and owned regions of ``grid`` on axes ``pair`` (a volume's tiles
+    along the third axis repeat the same rectangles)."""
+    legend = where.get("showlegend", True)
+    _image_trace(fig, tiled.shape, pair, **where)
+    crop = {"fill": "toself", "fillcolor": "rgba(76,120,168,0.16)",
+            "line": {"color": "#4c78a8", "width": 1.2}, "showlegend": legend}  # fmt: skip
+    where = {k: v for k, v in where.items() if k != "showlegend"}
+    drawn = _grid_traces(fig, grid, "backward-pass crop (owned region + halo)", crop, pair,
+                         **where)  # fmt: skip
+    _owned_traces(fig, grid, pair, showlegend=legend, **where)
     if tuple(tiled.forward_tile) != tuple(tiled.tile):
         try:
             forward = tiled.grid(tiled.forward_tile)
@@ -476,14 +498,34 @@ def _draw_grid(fig: go.Figure, tiled: _Tiled, grid: TileGrid) -> None:
         else:
             _grid_traces(
                 fig, forward, f"forward-pass crop ({forward.n_tiles} tiles, click to show)",
-                {"visible": "legendonly", "line": {"color": "#e45756", "width": 2, "dash": "dot"}},
+                {"visible": "legendonly", "showlegend": legend,
+                 "line": {"color": "#e45756", "width": 2, "dash": "dot"}}, pair, **where,
             )  # fmt: skip
-    total = math.prod(grid.counts[-2:])
-    if drawn < total:
+    total = grid.counts[pair[0]] * grid.counts[pair[1]]
+    if drawn < total and legend:
         _note(fig, f"showing the top-left {drawn} of {total} tiles; the rest repeat the pattern",
               y=1.0)  # fmt: skip
-    if len(tiled.shape) > 2:
-        _note(fig, "volume: showing the last two axes (one slab of the first axis)", y=0.0)
+
+
+# A volume's three views: (rows, columns) axes and the panel's title.
+_VOLUME_VIEWS: tuple[tuple[_Pair, str], ...] = (
+    ((1, 2), "y x (across depth)"),
+    ((0, 2), "depth x (through y)"),
+    ((0, 1), "depth y (through x)"),
+)
+
+
+def _volume_figure(tiled: _Tiled, grid: TileGrid) -> go.Figure:
+    """Three orthogonal views of a volume's tile grid, each with equal aspect."""
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in _VOLUME_VIEWS],
+                        horizontal_spacing=0.06)  # fmt: skip
+    for k, (pair, _) in enumerate(_VOLUME_VIEWS, start=1):
+        _draw_grid(fig, tiled, grid, pair, row=1, col=k, showlegend=k == 1)
+        names = _AXIS_NAMES[3]
+        anchor = "x" if k == 1 else f"x{k}"
+        fig.update_xaxes(title_text=f"{names[pair[1]]}, px", row=1, col=k)
+        fig.update_yaxes(title_text=f"{names[pair[0]]}, px", scaleanchor=anchor, row=1, col=k)
+    return fig
 
 
 def tile_grid_figure(plan: Plan, segment: int = 0) -> go.Figure:
@@ -498,20 +540,28 @@ def tile_grid_figure(plan: Plan, segment: int = 0) -> go.Figure:
     fig = go.Figure()
     tiled = _tiled(plan)[segment]
     title = f"Tile grid over {tiled.what}, {format_shape(tiled.shape)} px"
+    volume = len(tiled.shape) == 3
     try:
-        if len(tiled.shape) < 2:
+        if len(tiled.shape) not in (2, 3):
             raise GeometryError("the tile grid is drawn for images with 2 or 3 spatial axes")
         grid = tiled.grid(None)
     except GeometryError as err:
         _note(fig, f"tile grid not drawn: {err}")
+        volume = False
     else:
-        _draw_grid(fig, tiled, grid)
+        if volume:
+            fig = _volume_figure(tiled, grid)
+        else:
+            _draw_grid(fig, tiled, grid)
         title = _grid_title(tiled, grid)
     _base_layout(fig, title, 760 if segment == 0 else 600)
     fig.update_layout(hovermode="closest")
-    fig.update_xaxes(title_text="x, px", showgrid=False, zeroline=False, constrain="domain")
-    fig.update_yaxes(title_text="y, px", autorange="reversed", scaleanchor="x", scaleratio=1,
-                     showgrid=False, zeroline=False, constrain="domain")  # fmt: skip
+    fig.update_xaxes(showgrid=False, zeroline=False, constrain="domain")
+    fig.update_yaxes(autorange="reversed", scaleratio=1, showgrid=False, zeroline=False,
+                     constrain="domain")  # fmt: skip
+    if not volume:
+        fig.update_xaxes(title_text="x, px")
+        fig.update_yaxes(title_text="y, px", scaleanchor="x")
     return fig
 
 

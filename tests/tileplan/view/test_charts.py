@@ -220,9 +220,18 @@ def test_plan_grid_for_a_volume() -> None:
     grid = plan.tile_grid()
     assert grid == geometry.tile_grid(image, (48, 48, 48))
     fig = tile_grid_figure(plan)
-    crops = _rects(_trace(fig, "backward-pass crop (owned region + halo)"))
-    assert len(crops) == grid.counts[1] * grid.counts[2]
-    assert "volume" in _annotations(fig)
+    # Three orthogonal views: y x across depth, then depth x and depth y through the volume.
+    panels = [t for t in fig.data if t.name == "backward-pass crop (owned region + halo)"]
+    assert [t.xaxis for t in panels] == ["x", "x2", "x3"]
+    counts = [len(_rects(t)) for t in panels]
+    assert counts == [grid.counts[1] * grid.counts[2], grid.counts[0] * grid.counts[2],
+                      grid.counts[0] * grid.counts[1]]  # fmt: skip
+    depth_x = _rects(panels[1])
+    assert depth_x[0] == (grid.axes[2][0].in_start, grid.axes[2][0].in_stop,
+                          grid.axes[0][0].in_start, grid.axes[0][0].in_stop)  # fmt: skip
+    titles = _annotations(fig)
+    assert "depth x (through y)" in titles
+    assert fig.layout.yaxis2.scaleanchor == "x2"
 
 
 def test_tile_grid_rectangles_match_the_grid() -> None:
