@@ -222,7 +222,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def _csv_text(rows: list[tuple[str, int]]) -> str:
+def csv_text(rows: list[tuple[str, int]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["image", "label"])
@@ -230,7 +230,7 @@ def _csv_text(rows: list[tuple[str, int]]) -> str:
     return out.getvalue()
 
 
-def _split(labels: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
+def stratified_split(labels: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """Stratified ~75/25 split of indices, at least one of each class on each side (for at
     least two of each class)."""
     train: list[int] = []
@@ -286,9 +286,9 @@ def write_demo_dataset(
         image, _ = _make_image(size, label, texture, noise, np.random.default_rng(image_seqs[i]))
         _write_bytes(out_dir / name, _tiff_bytes(image, compress))
         log.debug("wrote %s (label %d)", name, label)
-    train, val = _split(labels, split_rng)
+    train, val = stratified_split(labels, split_rng)
     for csv_name, idx in (("train.csv", train), ("val.csv", val)):
-        text = _csv_text([(names[i], labels[i]) for i in idx])
+        text = csv_text([(names[i], labels[i]) for i in idx])
         _write_bytes(out_dir / csv_name, text.encode("utf-8"))
     log.info(
         "demo dataset: %d images of %dx%d (%d train, %d val) in %s, %.1f s",

@@ -4,15 +4,33 @@ types are kept, and the error a reader raises for an image it cannot use."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from executor import StreamingError
 from tileplan.run.advice import UnusableImageError
 
-__all__ = ["DTYPE_HINT", "BadImageError", "Layout", "out_dtype"]
+__all__ = ["DTYPE_HINT", "BadImageError", "DataError", "Layout", "out_dtype"]
 
 DTYPE_HINT = "store 8-bit (uint8) or float32 images"
+
+
+class DataError(StreamingError):
+    """A data file (the CSV or an image it lists) cannot be used.
+
+    The message is one line naming the file (and the CSV row) and the fix, ready for the CLI.
+
+    Attributes:
+        csv_path: the CSV being read, when the problem was found through one.
+        row: the 1-based data row of the CSV, when the problem belongs to a row.
+    """
+
+    def __init__(self, message: str, *, csv_path: Path | None = None, row: int | None = None):
+        self.csv_path = csv_path
+        self.row = row
+        super().__init__(message)
 
 
 class BadImageError(UnusableImageError):

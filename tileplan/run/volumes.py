@@ -39,16 +39,10 @@ import numpy as np
 import torch
 
 from tileplan.run.advice import Fix
-from tileplan.run.data import (
-    FIX_ROW,
-    DataError,
-    Dataset,
-    ImageInfo,
-    RowError,
-    Sample,
-    parse_label,
-    read_csv_rows,
-)
+from tileplan.run.csv_rows import FIX_ROW, RowError, parse_label, read_csv_rows
+from tileplan.run.dataset import Dataset, Sample
+from tileplan.run.images import ImageInfo
+from tileplan.run.pixels import DataError
 from tileplan.run.resample import area_taps, resample_axis
 from tileplan.run.volume_readers import Volume, VolumeFileError, open_volume_reader, probe_volume
 from tileplan.settings import DataSettings, parse_intensity
