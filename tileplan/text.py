@@ -213,7 +213,8 @@ def render_report(r: RunReport) -> str:
     """The memory-savings report as text."""
     kind = "measured" if r.conventional_measured else "estimated"
     lines = [
-        f"run {r.run} on {r.device}: image {format_shape(r.image_shape_px)} px, tile "
+        f"run {r.run} on {r.device}: image {format_shape(r.image_shape_px)} "
+        f"{'voxels' if len(r.image_shape_px) == 3 else 'px'}, tile "
         f"{format_shape(r.tile_px)} ({r.n_tiles} tiles)",
         f"  streaming step peak    {format_bytes(r.streaming_peak_bytes):>10}  (measured: "
         f"{r.describe_measurement()})",
