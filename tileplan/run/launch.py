@@ -83,6 +83,25 @@ def save_regions(path: Path, datasets: list[Dataset | None]) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def save_volumes(path: Path, datasets: list[Dataset | None]) -> None:
+    """Write what was streamed of every volume as a CSV: its spacing as read (mm, D x H x W;
+    the file's or the one stated for it), its size at the run's spacing and the box
+    streamed (a centre crop of a volume larger than the plan)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["csv", "row", "image", "spacing_mm", "scaled_d", "scaled_h", "scaled_w",
+                     "d0", "h0", "w0", "d", "h", "w", "intensity"])  # fmt: skip
+    for data in datasets:
+        for sample, region in zip(data.samples if data is not None else (),
+                                  getattr(data, "volumes", None) or (), strict=True):  # fmt: skip
+            spacing = region.spacing
+            shown = "x".join(f"{v:g}" for v in spacing) if spacing else ""
+            writer.writerow([data.csv_path, sample.row, sample.path, shown,  # type: ignore[union-attr]
+                             *region.scaled, *region.box, region.intensity])  # fmt: skip
+    text = out.getvalue()
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def run_training(
     req: TrainRequest, *, progress: bool = True
 ) -> tuple[tuple[EpochMetrics, ...], RunReport | None]:
@@ -134,7 +153,10 @@ def run_training(
         if trainer.rank == 0:
             req.out.mkdir(parents=True, exist_ok=True)
             save_plan(plan, req.out / "plan.yaml")
-            save_regions(req.out / "regions.csv", [train_data, val_data])
+            if plan.n_axes == 3:
+                save_volumes(req.out / "volumes.csv", [train_data, val_data])
+            else:
+                save_regions(req.out / "regions.csv", [train_data, val_data])
         history = trainer.fit(progress=progress)
         report = None
         if req.report and trainer.rank == 0 and history:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from tileplan.run.advice import UnusableImageError
+from tileplan.run.tiff import decode_first_segment, open_tiff
 
 __all__ = ["VOLUME_SUFFIXES", "Volume", "VolumeFileError", "open_volume_reader", "probe_volume",
            "volume_format"]  # fmt: skip
@@ -80,8 +81,8 @@ def probe_volume(path: Path) -> Volume:
             reader.read((d - 1, h - 1, w - 1, 1, 1, 1))
         finally:
             reader.close()
-    except VolumeFileError:
-        raise
+    except UnusableImageError as err:  # said in full already (e.g. a TIFF's compression)
+        raise VolumeFileError(err.fact, *err.fixes) from None
     except Exception as err:
         text = " ".join(str(err).split()) or type(err).__name__
         raise VolumeFileError(f"cannot be read as {fmt} ({text}); re-export it") from None
@@ -152,9 +153,8 @@ def _probe_nifti(path: Path) -> Volume:
 
 
 def _probe_tiff(path: Path) -> Volume:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
+        decode_first_segment(tif, tif.pages[0])  # a codec missing here is named now
         series = tif.series[0]
         shape = tuple(series.shape)
         axes = series.axes
@@ -235,10 +235,8 @@ class _NiftiReader(_Reader):
 
 class _TiffReader(_Reader):
     def __init__(self, volume: Volume) -> None:
-        import tifffile
-
         super().__init__(volume)
-        self.tif = self._stack.enter_context(tifffile.TiffFile(volume.path))
+        self.tif = self._stack.enter_context(open_tiff(volume.path))
 
     def read(self, box: tuple[int, ...]) -> np.ndarray:
         d0, h0, w0, d, h, w = box

@@ -66,6 +66,8 @@ class VolumeRegion:
         intensity: ``DataSettings.intensity``.
         stats: per channel ``(mean, std)`` of the stored voxels for ``zscore``, else None.
         cropped_from: the scaled size when the box is a centre crop of it, else None.
+        spacing: mm per voxel (D, H, W) as read: a CSV row's statement, the file's, or the
+            run's ``assume_spacing``; None when neither says.
     """
 
     volume: Volume
@@ -74,6 +76,7 @@ class VolumeRegion:
     intensity: str = "raw"
     stats: tuple[tuple[float, float], ...] | None = None
     cropped_from: tuple[int, int, int] | None = None
+    spacing: tuple[float, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -134,7 +137,8 @@ def resolve_volume(path: Path, settings: DataSettings, *, stated: tuple[float, .
         box, cropped = (*start, *size), scaled
     mode, _ = parse_intensity(settings.intensity)
     stats = _channel_stats(volume) if mode == "zscore" else None
-    return VolumeRegion(volume, scaled, box, settings.intensity, stats, cropped)  # type: ignore[arg-type]
+    return VolumeRegion(volume, scaled, box, settings.intensity, stats, cropped,  # type: ignore[arg-type]
+                        spacing)  # fmt: skip
 
 
 def _mm(values: Sequence[float]) -> str:

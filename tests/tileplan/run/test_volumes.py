@@ -282,14 +282,29 @@ def test_volume_workflow_through_the_cli(tmp_path: Path) -> None:
     run("train", model, "--plan", str(tmp_path / "plan.yaml"), "--data",
         str(tmp_path / "vols/train.csv"), "--val", str(tmp_path / "vols/val.csv"), "--out",
         str(tmp_path / "run"), "--epochs", "1", "--batch", "2", "--num-workers", "0",
-        "--intensity", "window:-1000,400", "--no-report")  # fmt: skip
+        "--intensity", "window:-1000,400")  # fmt: skip
+    assert "voxels" in run("report", str(tmp_path / "run"))
+    rows = (tmp_path / "run/volumes.csv").read_text().splitlines()
+    assert rows[0].startswith("csv,row,image,spacing_mm,scaled_d")
+    assert rows[1].endswith(',2.5x0.8x0.8,16,48,48,0,0,0,16,48,48,"window:-1000,400"')
     out = run("predict", model, str(tmp_path / "vols/vol_000.nii.gz"), "--plan",
               str(tmp_path / "plan.yaml"), "--checkpoint", str(tmp_path / "run/last.pt"),
               "--saliency", str(tmp_path / "maps"))  # fmt: skip
     assert "vol_000.nii.gz" in out
     saliency = np.load(tmp_path / "maps/vol_000.nii.saliency.npy")
     assert saliency.shape == (1, 16, 48, 48)
+    # A volume smaller than the model takes: predict says its size and the model's need,
+    # and names none of train's options.
+    _nifti(tmp_path / "tiny.nii", np.zeros((2, 4, 4), np.int16), (2.5, 0.8, 0.8))
+    result = runner.invoke(cli, ["predict", model, str(tmp_path / "tiny.nii"), "--plan",
+                                 str(tmp_path / "plan.yaml"), "--checkpoint",
+                                 str(tmp_path / "run/last.pt")])  # fmt: skip
+    assert result.exit_code != 0
+    assert "is 2x4x4 voxels as read" in result.output
+    assert "the model needs at least" in result.output
+    assert "--spacing" not in result.output
     run("view", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "plan.html"), "--no-open")
+    run("view", str(tmp_path / "run"), "--out", str(tmp_path / "run.html"), "--no-open")
     assert (tmp_path / "plan.html").stat().st_size > 0
     result = runner.invoke(cli, ["profile", model, "--image", "48x48"])
     assert result.exit_code != 0
