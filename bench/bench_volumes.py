@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from step_timing import run_child, time_steps  # bench/, beside this script
 from torch import nn
 
 GIB = 1024**3
@@ -47,7 +44,6 @@ def build(device: str) -> nn.Module:
 
 def child(method: str, plan_path: str, repeats: int, device: str) -> dict[str, float]:
     import tileplan
-    from tileplan.planning.measure_child import peak_rss, reset_peak_rss
 
     model = build(device)
     plan = tileplan.load_plan(plan_path)
@@ -61,32 +57,7 @@ def child(method: str, plan_path: str, repeats: int, device: str) -> dict[str, f
         else:
             nn.functional.cross_entropy(model(image.to(device)), target).backward()
 
-    cuda = device.startswith("cuda")
-    step()
-    base = torch.cuda.memory_allocated(device) if cuda else reset_peak_rss()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
-    return {"seconds": statistics.median(times), "peak_bytes": peak - base}
-
-
-def run_child(method: str, plan: Path, repeats: int, device: str) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", method, str(plan), str(repeats), device]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"seconds": float("nan"), "peak_bytes": float("nan"),
-                "error": (done.stderr.strip().splitlines() or ["?"])[-1]}  # type: ignore[dict-item]  # fmt: skip
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return time_steps(step, repeats, device)
 
 
 def reading(folder: Path, shape: tuple[int, int, int]) -> None:
@@ -155,7 +126,7 @@ def main() -> None:
         print(f"torch {torch.__version__}, {where}, float32, r3d_18, volume {args.volume}, "
               f"plan: {len(plan.segments) or 1} segment(s), {tiles} tiles, predicted peak "
               f"{plan.peak_bytes / GIB:.2f} GiB")  # fmt: skip
-        results = {m: run_child(m, plan_path, args.repeats, device) for m in args.methods}
+        results = {m: run_child(__file__, m, plan_path, args.repeats, device) for m in args.methods}
     print(f"{'method':>13} {'step s':>8} {'peak GiB':>9}")
     for method, r in results.items():
         note = f"  ({r['error']})" if "error" in r else ""

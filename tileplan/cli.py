@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from pathlib import Path
 import click
 
 from executor import DTYPE_NAMES, OPTIMIZER_NAMES, StreamingError, atomic_write
-from tileplan.units import format_shape, parse_bytes, parse_shape
+from tileplan.units import format_shape, parse_bytes, parse_shape, parse_spacing
 
 __all__ = ["cli", "main"]
 
@@ -99,18 +98,6 @@ def _largest_image(
     return largest, channels
 
 
-def _spacing(text: str) -> tuple[float, ...]:
-    """``'2'`` -> (2, 2, 2); ``'3x1x1'`` -> (3, 1, 1) (mm, D x H x W)."""
-    try:
-        values = tuple(float(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        values = ()
-    values = values * 3 if len(values) == 1 else values
-    if len(values) != 3 or not all(v > 0 and math.isfinite(v) for v in values):
-        raise ValueError(f"'{text}' is not a voxel spacing; write 2 or 3x1x1 (mm, D x H x W)")
-    return values
-
-
 Decorator = Callable[[Callable[..., None]], Callable[..., None]]
 
 
@@ -119,7 +106,7 @@ _ASSUME_MPP = click.option(
     help="Microns per pixel of files that record none (PNG, plain TIFF); a CSV 'mpp' column "
     "states it per row.")  # fmt: skip
 _ASSUME_SPACING = click.option(
-    "--assume-spacing", type=_Parsed("MM", lambda text: _spacing(text)), default=None,  # noqa: PLW0108
+    "--assume-spacing", type=_Parsed("MM", parse_spacing), default=None,
     help="Volumes: voxel spacing in mm (2 or 3x1x1) of files that record none; a CSV "
     "'spacing' column states it per row.")  # fmt: skip
 
@@ -136,7 +123,7 @@ def _slide_options(*, oversize: bool = True) -> Decorator:
         click.option("--tissue", is_flag=True,
                      help="Crop each image to the bounding box of its tissue (Otsu on "
                      "saturation of a thumbnail; cached per slide)."),
-        click.option("--spacing", type=_Parsed("MM", _spacing), default=None,
+        click.option("--spacing", type=_Parsed("MM", parse_spacing), default=None,
                      help="Volumes: resample every volume to this voxel spacing in mm (2, or "
                      "3x1x1 as D x H x W; exact area averages, coarser than stored only)."),
         _ASSUME_MPP,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
 __all__ = [
     "GIB", "MIB", "broadcast_shape", "format_bytes", "format_shape", "parse_bytes", "parse_shape",
+    "parse_spacing",
 ]  # fmt: skip
 
 MIB = 1024**2
@@ -77,6 +79,22 @@ def broadcast_shape(shape: Sequence[int], n_axes: int, shown: str | None = None)
             f"{n_axes} spatial axes: give {what}, or one size for all"
         )
     return values
+
+
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    """``'2'`` -> (2, 2, 2); ``'3x1x1'`` -> (3, 1, 1): mm per voxel, D x H x W.
+
+    Raises:
+        ValueError: not one or three positive finite numbers.
+    """
+    try:
+        values = tuple(float(v) for v in str(text).lower().replace("×", "x").split("x"))
+    except ValueError:
+        values = ()
+    values = values * 3 if len(values) == 1 else values
+    if len(values) != 3 or not all(v > 0 and math.isfinite(v) for v in values):
+        raise ValueError(f"'{text}' is not a voxel spacing; write 2 or 3x1x1 (mm, D x H x W)")
+    return values  # type: ignore[return-value]
 
 
 def format_shape(shape: Sequence[int]) -> str:

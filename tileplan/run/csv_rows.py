@@ -18,7 +18,9 @@ from typing import Any
 
 from tileplan.run.pixels import DataError
 
-__all__ = ["FIX_ROW", "RowError", "parse_label", "parse_level", "parse_mpp", "read_csv_rows"]
+__all__ = [
+    "FIX_ROW", "RowError", "parse_label", "parse_level", "parse_mpp", "read_csv_rows", "row_image",
+]  # fmt: skip
 
 _COLUMNS = ("image", "label")
 _OPTIONAL_COLUMNS = ("level", "mpp", "spacing")  # spacing: of volumes (tileplan.run.volumes)
@@ -124,3 +126,25 @@ def parse_mpp(text: str, row: int) -> float | None:
     if not (value > 0 and math.isfinite(value)):
         raise RowError(row, f"mpp {text!r} is not a positive number of microns per pixel")
     return value
+
+
+def row_image(row: int, fields: list[str], columns: dict[str, int], base: Path
+              ) -> tuple[str, float, Path]:  # fmt: skip
+    """A row's image as written, its label, and the image's absolute path (relative paths
+    from the CSV's folder ``base``).
+
+    Raises:
+        RowError: a wrong number of fields, an empty path, a bad label, a missing file.
+    """
+    if len(fields) != len(columns):
+        raise RowError(row, f"expected {len(columns)} fields ({','.join(columns)}), got "
+                            f"{len(fields)}")  # fmt: skip
+    name = fields[columns["image"]].strip()
+    if not name:
+        raise RowError(row, "the image path is empty")
+    label = parse_label(fields[columns["label"]], row)
+    path = Path(name).expanduser()
+    path = (path if path.is_absolute() else base / path).resolve()
+    if not path.exists():
+        raise RowError(row, f"image {name!r} not found (looked for {path})")
+    return name, label, path

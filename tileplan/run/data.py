@@ -49,6 +49,7 @@ from tileplan.run.csv_rows import (
     parse_level,
     parse_mpp,
     read_csv_rows,
+    row_image,
 )
 from tileplan.run.dataset import Dataset, Sample, Task, infer_task
 from tileplan.run.images import (
@@ -78,19 +79,9 @@ log = logging.getLogger(__name__)
 def _parse_row(
     row: int, fields: list[str], columns: dict[str, int], base: Path, command: str | None
 ) -> tuple[Sample, ImageInfo]:
-    if len(fields) != len(columns):
-        raise RowError(row, f"expected {len(columns)} fields ({','.join(columns)}), got "
-                             f"{len(fields)}")  # fmt: skip
-    name = fields[columns["image"]].strip()
-    if not name:
-        raise RowError(row, "the image path is empty")
-    label = parse_label(fields[columns["label"]], row)
+    name, label, path = row_image(row, fields, columns, base)
     level = parse_level(fields[columns["level"]], row) if "level" in columns else None
     mpp = parse_mpp(fields[columns["mpp"]], row) if "mpp" in columns else None
-    path = Path(name).expanduser()
-    path = (path if path.is_absolute() else base / path).resolve()
-    if not path.exists():
-        raise RowError(row, f"image {name!r} not found (looked for {path})")
     try:
         info = probe_file(path)
     except Exception as exc:  # any reader failure becomes one clear line

@@ -27,7 +27,6 @@ Intensity (``DataSettings.intensity``)
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from collections.abc import Sequence
@@ -39,14 +38,14 @@ import numpy as np
 import torch
 
 from tileplan.run.advice import Fix
-from tileplan.run.csv_rows import FIX_ROW, RowError, parse_label, read_csv_rows
+from tileplan.run.csv_rows import FIX_ROW, RowError, read_csv_rows, row_image
 from tileplan.run.dataset import Dataset, Sample
 from tileplan.run.images import ImageInfo
 from tileplan.run.pixels import DataError
 from tileplan.run.resample import area_taps, resample_axis
 from tileplan.run.volume_readers import Volume, VolumeFileError, open_volume_reader, probe_volume
 from tileplan.settings import DataSettings, parse_intensity
-from tileplan.units import format_shape
+from tileplan.units import format_shape, parse_spacing
 
 __all__ = ["Volume", "VolumeDataset", "VolumeRegion", "VolumeSource", "load_volume_csv",
            "resolve_volume"]  # fmt: skip
@@ -345,29 +344,15 @@ def load_volume_csv(
 def _volume_row(row: int, fields: list[str], columns: dict[str, int], base: Path,
                 settings: DataSettings, target_shape: Sequence[int] | None,
                 command: str | None) -> tuple[Sample, VolumeRegion]:  # fmt: skip
-    if len(fields) != len(columns):
-        raise RowError(row, f"expected {len(columns)} fields ({','.join(columns)}), got "
-                            f"{len(fields)}")  # fmt: skip
-    name = fields[columns["image"]].strip()
-    if not name:
-        raise RowError(row, "the image path is empty")
-    label = parse_label(fields[columns["label"]], row)
+    name, label, path = row_image(row, fields, columns, base)
     stated = None
     if "spacing" in columns and fields[columns["spacing"]].strip():
         text = fields[columns["spacing"]].strip()
         try:
-            stated = tuple(float(v) for v in text.lower().split("x"))
+            stated = parse_spacing(text)
         except ValueError:
-            stated = ()
-        if len(stated) == 1:
-            stated = stated * 3
-        if len(stated) != 3 or not all(v > 0 and math.isfinite(v) for v in stated):
             raise RowError(row, f"spacing {text!r} is not mm per voxel, e.g. 3x1x1 (D x H x W) "
-                                "or 1")  # fmt: skip
-    path = Path(name).expanduser()
-    path = (path if path.is_absolute() else base / path).resolve()
-    if not path.exists():
-        raise RowError(row, f"image {name!r} not found (looked for {path})")
+                                "or 1") from None  # fmt: skip
     try:
         region = resolve_volume(path, settings, stated=stated, max_shape=target_shape)
     except VolumeFileError as err:

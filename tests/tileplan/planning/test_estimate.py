@@ -28,9 +28,26 @@ def _trunk() -> nn.Module:
     ).eval()  # fmt: skip
 
 
-def test_meta_estimate_equals_live_tensors_of_a_real_run() -> None:
-    trunk = _trunk()
-    shape = (1, 3, 96, 80)
+def _trunk3d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(1, 8, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2)), nn.BatchNorm3d(8),
+        nn.ReLU(), nn.MaxPool3d(2), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
+    ).eval()  # fmt: skip
+
+
+# (trunk, input, output, bytes the meta run may count beyond the real one): BatchNorm3d's
+# saved mean and inverse std (2 x 8 floats), which the meta kernel returns in eval mode and
+# the CPU kernel for 5-D input returns empty.
+_EXACT_CASES = {
+    "image": (_trunk, (1, 3, 96, 80), (1, 16, 24, 20), 0),
+    "volume": (_trunk3d, (1, 1, 12, 40, 36), (1, 8, 6, 10, 9), 2 * 8 * 4),
+}
+
+
+@pytest.mark.parametrize("case", list(_EXACT_CASES))
+def test_meta_estimate_equals_live_tensors_of_a_real_run(case: str) -> None:
+    make, shape, out, slack = _EXACT_CASES[case]
+    trunk = make()
     estimate, out_shape = pass_peak(trunk, shape, torch.float32, grad=True)
     for p in trunk.parameters():
         p.grad = torch.zeros_like(p)
@@ -40,8 +57,8 @@ def test_meta_estimate_equals_live_tensors_of_a_real_run() -> None:
         y = trunk(x)
         y.backward(torch.ones_like(y))
         del x, y
-    assert estimate == counter.peak
-    assert out_shape == (1, 16, 24, 20)
+    assert 0 <= estimate - counter.peak <= slack
+    assert out_shape == out
 
 
 def test_estimate_scales_with_pixels_and_is_shape_only() -> None:
@@ -136,27 +153,6 @@ def test_model_state_counts_the_plans_parameter_dtype() -> None:
     assert in_float64.grads_bytes == 2 * as_built.grads_bytes
     assert in_float64.optimizer_bytes == 2 * in_float64.grads_bytes
     assert ModelState.of(model, "sgd").optimizer_bytes == as_built.grads_bytes
-
-
-def test_meta_estimate_equals_live_tensors_for_a_volume() -> None:
-    trunk = nn.Sequential(
-        nn.Conv3d(1, 8, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2)), nn.BatchNorm3d(8),
-        nn.ReLU(), nn.MaxPool3d(2), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
-    ).eval()  # fmt: skip
-    shape = (1, 1, 12, 40, 36)
-    estimate, out_shape = pass_peak(trunk, shape, torch.float32, grad=True)
-    for p in trunk.parameters():
-        p.grad = torch.zeros_like(p)
-    counter = LiveBytes()
-    with counter:
-        x = torch.randn(shape)
-        y = trunk(x)
-        y.backward(torch.ones_like(y))
-        del x, y
-    # Exact but for BatchNorm3d's saved mean and inverse std (2 x 8 floats): the meta kernel
-    # returns them in eval mode, the CPU kernel for 5-D input returns them empty.
-    assert estimate - counter.peak in (0, 2 * 8 * 4)
-    assert out_shape == (1, 8, 6, 10, 9)
 
 
 def test_volume_estimates_against_measured_rss() -> None:
