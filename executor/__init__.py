@@ -63,7 +63,6 @@ from executor.streaming import (
 from executor.trace import trace
 
 __all__ = [
-    "spatial_axes",
     "BATCH_NORM_MODES",
     "DTYPE_NAMES",
     "EFFECTS",
@@ -124,6 +123,7 @@ __all__ = [
     "map_cut_points",
     "prefix",
     "save_plan",
+    "spatial_axes",
     "spatial_tile_shape",
     "stream_trunk",
     "streaming_step",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from executor import Plan, StreamingError
+from executor import Plan, StreamingError, spatial_axes
 from tileplan.units import format_bytes, parse_bytes, parse_shape
 
 __all__ = ["MemoryReport", "largest_image", "memory_report", "profile", "profile_as_command"]
@@ -54,6 +54,10 @@ def profile(
     mpp: float | None = None,
     level: int | None = None,
     tissue: bool = False,
+    spacing: Sequence[float] | None = None,
+    intensity: str = "raw",
+    assume_mpp: float | None = None,
+    assume_spacing: Sequence[float] | None = None,
     progress: bool = False,
 ) -> Plan:
     """Choose the tiles (and segments) to stream ``model`` at an image size; return the plan.
@@ -64,7 +68,9 @@ def profile(
             is left as it was (device, dtype, train/eval).
         image: the largest image in px: ``8192``, ``(6000, 9000)`` or ``"6000x9000"``.
         data: instead of ``image``: plan for the largest image of this CSV, read at
-            ``mpp``/``level`` (and cropped to its tissue with ``tissue``).
+            ``mpp``/``level`` (and cropped to its tissue with ``tissue``); for a model of 3-D
+            layers, its largest volume resampled to ``spacing`` (mm). ``assume_mpp`` and
+            ``assume_spacing`` state the resolution of files that record none.
         budget: device memory to plan for, bytes or text (``"24GiB"``); default: the GPU's
             memory, or the host's available RAM.
         split: ``"auto"``, the name of the module after which the trunk ends, or (for a module)
@@ -94,7 +100,9 @@ def profile(
             model, image=image, data=data, channels=channels, device=device, budget=budget,
             margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
             measure=measure, verify=verify, verify_limit=verify_limit, segments=segments, cut=cut,
-            max_tile=max_tile, bn=bn, mpp=mpp, level=level, tissue=tissue, progress=progress,
+            max_tile=max_tile, bn=bn, mpp=mpp, level=level, tissue=tissue, spacing=spacing,
+            intensity=intensity, assume_mpp=assume_mpp, assume_spacing=assume_spacing,
+            progress=progress,
         )  # fmt: skip
     except (ValueError, StreamingError) as err:
         # The planner's messages name the command's options: name this function's keywords.
@@ -129,7 +137,9 @@ def profile_as_command(
     margin: float, dtype: str, tile: int | Sequence[int] | str | None, split: str | SplitFn,
     optimizer: str, measure: bool, verify: bool | None, verify_limit: float,
     segments: int | str, cut: str | Sequence[str] | None, max_tile: int | None, bn: str,
-    mpp: float | None, level: int | None, tissue: bool, progress: bool,
+    mpp: float | None, level: int | None, tissue: bool, spacing: Sequence[float] | None,
+    intensity: str, assume_mpp: float | None, assume_spacing: Sequence[float] | None,
+    progress: bool,
 ) -> Plan:  # fmt: skip
     """``profile`` with every keyword given and the planner's messages as they are, naming
     ``tileplan profile``'s options (the command's own call)."""
@@ -138,10 +148,15 @@ def profile_as_command(
 
     if (image is None) == (data is None):
         raise ValueError("give image= (the largest image size), or data= (a CSV) to plan for")
-    if data is None and (mpp is not None or level is not None or tissue):
-        raise ValueError("mpp=, level= and tissue= choose how data= is read; give data=")
+    reading = {"spacing": spacing, "assume_mpp": assume_mpp, "assume_spacing": assume_spacing}
+    if data is None and (mpp is not None or level is not None or tissue or intensity != "raw"
+                         or any(v is not None for v in reading.values())):  # fmt: skip
+        raise ValueError("mpp=, level=, tissue=, spacing=, intensity= and assume_*= choose how "
+                         "data= is read; give data=")  # fmt: skip
     if data is not None:
-        shape, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue)
+        shape, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue,
+                                        intensity=intensity, n_axes=_model_axes(model, split),
+                                        command="profile", **reading)  # type: ignore[arg-type]  # fmt: skip
     else:
         shape = _shape(image, "image")
     n_segments = _segments(segments)
@@ -157,6 +172,15 @@ def profile_as_command(
             **fields,  # type: ignore[arg-type]
         )  # fmt: skip
         return run_profile(request, progress=progress)
+
+
+def _model_axes(model: nn.Module | str | os.PathLike[str], split: str | SplitFn) -> int:
+    """Spatial axes the model takes (``executor.spatial_axes``), from a module or a file."""
+    if isinstance(model, nn.Module):
+        return spatial_axes(model)
+    from tileplan.planning.model_file import load_model_file
+
+    return load_model_file(Path(model), split if isinstance(split, str) else "auto").n_axes
 
 
 def largest_image(

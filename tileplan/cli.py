@@ -314,7 +314,8 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
                 margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
                 measure=measure, verify=verify, verify_limit=verify_limit, segments=segments,
                 cut=cut_names, max_tile=max_tile, bn=batch_norm, data=None, mpp=None,
-                level=None, tissue=False, progress=sys.stderr.isatty(),
+                level=None, tissue=False, spacing=None, intensity="raw", assume_mpp=None,
+                assume_spacing=None, progress=sys.stderr.isatty(),
             )  # fmt: skip
             save_plan(plan, out)
     except click.ClickException as err:

@@ -28,7 +28,7 @@ def mix_int(z: int) -> int:
 
 
 def mix_array(z: np.ndarray) -> np.ndarray:
-    """The same finaliser as :func:`_mix_int`, in place on a uint64 array (wraps mod 2**64)."""
+    """The same finaliser as :func:`mix_int`, in place on a uint64 array (wraps mod 2**64)."""
     z ^= z >> np.uint64(30)
     z *= _U64_M1
     z ^= z >> np.uint64(27)
@@ -109,7 +109,7 @@ def octave_grid(key: int, uy: np.ndarray, ux: np.ndarray, spacing: float) -> np.
 
 
 def octave_points(key: int, uy: np.ndarray, ux: np.ndarray, spacing: float) -> np.ndarray:
-    """:func:`_octave_grid` at scattered points (equal up to rounding)."""
+    """:func:`octave_grid` at scattered points (equal up to rounding)."""
     (by, wy), (bx, wx) = bspline(uy, spacing), bspline(ux, spacing)
     out = np.zeros(np.broadcast_shapes(uy.shape, ux.shape))
     for a in range(4):

@@ -197,7 +197,8 @@ def _predict_volumes(scnn: StreamingCNN, head: nn.Module, images: Sequence[Path]
         try:
             regions.append(resolve_volume(Path(path), data, max_shape=plan.image_shape_px))
             small = too_small(scnn, regions[-1].shape, volumes=True,
-                              reading=data.describe_volumes())  # fmt: skip
+                              reading=data.describe_volumes(),
+                              resampled=data.spacing is not None)  # fmt: skip
             if small is not None:
                 raise small
         except Exception as exc:  # any reader failure becomes one clear line

@@ -100,8 +100,8 @@ def open_pyramid(path: str | os.PathLike[str]) -> Pyramid:
         BadImageError: the file cannot be read as a slide (the caller adds file and row).
     """
     path = Path(path)
-    if path.is_dir():
-        path = dicom_series_file(path)
+    if path.is_dir() and path.suffix.lower() not in OPENSLIDE_SUFFIXES | _TIFF_SUFFIXES:
+        path = dicom_series_file(path)  # a DICOM series folder (an image's name: not one)
     if not path.is_file():
         raise BadImageError("file not found" if not path.exists() else "not a regular file")
     suffix = path.suffix.lower()

@@ -55,7 +55,8 @@ def resample_axis(data: np.ndarray, axis: int, taps: Taps, size: int, out: int
     ``num / size`` (denominator 1)."""
     exact = data.dtype.kind in "ui"
     if exact:
-        bound = int(data.max(initial=0)) * size  # the largest sum
+        # The largest sum in magnitude (signed data, e.g. CT in HU, is negative too).
+        bound = max(abs(int(data.max(initial=0))), abs(int(data.min(initial=0)))) * size
         work: Any = np.int32 if bound < 2**31 else np.int64
     else:
         work = np.float64

@@ -39,10 +39,12 @@ def smallest_image(scnn: StreamingCNN, like: Sequence[int]) -> tuple[int, ...]:
     return tuple(found)
 
 
-def too_small(scnn: StreamingCNN, size: Sequence[int], *, volumes: bool, reading: str
-              ) -> UnusableImageError | None:  # fmt: skip
+def too_small(scnn: StreamingCNN, size: Sequence[int], *, volumes: bool, reading: str,
+              resampled: bool = True) -> UnusableImageError | None:  # fmt: skip
     """The refusal of an image of ``size`` (px or voxels as read, at ``reading``, e.g. ``2
-    µm/px``) that the trunk cannot stream, or None when it can."""
+    µm/px``) that the trunk cannot stream, or None when it can. ``resampled``: volumes are
+    resampled to a spacing (a finer one gives more voxels); otherwise they are read as stored
+    and no spacing makes them larger."""
     if _takes(scnn, size):
         return None
     need = smallest_image(scnn, size)
@@ -50,6 +52,7 @@ def too_small(scnn: StreamingCNN, size: Sequence[int], *, volumes: bool, reading
     fact = (f"is {format_shape(size)} {unit} as read ({reading}), and the model needs at least "
             f"{format_shape(need)} {unit}")  # fmt: skip
     if volumes:
-        return UnusableImageError(fact, Fix("resample it to a finer --spacing", ("--spacing",)))
+        fixes = [Fix("resample it to a finer --spacing", ("--spacing",))] if resampled else []
+        return UnusableImageError(fact, *fixes)
     return UnusableImageError(fact, Fix("read it at a finer --mpp", ("--mpp",)),
                               Fix("a lower --level", ("--level",)))  # fmt: skip

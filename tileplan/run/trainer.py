@@ -195,6 +195,7 @@ class Trainer:
                            else spec.data.describe_reading())  # fmt: skip
                 check_image_sizes(self.scnn, head, data, channels=self._trunk_channels,
                                   outputs=self._head_outputs, reading=reading,
+                                  resampled=spec.data.spacing is not None,
                                   planned_output=plan.output_shape)  # fmt: skip
         self.loss = loss_for(self.task)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
@@ -458,6 +459,7 @@ def check_image_sizes(
     outputs: int,
     planned_output: Sequence[int],
     reading: str = "as stored",
+    resampled: bool = True,
 ) -> None:
     """Every image of ``data`` streams at its own size: check, before training, that the trunk
     tiles each size and that the head takes each output map of ``channels`` channels (on the
@@ -492,7 +494,8 @@ def check_image_sizes(
             continue
         seen.add(size)
         px = "voxels" if len(size) == 3 else "px"
-        problem = too_small(scnn, size, volumes=len(size) == 3, reading=reading)
+        problem = too_small(scnn, size, volumes=len(size) == 3, reading=reading,
+                            resampled=resampled)  # fmt: skip
         if problem is not None:
             raise TrainError(f"{where} row {sample.row}: '{sample.path.name}' "
                              f"{problem.render('train')}; {FIX_ROW}")  # fmt: skip

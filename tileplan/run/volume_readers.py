@@ -158,14 +158,16 @@ def _probe_tiff(path: Path) -> Volume:
         series = tif.series[0]
         shape = tuple(series.shape)
         axes = series.axes
-        if len(shape) == 4 and axes.endswith("S"):
+        # A stack of slices: its first axis is depth (Z), or pages tifffile calls I or Q;
+        # C (channels) or T (time) first is not a volume.
+        if len(shape) == 4 and axes[0] in "ZIQ" and axes.endswith("S"):
             spatial, channels = shape[:3], shape[3]
-        elif len(shape) == 3 and not axes.endswith("S"):
+        elif len(shape) == 3 and axes[0] in "ZIQ" and not axes.endswith("S"):
             spatial, channels = shape, 1
         else:
             raise VolumeFileError(
-                f"is a TIFF of shape {shape} (axes {axes}); a volume is a stack of one page per "
-                "slice (D x H x W), and this has " + ("one page" if len(shape) < 3 else "no depth")
+                f"is a TIFF of shape {shape} with axes {axes}, not a stack of slices; a volume "
+                "is one page per slice, axes ZYX (or ZYXS with samples per pixel)"
             )
         spacing = _tiff_spacing(tif)
         return Volume(path, "tiff", spatial, channels, spacing, series.dtype.name)  # type: ignore[arg-type]

@@ -112,8 +112,14 @@ def resolve_volume(path: Path, settings: DataSettings, *, stated: tuple[float, .
             )  # fmt: skip
         scaled = tuple(round(n * s / t) for n, s, t in
                        zip(volume.shape, spacing, settings.spacing, strict=True))  # fmt: skip
+        if min(scaled) < 1:
+            raise VolumeFileError(
+                f"is {format_shape(volume.shape)} voxels of {_mm(spacing)} mm: smaller than one "
+                f"voxel on an axis at the {_mm(settings.spacing)} mm the run resamples to",
+                Fix("resample to a finer --spacing", ("--spacing",)),
+            )
         finer = [ax for ax, (n, m) in enumerate(zip(volume.shape, scaled, strict=True)) if m > n]
-        if finer or min(scaled) < 1:
+        if finer:
             coarsest = _mm([max(a, b) for a, b in zip(spacing, settings.spacing, strict=True)])
             raise VolumeFileError(
                 f"is stored at {_mm(spacing)} mm voxels, coarser on an axis than the "
@@ -135,7 +141,14 @@ def resolve_volume(path: Path, settings: DataSettings, *, stated: tuple[float, .
         start = tuple((n - s) // 2 for n, s in zip(scaled, size, strict=True))
         box, cropped = (*start, *size), scaled
     mode, _ = parse_intensity(settings.intensity)
-    stats = _channel_stats(volume) if mode == "zscore" else None
+    try:
+        stats = _channel_stats(volume) if mode == "zscore" else None
+    except VolumeFileError:
+        raise
+    except Exception as err:  # a corrupt slab found by the full read: one line
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise VolumeFileError(f"cannot be read in full as {volume.format} ({text}); re-export "
+                              "it") from None  # fmt: skip
     return VolumeRegion(volume, scaled, box, settings.intensity, stats, cropped,  # type: ignore[arg-type]
                         spacing)  # fmt: skip
 

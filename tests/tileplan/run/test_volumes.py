@@ -21,6 +21,7 @@ from tests.oracle import compare_with_conventional
 from tileplan.cli import cli
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.data import DataError, load_csv
+from tileplan.run.sizes import too_small
 from tileplan.run.volume_readers import VolumeFileError, probe_volume
 from tileplan.run.volumes import VolumeSource, resolve_volume
 from tileplan.settings import DataSettings, SettingsError
@@ -348,3 +349,41 @@ def test_the_python_api_plans_and_streams_a_volume_model_exactly() -> None:
         largest = max(g.abs().max().item() for g in want.values())
         for name, p in net_model.named_parameters():
             assert_exact(p.grad, want[name], f"grad of {name}", largest)
+
+
+def test_the_python_api_plans_for_the_largest_volume_of_a_csv(tmp_path: Path) -> None:
+    """``tileplan.profile(model3d, data=csv)`` reads the CSV as volumes (the model's layers
+    say so), resampled to ``spacing``; a refusal names this function's keywords."""
+    import tileplan
+
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+                          nn.AdaptiveMaxPool3d(1), nn.Flatten(), nn.Linear(4, 2))  # fmt: skip
+    _nifti(tmp_path / "a.nii", np.zeros((8, 20, 24), np.int16), (2.0, 1.0, 1.0))
+    _nifti(tmp_path / "b.nii", np.zeros((12, 16, 16), np.int16), None)
+    csv = _csv(tmp_path / "d.csv", [("a.nii", "0"), ("b.nii", "1")])
+    plan = tileplan.profile(model, data=csv, spacing=(2.0, 2.0, 2.0), assume_spacing=(1, 1, 1),
+                            measure=False, budget="1GiB")  # fmt: skip
+    assert plan.image_shape_px == (8, 10, 12)  # a: 8x10x12; b: 6x8x8 at 2 mm
+    assert plan.channels == 1
+    with pytest.raises(DataError, match=r"state its spacing with assume_spacing="):
+        tileplan.profile(model, data=csv, spacing=(2.0, 2.0, 2.0), measure=False, budget="1GiB")
+
+
+def test_more_refusals_of_volumes_say_what_is_there(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "cyx.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
+                     metadata={"axes": "CYX"})  # fmt: skip
+    assert "axes CYX, not a stack of slices" in _refusal(tmp_path, [("cyx.tif", "0")])
+    _nifti(tmp_path / "thin.nii", np.zeros((2, 8, 8), np.int16), (1.0, 1.0, 1.0))
+    message = _refusal(tmp_path, [("thin.nii", "0")], spacing=(5.0, 1.0, 1.0))
+    assert "smaller than one voxel on an axis at the 5x1x1 mm" in message
+    assert "finer --spacing" in message
+    trunk = nn.Sequential(nn.Conv3d(1, 2, 3), nn.MaxPool3d(2), nn.Conv3d(2, 2, 3))
+    scnn = StreamingCNN(trunk, (16, 16, 16))
+    as_stored = too_small(scnn, (4, 16, 16), volumes=True, reading="voxels as stored",
+                          resampled=False)  # fmt: skip
+    assert as_stored is not None
+    assert "the model needs at least 8x8x8 voxels" in as_stored.fact
+    assert as_stored.render("train") == as_stored.fact  # no spacing makes it larger
+    resampled = too_small(scnn, (4, 16, 16), volumes=True, reading="2x2x2 mm voxels")
+    assert resampled is not None
+    assert "finer --spacing" in resampled.render("train")
