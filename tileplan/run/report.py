@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class EpochMetrics:
     """One line of ``metrics.jsonl``: an epoch's scores (None where they do not apply)."""
 
     epoch: int
-    train_loss: float
+    train_loss: float  # mean over the finite losses (a float16 scaler skips the others)
     train_accuracy: float | None
     val_loss: float | None
     val_accuracy: float | None
@@ -171,9 +172,15 @@ def load_report(run_dir: str | os.PathLike[str]) -> RunReport:
         ) from err
 
 
+def _finite(values: dict[str, object]) -> dict[str, object]:
+    """Non-finite numbers as None: JSON has no NaN (``metrics.jsonl`` stays valid JSON)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in values.items()}  # fmt: skip
+
+
 def save_metrics(rows: tuple[EpochMetrics, ...], run_dir: Path) -> Path:
     """Write ``metrics.jsonl`` atomically, one epoch per line."""
-    lines = "".join(json.dumps(to_data(row)) + "\n" for row in rows)
+    lines = "".join(json.dumps(_finite(to_data(row)), allow_nan=False) + "\n" for row in rows)
     return atomic_write(run_dir / "metrics.jsonl", lambda f: f.write(lines.encode()))
 
 

@@ -56,16 +56,30 @@ from tileplan.settings import RunSpec
 from tileplan.streamed import inference_engine
 from tileplan.units import format_shape
 
-__all__ = ["Decision", "TrainError", "Trainer", "binary_auc", "decide", "loss_for"]
+__all__ = [
+    "MAX_SKIPPED_STEPS", "Decision", "DivergedError", "TrainError", "Trainer", "binary_auc",
+    "decide", "loss_for",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 # Settings a resumed run may change: they do not alter what is computed.
-_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers"})
+# Settings a --resume may change: a run that diverged resumes from its last good checkpoint
+# with a lower learning rate.
+_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "lr"})
+# Consecutive optimizer steps a float16 loss scaler may skip (non-finite gradients are normal
+# while it finds its scale) before the run counts as diverged: from the initial scale 2**16,
+# 24 halvings reach 2**-8, where no healthy gradient overflows.
+MAX_SKIPPED_STEPS = 24
 
 
 class TrainError(StreamingError):
     """Training cannot start or continue; the message says why and what to do."""
+
+
+class DivergedError(TrainError):
+    """A loss or gradient is not finite: the run stopped before the optimizer step, so the
+    weights are the last finite ones and no checkpoint was written with non-finite values."""
 
 
 def binary_auc(scores: list[float], labels: list[float]) -> float | None:
@@ -202,6 +216,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
         self.epoch = 0
         self.history: list[EpochMetrics] = []
+        self._skipped = 0  # optimizer steps the float16 loss scaler skipped in a row
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -241,8 +256,21 @@ class Trainer:
         return self.out_dir / "last.pt"
 
     def save_checkpoint(self) -> None:
+        """Write ``last.pt`` (rank 0), never with non-finite weights: the last good one stays.
+
+        Raises:
+            DivergedError: a parameter or buffer is not finite.
+        """
         if self.rank != 0:
             return
+        broken = [n for n, t in self.model.state_dict().items()
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+        if broken:
+            raise DivergedError(
+                f"epoch {self.epoch}: {broken[0]} is not finite, so '{self.checkpoint_path()}' "
+                "was not overwritten (it holds the last good weights); continue from it with "
+                "--resume and a lower --lr"
+            )
         meta = CheckpointMeta(epoch=self.epoch, task=self.task, spec=self.spec, plan=self.plan,
                               history=tuple(self.history))  # fmt: skip
         checkpoint = Checkpoint(self.model.state_dict(), self.optimizer.state_dict(),
@@ -340,28 +368,74 @@ class Trainer:
         self, epoch: int, bar: Callable[[int], None]
     ) -> tuple[float, float | None, int]:
         """One epoch; returns (mean loss, accuracy or None, images seen by this rank)."""
-        losses, correct, seen = 0.0, 0, 0
+        losses, counted, correct, seen = 0.0, 0, 0, 0  # counted: finite losses
         set_batch_norm(self.model, self.spec.batch_norm)
         batches = list(self._my_batches(epoch))
         images = self._images([i for batch, _ in batches for i in batch])
-        for batch, global_size in batches:
+        for step, (batch, global_size) in enumerate(batches):
             self.optimizer.zero_grad(set_to_none=True)
-            for _ in batch:
+            bad: tuple[int, float] | None = None  # (image index, its non-finite loss)
+            for index in batch:
                 image, target = next(images)
                 loss, logits = streaming_step(
                     self.scnn, self.head, image, target, self.loss,
                     loss_scale=1.0 / global_size,
                     grad_scaler=self.scaler if self.scaler.is_enabled() else None,
                 )  # fmt: skip
-                losses += float(loss)
+                if not math.isfinite(float(loss)):
+                    bad = bad or (index, float(loss))
+                else:
+                    losses += float(loss)
+                    counted += 1
                 correct += int(decide(logits, self.task).label == float(target[0]))
                 seen += 1
                 bar(1)
             self._sync_gradients()
-            self.scaler.step(self.optimizer)  # a plain step when no loss scale is used
-            self.scaler.update()
+            self._step(epoch, step, bad)
         accuracy = correct / seen if seen and self.task != "regression" else None
-        return losses / max(seen, 1), accuracy, seen
+        return losses / max(counted, 1), accuracy, seen
+
+    def _step(self, epoch: int, step: int, bad: tuple[int, float] | None) -> None:
+        """The optimizer step, unless a loss or gradient is not finite: then the run stops
+        before it (every rank, at the same step). A float16 loss scaler skips such steps
+        itself; a run of ``MAX_SKIPPED_STEPS`` skips stops the run the same way.
+
+        Raises:
+            DivergedError: naming the epoch, the step, the image and the last good checkpoint.
+        """
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self._skipped = self._skipped + 1 if self.scaler.get_scale() < scale else 0
+            if self._skipped >= MAX_SKIPPED_STEPS:
+                why = (f"the float16 loss scaler skipped {self._skipped} steps in a row "
+                       "(non-finite gradients)")  # fmt: skip
+                raise self._diverged(epoch, step, why)
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        flags = torch.tensor([float(bad is not None), float(not finite)], dtype=torch.float64)
+        if self.world > 1:  # every rank stops at the same step
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags.any():
+            if bad is not None:
+                sample = self.train_data.samples[bad[0]]
+                what = f"the loss of '{sample.path.name}' (row {sample.row}) is {bad[1]}"
+            elif not finite:
+                what = "a gradient is not finite"
+            else:
+                what = "another rank's loss or gradient is not finite"
+            raise self._diverged(epoch, step, what)
+        self.optimizer.step()
+
+    def _diverged(self, epoch: int, step: int, what: str) -> DivergedError:
+        last = (f"'{self.checkpoint_path()}' (after epoch {self.epoch}) is the last good "
+                "checkpoint; continue from it with --resume and a lower --lr"
+                if self.epoch else "no checkpoint was written yet; start again with a lower "
+                "--lr")  # fmt: skip
+        return DivergedError(f"epoch {epoch + 1}, step {step + 1}: {what}; stopped before the "
+                             f"optimizer step, so the weights stay finite: {last}")  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> tuple[float, float | None, float | None]:

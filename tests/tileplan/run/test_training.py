@@ -161,10 +161,12 @@ def test_resume_continues_exactly(workspace: Path, tmp_path: Path) -> None:
     assert [m.train_loss for m in load_metrics(straight)] == [
         m.train_loss for m in load_metrics(stopped)
     ]
-    # A resumed run must continue with the settings it started with.
-    code, out = _train(workspace, stopped, "--epochs", 3, "--no-report", "--resume", "--lr", 0.5)
+    # A resumed run must continue with the settings it started with (a lower --lr aside:
+    # that is how a diverged run goes on from its last good checkpoint).
+    code, out = _train(workspace, stopped, "--epochs", 3, "--no-report", "--resume", "--batch",
+                       4)  # fmt: skip
     assert code == 1
-    assert "started with lr 0.001, not 0.5" in out
+    assert "started with batch 2, not 4" in out
 
 
 def test_existing_run_is_not_overwritten(workspace: Path, tmp_path: Path) -> None:
@@ -276,3 +278,69 @@ def test_normalisation_is_recorded_and_used_by_predict(workspace: Path, tmp_path
     code, out = _train(workspace, tmp_path / "bad", "--mean", "0.5", "--std", "0.5")
     assert code == 1
     assert "1 values but the plan's images have 3 channels" in out
+
+
+DIVERGING_MODEL = """
+import torch
+from torch import nn
+
+
+class Explode(nn.Module):
+    \"\"\"The classifier, until its 7th training call (with autograd: probes and validation run
+    without): then NaN, a run diverging in epoch 2.\"\"\"
+
+    def __init__(self, fc):
+        super().__init__()
+        self.fc = fc
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += int(torch.is_grad_enabled())
+        out = self.fc(x)
+        return out * float("nan") if self.calls > 6 else out
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), Explode(nn.Linear(8, 2)),
+    )
+
+
+def split(model):
+    return model[:4], model[4:]
+"""
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """The loss turns NaN at the first image of epoch 2 (6 training images, batch 2): the run
+    stops before that optimizer step naming epoch, step and image, exits 1, and last.pt is
+    epoch 1's, finite; metrics.jsonl stays valid JSON."""
+    import json
+
+    model = tmp_path / "diverging.py"
+    model.write_text(DIVERGING_MODEL)
+    plan_file = tmp_path / "plan.yaml"
+    code, out = _run("profile", model, "--image", SIZE, "--tile", 96, "--no-measure",
+                     "--budget", "2GiB", "--out", plan_file)  # fmt: skip
+    assert code == 0, out
+    run = tmp_path / "run"
+    code, out = _run("train", model, "--plan", plan_file, "--data",
+                     workspace / "demo" / "train.csv", "--out", run, "--batch", 2,
+                     "--num-workers", 0, "--epochs", 3, "--no-report")  # fmt: skip
+    assert code == 1
+    assert len(load_csv(workspace / "demo" / "train.csv").samples) == 6
+    assert "epoch 2, step 1: the loss of '" in out
+    assert "is nan; stopped before the optimizer step" in out
+    assert "(after epoch 1) is the last good checkpoint" in out
+    assert "--resume and a lower --lr" in out
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert checkpoint.meta.epoch == 1
+    assert all(bool(torch.isfinite(t).all()) for t in checkpoint.model.values()
+               if t.is_floating_point())  # fmt: skip
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    assert math.isfinite(json.loads(lines[0])["train_loss"])
