@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 
 from executor import atomic_write
 from tileplan.run.advice import Fix, UnusableImageError
+from tileplan.run.file_source import FileSource
 from tileplan.run.pyramids import (
     OPENSLIDE_SUFFIXES,
     LevelReader,
@@ -180,7 +180,7 @@ def _block_mean(data: np.ndarray, fy: int, fx: int) -> np.ndarray:
     return total.astype(np.uint8)
 
 
-class SlideSource:
+class SlideSource(FileSource):
     """A region of a slide as an ``executor.ImageSource``: ``(1, C, h, w)`` read on demand.
 
     Each ``read`` decodes only the level's part that the asked region needs (plus, when
@@ -190,10 +190,9 @@ class SlideSource:
     """
 
     def __init__(self, pyramid: Pyramid, region: Region) -> None:
+        super().__init__()
         self.pyramid = pyramid
         self.region = region
-        self._reader: LevelReader | None = None
-        self._lock = threading.Lock()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -214,7 +213,7 @@ class SlideSource:
         level_h, level_w = self.pyramid.levels[self.region.level]
         out_h, out_w = self.region.scaled
         with self._lock:
-            reader = self._open()
+            reader: LevelReader = self._reading()
             if (level_h, level_w) == (out_h, out_w):
                 data = reader.read(self.region.level, a_y, a_x, b_y - a_y, b_x - a_x)
                 return torch.from_numpy(np.ascontiguousarray(data))[None]
@@ -234,37 +233,11 @@ class SlideSource:
             scaled = both.astype(np.float32)
         return torch.from_numpy(scaled)[None]
 
-    def _open(self) -> LevelReader:
-        if self._reader is None:
-            self._reader = open_level_reader(self.pyramid)
-        return self._reader
+    def _open_reader(self) -> LevelReader:
+        return open_level_reader(self.pyramid)
 
-    def open(self) -> SlideSource:
-        """Open the file now (decoding it for a whole-image format), e.g. on a thread ahead of
-        its turn; reads open it otherwise."""
-        with self._lock:
-            self._open()
-        return self
-
-    def read_all(self) -> torch.Tensor:
-        """The whole region as one ``(1, C, h, w)`` tensor (for tests and small regions)."""
-        h, w = self.region.shape
-        return self.read((slice(0, h), slice(0, w)))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-
-    def __del__(self) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes: no handle
+    def _state(self) -> dict[str, Any]:
         return {"pyramid": self.pyramid, "region": self.region}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["pyramid"], state["region"])  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------------------------

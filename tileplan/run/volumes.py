@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 from tileplan.run.advice import Fix
 from tileplan.run.csv_rows import FIX_ROW, RowError, read_csv_rows, row_image
 from tileplan.run.dataset import Dataset, Sample
+from tileplan.run.file_source import FileSource
 from tileplan.run.images import ImageInfo
 from tileplan.run.pixels import DataError
 from tileplan.run.resample import area_taps, resample_axis
@@ -182,14 +182,13 @@ def _channel_stats(volume: Volume) -> tuple[tuple[float, float], ...]:
     return tuple((float(m), float(s)) for m, s in zip(mean, std, strict=True))
 
 
-class VolumeSource:
+class VolumeSource(FileSource):
     """A volume's region as an ``executor.ImageSource``: ``(1, C, d, h, w)`` float32, read
     crop by crop from its file (resampled and scaled per ``VolumeRegion``)."""
 
     def __init__(self, region: VolumeRegion) -> None:
+        super().__init__()
         self.region = region
-        self._reader: Any = None
-        self._lock = threading.Lock()
         mode, window = parse_intensity(region.intensity)
         self._mode, self._window = mode, window
 
@@ -220,9 +219,7 @@ class VolumeSource:
                 read_box.append((t[2], t[3]))
         (d0, d1), (h0, h1), (w0, w1) = read_box
         with self._lock:
-            if self._reader is None:
-                self._reader = open_volume_reader(self.region.volume)
-            data = self._reader.read((d0, h0, w0, d1 - d0, h1 - h0, w1 - w0))
+            data = self._reading().read((d0, h0, w0, d1 - d0, h1 - h0, w1 - w0))
         data = data.astype(np.float64)
         for ax, t in enumerate(taps):
             if t is not None:  # float data: the mean itself (denominator 1)
@@ -238,27 +235,11 @@ class VolumeSource:
             return (data - stats[:, 0, None, None, None]) / stats[:, 1, None, None, None]
         return data
 
-    def open(self) -> VolumeSource:
-        return self
+    def _open_reader(self) -> Any:
+        return open_volume_reader(self.region.volume)
 
-    def read_all(self) -> torch.Tensor:
-        """The whole region as one ``(1, C, d, h, w)`` tensor."""
-        return self.read(tuple(slice(0, n) for n in self.region.shape))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-
-    def __del__(self) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes: no handle
+    def _state(self) -> dict[str, Any]:
         return {"region": self.region}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["region"])  # type: ignore[misc]
 
 
 class VolumeDataset(Dataset):
