@@ -8,7 +8,7 @@ from executor import GeometryError, StreamingCNN
 from tileplan.run.advice import Fix, UnusableImageError
 from tileplan.units import format_shape
 
-__all__ = ["smallest_image", "too_small"]
+__all__ = ["refusal", "smallest_image", "too_small"]
 
 _SCAN_LIMIT = 1 << 15  # px per axis searched for the smallest size (far above any trunk's)
 
@@ -41,12 +41,19 @@ def smallest_image(scnn: StreamingCNN, like: Sequence[int]) -> tuple[int, ...]:
 
 def too_small(scnn: StreamingCNN, size: Sequence[int], *, volumes: bool, reading: str,
               resampled: bool = True) -> UnusableImageError | None:  # fmt: skip
-    """The refusal of an image of ``size`` (px or voxels as read, at ``reading``, e.g. ``2
-    µm/px``) that the trunk cannot stream, or None when it can. ``resampled``: volumes are
-    resampled to a spacing (a finer one gives more voxels); otherwise they are read as stored
-    and no spacing makes them larger."""
+    """The refusal of an image of ``size`` the trunk cannot stream (``refusal``), or None when
+    it can."""
     if _takes(scnn, size):
         return None
+    return refusal(scnn, size, volumes=volumes, reading=reading, resampled=resampled)
+
+
+def refusal(scnn: StreamingCNN, size: Sequence[int], *, volumes: bool, reading: str,
+            resampled: bool = True) -> UnusableImageError:  # fmt: skip
+    """Why an image of ``size`` (px or voxels as read, at ``reading``, e.g. ``2 µm/px``) that
+    the trunk cannot stream is refused: its size and the smallest the model takes.
+    ``resampled``: volumes are resampled to a spacing (a finer one gives more voxels);
+    otherwise they are read as stored and no spacing makes them larger."""
     need = smallest_image(scnn, size)
     unit = "voxels" if volumes else "px"
     fact = (f"is {format_shape(size)} {unit} as read ({reading}), and the model needs at least "

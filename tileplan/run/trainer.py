@@ -51,7 +51,7 @@ from tileplan.run.checkpoint import (
 )
 from tileplan.run.data import FIX_ROW, Dataset, Task
 from tileplan.run.report import EpochMetrics, save_metrics
-from tileplan.run.sizes import too_small
+from tileplan.run.sizes import refusal
 from tileplan.settings import RunSpec
 from tileplan.streamed import inference_engine
 from tileplan.units import format_shape
@@ -63,9 +63,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Settings a resumed run may change: they do not alter what is computed.
-# Settings a --resume may change: a run that diverged resumes from its last good checkpoint
-# with a lower learning rate.
+# Settings a --resume may change: more epochs and other reader processes alter nothing that
+# is computed; a run that diverged goes on from its last good checkpoint with a lower --lr.
 _RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "lr"})
 # Consecutive optimizer steps a float16 loss scaler may skip (non-finite gradients are normal
 # while it finds its scale) before the run counts as diverged: from the initial scale 2**16,
@@ -568,18 +567,13 @@ def check_image_sizes(
             continue
         seen.add(size)
         px = "voxels" if len(size) == 3 else "px"
-        problem = too_small(scnn, size, volumes=len(size) == 3, reading=reading,
-                            resampled=resampled)  # fmt: skip
-        if problem is not None:
-            raise TrainError(f"{where} row {sample.row}: '{sample.path.name}' "
-                             f"{problem.render('train')}; {FIX_ROW}")  # fmt: skip
         try:
-            grids = scnn.tile_grids(size)
-            out_shape = grids[-1].output_shape
-        except GeometryError as err:  # streams, but not in the plan's tiles
-            raise TrainError(f"{where} row {sample.row}: '{sample.path.name}' is "
-                             f"{format_shape(size)} {px} as read, and the plan's tiles cannot "
-                             f"stream it: {err}") from None  # fmt: skip
+            out_shape = scnn.tile_grids(size)[-1].output_shape
+        except GeometryError:  # too small for the trunk: say what it needs
+            problem = refusal(scnn, size, volumes=len(size) == 3, reading=reading,
+                              resampled=resampled)  # fmt: skip
+            raise TrainError(f"{where} row {sample.row}: '{sample.path.name}' "
+                             f"{problem.render('train')}; {FIX_ROW}") from None  # fmt: skip
         if head_outputs is None:
             continue
         try:

@@ -306,6 +306,15 @@ def test_volume_workflow_through_the_cli(tmp_path: Path) -> None:
     assert "is 2x4x4 voxels as read" in result.output
     assert "the model needs at least" in result.output
     assert "--spacing" not in result.output
+    # Training refuses it before it starts, naming the row; read as stored, no spacing helps.
+    tiny_csv = _csv(tmp_path / "tiny.csv", [("tiny.nii", "1")])
+    result = runner.invoke(cli, ["train", model, "--plan", str(tmp_path / "plan.yaml"), "--data",
+                                 str(tiny_csv), "--out", str(tmp_path / "tiny_run"),
+                                 "--num-workers", "0"])  # fmt: skip
+    assert result.exit_code == 1
+    assert "row 1: 'tiny.nii' is 2x4x4 voxels as read (voxels as stored" in result.output
+    assert "the model needs at least" in result.output
+    assert "--spacing" not in result.output
     run("view", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "plan.html"), "--no-open")
     run("view", str(tmp_path / "run"), "--out", str(tmp_path / "run.html"), "--no-open")
     assert (tmp_path / "plan.html").stat().st_size > 0
