@@ -33,6 +33,7 @@ from executor import (
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.checkpoint import CheckpointError, load_checkpoint
 from tileplan.run.data import DataError, Task, describe_error
+from tileplan.run.file_source import FileSource
 from tileplan.run.sizes import too_small
 from tileplan.run.slides import Region, SlideSource, resolve, thumbnail
 from tileplan.run.trainer import decide, inference_engine
@@ -152,69 +153,70 @@ def predict_files(
     if assume_mpp is not None or assume_spacing is not None:
         data = replace(data, assume_mpp=assume_mpp or data.assume_mpp,
                        assume_spacing=assume_spacing or data.assume_spacing)  # fmt: skip
-    if plan.n_axes == 3:
-        return _predict_volumes(scnn, loaded.head, images, plan=plan, data=data,
-                                task=ckpt.meta.task, saliency_dir=saliency_dir)  # fmt: skip
-    found = []
-    for path in images:  # every image is checked before any is predicted
-        try:
-            slide = resolve(Path(path), level=data.level, mpp=data.mpp, tissue=data.tissue,
-                            max_shape=plan.image_shape_px, oversize=data.oversize,
-                            assume_mpp=data.assume_mpp)  # fmt: skip
-            found.append(slide)
-            small = too_small(scnn, slide.region.shape, volumes=False,
-                              reading=data.describe_reading())  # fmt: skip
-            if small is not None:
-                raise small
-        except Exception as exc:  # any reader failure becomes one clear line
-            raise DataError(f"cannot predict '{path}': {describe_error(exc, 'predict')}") from exc
+    sources = _checked_sources(images, scnn, plan, data)
     results = []
-    for path, slide in zip(images, found, strict=True):
-        source = SlideSource(slide.pyramid, slide.region)
+    for path, source in zip(images, sources, strict=True):
         try:
             pred = predict_image(scnn, loaded.head, source, task=ckpt.meta.task,
                                  saliency=saliency_dir is not None)  # fmt: skip
         finally:
             source.close()
         if saliency_dir is not None and pred.saliency is not None:
-            magnitude = saliency_to_uint8(pred.saliency)
-            _write_saliency(saliency_dir, path, pred.saliency, magnitude)
-            overlay = saliency_overlay(thumbnail(slide.pyramid), magnitude, slide.region)
-            _write_png(saliency_dir / f"{path.stem}.overlay.png", overlay)
+            _write_maps(saliency_dir, path, source, pred.saliency)
         results.append((path, pred))
     return results
 
 
-def _predict_volumes(scnn: StreamingCNN, head: nn.Module, images: Sequence[Path], *, plan: Plan,
-                     data: DataSettings, task: Task, saliency_dir: Path | None,
-                     ) -> list[tuple[Path, Prediction]]:  # fmt: skip
-    """Volumes, read as in training (spacing, intensity); saliency as the raw ``(C, D, H, W)``
-    gradient (``.npy``) and a PNG of its magnitude's maximum over depth."""
-    from tileplan.run.volumes import VolumeSource, resolve_volume
+def _checked_sources(images: Sequence[Path], scnn: StreamingCNN, plan: Plan,
+                     data: DataSettings) -> list[FileSource]:  # fmt: skip
+    """A source for every image, read as the run read its images (slides: mpp, level,
+    tissue; volumes: spacing, intensity), each checked before any is predicted (their files
+    are opened when read).
 
-    regions = []
-    for path in images:  # every volume is checked before any is predicted
+    Raises:
+        DataError: one line naming the image, what it has and what the model needs.
+    """
+    volumes = plan.n_axes == 3
+    if volumes:
+        from tileplan.run.volumes import VolumeSource, resolve_volume
+
+        def source_of(path: Path) -> FileSource:
+            return VolumeSource(resolve_volume(path, data, max_shape=plan.image_shape_px))
+
+        reading = data.describe_volumes()
+    else:
+
+        def source_of(path: Path) -> FileSource:
+            found = resolve(path, level=data.level, mpp=data.mpp, tissue=data.tissue,
+                            max_shape=plan.image_shape_px, oversize=data.oversize,
+                            assume_mpp=data.assume_mpp)  # fmt: skip
+            return SlideSource(found.pyramid, found.region)
+
+        reading = data.describe_reading()
+    sources = []
+    for path in images:
         try:
-            regions.append(resolve_volume(Path(path), data, max_shape=plan.image_shape_px))
-            small = too_small(scnn, regions[-1].shape, volumes=True,
-                              reading=data.describe_volumes(),
+            source = source_of(Path(path))
+            small = too_small(scnn, source.shape[2:], volumes=volumes, reading=reading,
                               resampled=data.spacing is not None)  # fmt: skip
             if small is not None:
                 raise small
         except Exception as exc:  # any reader failure becomes one clear line
             raise DataError(f"cannot predict '{path}': {describe_error(exc, 'predict')}") from exc
-    results = []
-    for path, region in zip(images, regions, strict=True):
-        source = VolumeSource(region)
-        try:
-            pred = predict_image(scnn, head, source, task=task, saliency=saliency_dir is not None)
-        finally:
-            source.close()
-        if saliency_dir is not None and pred.saliency is not None:
-            magnitude = saliency_to_uint8(pred.saliency)  # (D, H, W)
-            _write_saliency(saliency_dir, path, pred.saliency, magnitude.max(axis=0))
-        results.append((path, pred))
-    return results
+        sources.append(source)
+    return sources
+
+
+def _write_maps(folder: Path, path: Path, source: FileSource, saliency: torch.Tensor) -> None:
+    """The saliency of one image: its ``.npy`` and magnitude PNG, and for a slide the overlay
+    on its thumbnail (a volume's PNG is the magnitude's maximum over depth)."""
+    magnitude = saliency_to_uint8(saliency)  # (*spatial)
+    if isinstance(source, SlideSource):
+        _write_saliency(folder, path, saliency, magnitude)
+        overlay = saliency_overlay(thumbnail(source.pyramid), magnitude, source.region)
+        _write_png(folder / f"{path.stem}.overlay.png", overlay)
+    else:
+        _write_saliency(folder, path, saliency, magnitude.max(axis=0))
 
 
 def saliency_overlay(thumb: np.ndarray, magnitude: np.ndarray, region: Region) -> np.ndarray:
