@@ -21,10 +21,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from step_timing import run_child, time_steps  # bench/, beside this script
+from step_timing import (  # bench/, beside this script
+    GIB,
+    device_words,
+    print_results,
+    run_child,
+    time_steps,
+)
 from torch import nn
 
-GIB = 1024**3
 METHODS = ("dropin", "manual", "conventional")
 
 
@@ -85,26 +90,20 @@ def main() -> None:
                                     measure=False, device=device)  # fmt: skip
             plan_path = plan.save(Path(folder) / "plan.yaml")
         plan = tileplan.load_plan(plan_path)
-        where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-                 else f"CPU, {torch.get_num_threads()} threads")  # fmt: skip
+        where = device_words(device)
         tiles = sum(g.n_tiles for g in plan.tile_grids())
         print(f"torch {torch.__version__}, {where}, float32, ResNet-34, image "
               f"{'x'.join(map(str, plan.image_shape_px))}, plan: "
               f"{len(plan.segments) or 1} segment(s), {tiles} tiles, predicted peak "
               f"{plan.peak_bytes / GIB:.2f} GiB")  # fmt: skip
         results = {m: run_child(__file__, m, plan_path, args.repeats, device) for m in args.methods}
-    print(f"{'method':>13} {'step s':>8} {'peak GiB':>9}")
-    for method, r in results.items():
-        note = f"  ({r['error']})" if "error" in r else ""
-        print(f"{method:>13} {r['seconds']:>8.2f} {r['peak_bytes'] / GIB:>9.3f}{note}")
-    if {"dropin", "manual"} <= results.keys():
-        d, m = results["dropin"], results["manual"]
-        print(f"drop-in / manual pair: time {d['seconds'] / m['seconds']:.3f}x, "
-              f"peak {d['peak_bytes'] / m['peak_bytes']:.3f}x")  # fmt: skip
-    if {"dropin", "conventional"} <= results.keys():
-        d, c = results["dropin"], results["conventional"]
-        print(f"drop-in / conventional: time {d['seconds'] / c['seconds']:.3f}x, "
-              f"peak {d['peak_bytes'] / c['peak_bytes']:.3f}x")  # fmt: skip
+    print_results(
+        results,
+        [
+            ("dropin", "manual", "drop-in / manual pair"),
+            ("dropin", "conventional", "drop-in / conventional"),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -24,10 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from step_timing import run_child, time_steps  # bench/, beside this script
+from step_timing import (  # bench/, beside this script
+    GIB,
+    device_words,
+    print_results,
+    run_child,
+    time_steps,
+)
 from torch import nn
 
-GIB = 1024**3
 METHODS = ("streamed", "conventional")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "r3d18.py"
 
@@ -120,21 +125,13 @@ def main() -> None:
         plan = tileplan.profile(build("cpu"), image=shape, channels=1, budget=args.budget,
                                 measure=False, device=device)  # fmt: skip
         plan_path = plan.save(Path(folder) / "plan.yaml")
-        where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-                 else f"CPU, {torch.get_num_threads()} threads")  # fmt: skip
+        where = device_words(device)
         tiles = sum(g.n_tiles for g in plan.tile_grids())
         print(f"torch {torch.__version__}, {where}, float32, r3d_18, volume {args.volume}, "
               f"plan: {len(plan.segments) or 1} segment(s), {tiles} tiles, predicted peak "
               f"{plan.peak_bytes / GIB:.2f} GiB")  # fmt: skip
         results = {m: run_child(__file__, m, plan_path, args.repeats, device) for m in args.methods}
-    print(f"{'method':>13} {'step s':>8} {'peak GiB':>9}")
-    for method, r in results.items():
-        note = f"  ({r['error']})" if "error" in r else ""
-        print(f"{method:>13} {r['seconds']:>8.2f} {r['peak_bytes'] / GIB:>9.3f}{note}")
-    if set(METHODS) <= results.keys():
-        s, c = results["streamed"], results["conventional"]
-        print(f"streamed / conventional: time {s['seconds'] / c['seconds']:.3f}x, "
-              f"peak {s['peak_bytes'] / c['peak_bytes']:.3f}x")  # fmt: skip
+    print_results(results, [("streamed", "conventional", "streamed / conventional")])
 
 
 if __name__ == "__main__":

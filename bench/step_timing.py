@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -51,3 +51,28 @@ def run_child(script: str, method: str, plan: Path, repeats: int, device: str
         return {"seconds": float("nan"), "peak_bytes": float("nan"),
                 "error": (done.stderr.strip().splitlines() or ["?"])[-1]}  # type: ignore[dict-item]  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+GIB = 1024**3
+
+
+def device_words(device: str) -> str:
+    """``NVIDIA H100 ...`` or ``CPU, 2 threads``: where the steps ran, for the header line."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def print_results(results: dict[str, dict[str, float]],
+                  ratios: Sequence[tuple[str, str, str]]) -> None:  # fmt: skip
+    """A row per method (median step seconds, peak GiB, the child's error if it failed), then
+    each ``(a, b, label)`` of ``ratios`` whose methods both ran: ``a`` / ``b`` in time and peak."""
+    print(f"{'method':>13} {'step s':>8} {'peak GiB':>9}")
+    for method, r in results.items():
+        note = f"  ({r['error']})" if "error" in r else ""
+        print(f"{method:>13} {r['seconds']:>8.2f} {r['peak_bytes'] / GIB:>9.3f}{note}")
+    for a, b, label in ratios:
+        if {a, b} <= results.keys():
+            x, y = results[a], results[b]
+            print(f"{label}: time {x['seconds'] / y['seconds']:.3f}x, "
+                  f"peak {x['peak_bytes'] / y['peak_bytes']:.3f}x")  # fmt: skip
