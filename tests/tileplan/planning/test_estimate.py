@@ -98,6 +98,19 @@ def test_streaming_breakdown_categories() -> None:
     )  # fmt: skip
 
 
+def _estimated_and_measured(path: Path, crops: tuple[tuple[int, ...], ...]
+                            ) -> tuple[list[int], dict[tuple[int, ...], int]]:  # fmt: skip
+    """The meta estimate of each backward crop of the model file's trunk, and its measured
+    peak: RSS above the baseline in a fresh child process, reset before each crop."""
+    trunk = load_model_file(path).trunk
+    estimates = [pass_peak(trunk, c, torch.float32, grad=True)[0] for c in crops]
+    spec = MeasureSpec(model_file=str(path), split="auto", mode="tiles", shape=crops[0],
+                       dtype="float32", device="cpu", shapes=crops)  # fmt: skip
+    measured = measure_peak(spec)
+    assert measured.ok, measured.error
+    return estimates, dict(measured.tiles)
+
+
 def test_calibrated_estimate_within_ten_percent_of_measured_rss(tmp_path: Path) -> None:
     """Real backward tiles in a fresh process (RSS high-water mark above its baseline).
 
@@ -115,13 +128,7 @@ def test_calibrated_estimate_within_ten_percent_of_measured_rss(tmp_path: Path) 
         "        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2))\n"
     )
     crops = ((1, 3, 1024, 1024), (1, 3, 1536, 1536))
-    trunk = load_model_file(path).trunk
-    estimates = [pass_peak(trunk, c, torch.float32, grad=True)[0] for c in crops]
-    spec = MeasureSpec(model_file=str(path), split="auto", mode="tiles", shape=crops[0],
-                       dtype="float32", device="cpu", shapes=crops)  # fmt: skip
-    measured = measure_peak(spec)
-    assert measured.ok, measured.error
-    peaks = dict(measured.tiles)
+    estimates, peaks = _estimated_and_measured(path, crops)
     factor = peaks[crops[0]] / estimates[0]
     predicted = estimates[1] * factor
     assert math.isclose(predicted, peaks[crops[1]], rel_tol=0.10), (factor, predicted, peaks)
@@ -156,18 +163,13 @@ def test_model_state_counts_the_plans_parameter_dtype() -> None:
 
 
 def test_volume_estimates_against_measured_rss() -> None:
-    """Anisotropic backward tiles of a 3-D trunk, each in a fresh process (RSS above its
-    baseline): the meta estimate counts the live tensors, and oneDNN's Conv3d scratch comes
-    on top, by a share that depends on the shape (measured here: +0% to +46%). The planner's
-    calibration and its verification step exist for that gap; this bounds it."""
+    """Anisotropic backward tiles of a 3-D trunk, measured in a fresh process (RSS above its
+    baseline, reset before each crop): the meta estimate counts the live tensors, and
+    oneDNN's Conv3d scratch comes on top, by a share that depends on the shape (measured
+    here: +0% to +46%). The planner's calibration and its verification step exist for that
+    gap; this bounds it."""
     path = Path(__file__).resolve().parents[3] / "examples" / "small_cnn3d.py"
     crops = ((1, 1, 24, 192, 192), (1, 1, 32, 224, 224), (1, 1, 40, 256, 224))
-    trunk = load_model_file(path).trunk
-    estimates = [pass_peak(trunk, c, torch.float32, grad=True)[0] for c in crops]
-    spec = MeasureSpec(model_file=str(path), split="auto", mode="tiles", shape=crops[0],
-                       dtype="float32", device="cpu", shapes=crops)  # fmt: skip
-    measured = measure_peak(spec)
-    assert measured.ok, measured.error
-    peaks = dict(measured.tiles)
+    estimates, peaks = _estimated_and_measured(path, crops)
     ratios = [peaks[c] / e for c, e in zip(crops, estimates, strict=True)]
     assert all(0.97 <= r <= 1.6 for r in ratios), ratios
