@@ -24,7 +24,9 @@ from torch import nn
 from executor import Plan, StreamingError, spatial_axes
 from tileplan.units import format_bytes, parse_bytes, parse_shape
 
-__all__ = ["MemoryReport", "largest_image", "memory_report", "profile", "profile_as_command"]
+__all__ = [
+    "MemoryReport", "largest_image", "memory_report", "model_axes", "profile", "profile_as_command",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +157,7 @@ def profile_as_command(
                          "data= is read; give data=")  # fmt: skip
     if data is not None:
         shape, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue,
-                                        intensity=intensity, n_axes=_model_axes(model, split),
+                                        intensity=intensity, n_axes=model_axes(model, split),
                                         command="profile", **reading)  # type: ignore[arg-type]  # fmt: skip
     else:
         shape = _shape(image, "image")
@@ -174,8 +176,9 @@ def profile_as_command(
         return run_profile(request, progress=progress)
 
 
-def _model_axes(model: nn.Module | str | os.PathLike[str], split: str | SplitFn) -> int:
-    """Spatial axes the model takes (``executor.spatial_axes``), from a module or a file."""
+def model_axes(model: nn.Module | str | os.PathLike[str], split: str | SplitFn = "auto") -> int:
+    """Spatial axes the model takes (``executor.spatial_axes``: 3 for ``Conv3d`` layers), from
+    a module or a model file (imported and split to read them)."""
     if isinstance(model, nn.Module):
         return spatial_axes(model)
     from tileplan.planning.model_file import load_model_file

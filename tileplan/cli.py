@@ -80,15 +80,14 @@ def main() -> None:
 
 def _largest_image(
     data: Path, mpp: float | None, level: int | None, tissue: bool, *, model_file: Path,
-    spacing: tuple[float, ...] | None, intensity: str, assume_mpp: float | None,
+    split: str, spacing: tuple[float, ...] | None, intensity: str, assume_mpp: float | None,
     assume_spacing: tuple[float, ...] | None,
 ) -> tuple[tuple[int, ...], int]:  # fmt: skip
     """``((H, W) or (D, H, W), channels)`` a plan for every image of the CSV ``data`` needs;
     volumes when the model's layers take three spatial axes."""
-    from tileplan.api import largest_image
-    from tileplan.planning.model_file import load_model_file
+    from tileplan.api import largest_image, model_axes
 
-    n_axes = load_model_file(model_file).n_axes
+    n_axes = model_axes(model_file, split)
     largest, channels = largest_image(data, mpp=mpp, level=level, tissue=tissue, spacing=spacing,
                                       intensity=intensity, n_axes=n_axes, assume_mpp=assume_mpp,
                                       assume_spacing=assume_spacing,
@@ -306,7 +305,7 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
         with _one_line_errors():
             if data is not None:
                 image, channels = _largest_image(data, mpp, level, tissue, model_file=model_file,
-                                                 spacing=spacing, intensity=intensity,
+                                                 split=split, spacing=spacing, intensity=intensity,
                                                  assume_mpp=assume_mpp,
                                                  assume_spacing=assume_spacing)  # fmt: skip
             plan = plan_for(
