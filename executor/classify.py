@@ -452,8 +452,10 @@ class _Builder(LayoutOps):
     def conv_module(self, node: torch.fx.Node, inputs: list[int], module: Any) -> None:
         self.check_padding_mode(node, module.padding_mode)
         windows = conv_windows(module.kernel_size, module.stride, module.padding, module.dilation)
-        if module.padding_mode == "reflect":
-            windows = tuple(dataclasses.replace(w, reflect=True) for w in windows)
+        if module.padding_mode in ("reflect", "replicate"):
+            windows = tuple(dataclasses.replace(w, reflect=module.padding_mode == "reflect",
+                                                replicate=module.padding_mode == "replicate")
+                            for w in windows)  # fmt: skip
         self.window(node, inputs, windows, type(module).__name__)
 
     def space_to_depth(self, node: torch.fx.Node, inputs: list[int], block: int) -> None:
@@ -537,7 +539,13 @@ class _Builder(LayoutOps):
         if any(min(pair) < 0 for pair in pairs.values()):
             self.refuse(node, "negative padding crops the map", "crop outside the trunk")
         windows = tuple(
-            Window(1, 1, *pairs.get(d, (0, 0)), reflect=mode == "reflect")
+            Window(
+                1,
+                1,
+                *pairs.get(d, (0, 0)),
+                reflect=mode == "reflect",
+                replicate=mode == "replicate",
+            )
             for d in source.spatial_dims
         )
         self.window(node, inputs, windows, "pad")

@@ -46,7 +46,8 @@ class Window:
     ``(kernel, stride, dilation)`` of a dynamic 'same' padding (then ``pad_lo``/``pad_hi`` are
     its padding as the crops get it; see [Dynamic same padding]). ``whole`` windows
     (space to depth) need an input length that is a multiple of the stride; ``reflect``
-    padding needs an input longer than the padding.
+    padding needs an input longer than the padding. ``reflect`` and ``replicate`` padding
+    copy pixels near the border into the padding (see ``reads``).
     """
 
     kernel: int
@@ -58,6 +59,7 @@ class Window:
     same: tuple[int, int, int] | None = None
     whole: bool = False
     reflect: bool = False
+    replicate: bool = False
 
     def padding(self, n: int) -> tuple[int, int]:
         """(before, after) padding for an input of length ``n``."""
@@ -91,9 +93,19 @@ class Window:
         return max(0, out)
 
     def reads(self, lo: int, hi: int) -> tuple[int, int]:
-        """Input interval (inclusive) read by output positions ``lo..hi``."""
+        """Input interval (inclusive) read by output positions ``lo..hi``.
+
+        A window that reaches ``m >= n`` into a reflect padding reads ``2(n-1) - m``, one
+        into a replicate padding reads ``n - 1``: at most ``2 * pad_hi`` (``pad_hi``) before
+        its last position, as ``m <= n - 1 + pad_hi``; the same mirrored at the start. Only
+        numbers are known here, not ``n``, so every window reads that far: a crop that owns
+        outputs in the padding then holds the pixels they copy.
+        """
         first = lo * self.stride - self.pad_lo
         last = hi * self.stride - self.pad_lo + self.dilation * (self.kernel - 1)
+        if self.reflect or self.replicate:
+            copies = 2 if self.reflect else 1  # positions mirrored per pixel of padding
+            return min(first, last - copies * self.pad_hi), max(last, first + copies * self.pad_lo)
         return first, last
 
 

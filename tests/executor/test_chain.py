@@ -218,6 +218,41 @@ def test_random_chain_streams_exactly(
     assume(False)
 
 
+@pytest.mark.parametrize(
+    ("spec", "size", "tiles"),
+    [
+        # Reflect padding after the cut's map: the output in the padding copies a position
+        # two before the map's end, which the crop that owns it must compute exactly.
+        ((("shuffle",), ("avgpool", 2, 1, 0, False), ("avgpool", 2, 1, 1, False),
+          ("conv", 1, 1, 0, 1, False), ("same", 1, 2, 1), ("pad", (0, 0, 0, 1), "reflect")),
+         (9, 8), [(4, 6), (9, 4)]),
+        # Replicate padding: outputs in the padding copy the last position; a crop owning only
+        # them once read nothing but padding and made empty maps.
+        ((("shuffle",), ("avgpool", 2, 1, 0, False), ("conv", 1, 3, 0, 2, False),
+          ("avgpool", 2, 1, 0, False), ("same", 1, 2, 1), ("pad", (0, 0, 0, 2), "replicate")),
+         (56, 48), [None, None]),
+    ],
+)  # fmt: skip
+def test_outputs_in_reflect_and_replicate_padding_stream_exactly(
+    spec: Spec, size: tuple[int, int], tiles: list[tuple[int, int] | None]
+) -> None:
+    """Found by the random chains: a segment ending in ``F.pad`` with a copying mode, streamed
+    with small tiles, gave outputs off by 9% (reflect) or refused a valid image (replicate)."""
+    torch.manual_seed(0)
+    trunk = build(spec).double()
+    parts = chain(trace(trunk), ["pad"])
+    image = torch.randn(1, 2, *size, dtype=torch.float64)
+    segments = []
+    for k, (part, tile) in enumerate(zip(parts, tiles, strict=True)):
+        geometry = analyze_trunk(part)
+        smallest = tuple(geometry.min_tile(ax) for ax in range(2))
+        if tile is not None:  # at least the smallest tile, which the fix made larger
+            smallest = tuple(max(t, m) for t, m in zip(tile, smallest, strict=True))
+        tile = smallest
+        segments.append(SegmentSpec("pad" if k == 0 else None, tile))
+    compare_with_conventional(trunk, image, 0, segments=segments)
+
+
 # -- 2. one segment is StreamingCNN --------------------------------------------------------------
 
 
