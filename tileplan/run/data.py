@@ -61,14 +61,15 @@ from tileplan.run.images import (
     probe_image,
     read_image,
 )
-from tileplan.run.pixels import DataError
+from tileplan.run.pixels import DataError, ImageReadError
 
 if TYPE_CHECKING:
     from tileplan.run.slides import Resolved
     from tileplan.settings import DataSettings
 
 __all__ = [
-    "FIX_ROW", "IMAGE_SUFFIXES", "DataError", "Dataset", "ImageInfo", "RowError", "Sample",
+    "FIX_ROW", "IMAGE_SUFFIXES", "DataError", "Dataset", "ImageInfo", "ImageReadError",
+    "RowError", "Sample",
     "Task", "describe_error", "fit_to_shape", "infer_task", "load_csv", "parse_label",
     "probe_image", "read_csv_rows", "read_image",
 ]  # fmt: skip

@@ -5,10 +5,15 @@ it can be sent to worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from tileplan.run.pixels import ImageReadError
 
 __all__ = ["FileSource", "Reader"]
 
@@ -32,6 +37,10 @@ class FileSource:
     def shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
+    @property
+    def path(self) -> Path:
+        raise NotImplementedError
+
     def read(self, region: Any) -> torch.Tensor:
         raise NotImplementedError
 
@@ -44,8 +53,22 @@ class FileSource:
     def _reading(self) -> Any:
         """The open reader (opened now if need be); call with ``self._lock`` held."""
         if self._reader is None:
-            self._reader = self._open_reader()
+            with self._decoding("opening it"):
+                self._reader = self._open_reader()
         return self._reader
+
+    @contextlib.contextmanager
+    def _decoding(self, what: str) -> Iterator[None]:
+        """Turn whatever a decoder or the file system raises while doing ``what`` (e.g.
+        ``level 0, region y 0:512 x 512:1024 px``) into a one-line ``ImageReadError``."""
+        try:
+            yield
+        except ImageReadError:
+            raise
+        except Exception as err:  # decoders raise their own kinds (Jpeg8Error, zlib.error, ...)
+            reason = " ".join(str(err).split()) or "no reason given"
+            raise ImageReadError(f"'{self.path}' failed to read at {what}: "
+                                 f"{type(err).__name__}: {reason}") from err  # fmt: skip
 
     def open(self) -> FileSource:
         """Open the file now (decoding it for a whole-image format), e.g. on a thread ahead of

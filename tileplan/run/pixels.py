@@ -12,7 +12,7 @@ import numpy as np
 from executor import StreamingError
 from tileplan.run.advice import UnusableImageError
 
-__all__ = ["DTYPE_HINT", "BadImageError", "DataError", "Layout", "out_dtype"]
+__all__ = ["DTYPE_HINT", "BadImageError", "DataError", "ImageReadError", "Layout", "out_dtype"]
 
 DTYPE_HINT = "store 8-bit (uint8) or float32 images"
 
@@ -31,6 +31,13 @@ class DataError(StreamingError):
         self.csv_path = csv_path
         self.row = row
         super().__init__(message)
+
+
+class ImageReadError(DataError):
+    """A file that passed its checks failed to read or decode while it was streamed (a corrupt
+    tile, a truncated file, a storage error): one line naming the file, the level and region
+    being read, and the decoder's reason. Training skips such an image or stops
+    (``--on-read-error``)."""
 
 
 class BadImageError(UnusableImageError):

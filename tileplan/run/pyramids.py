@@ -297,6 +297,10 @@ def _read_page_region(tif: Any, page: Any, y0: int, x0: int, h: int, w: int) -> 
                 decode = page.decode  # building it may move the file position: first
                 fh.seek(page.dataoffsets[index])
                 data = fh.read(count)
+                if len(data) < count:  # tifffile would decode the short read as zeros
+                    raise OSError(f"the file is truncated: tile {index} runs to byte "
+                                  f"{page.dataoffsets[index] + count} but the file ends at "
+                                  f"{page.dataoffsets[index] + len(data)}")  # fmt: skip
                 segment, _, _ = decode(data, index, jpegtables=page.jpegtables)
                 seg = np.asarray(segment).reshape(segment.shape[-3:])  # (seg_h', seg_w', s)
                 sy, sx = ty * seg_h, tx * seg_w

@@ -202,6 +202,10 @@ class SlideSource(FileSource):
     def dtype(self) -> torch.dtype:
         return self.pyramid.torch_dtype
 
+    @property
+    def path(self) -> Path:
+        return self.pyramid.path
+
     def read(self, region: Sequence[slice]) -> torch.Tensor:
         (ys, xs) = region
         y0, x0, h, w = self.region.box
@@ -212,17 +216,20 @@ class SlideSource(FileSource):
         a_y, b_y, a_x, b_x = y0 + ys.start, y0 + ys.stop, x0 + xs.start, x0 + xs.stop
         level_h, level_w = self.pyramid.levels[self.region.level]
         out_h, out_w = self.region.scaled
+        level = self.region.level
         with self._lock:
             reader: LevelReader = self._reading()
             if (level_h, level_w) == (out_h, out_w):
-                data = reader.read(self.region.level, a_y, a_x, b_y - a_y, b_x - a_x)
+                with self._decoding(f"level {level}, region y {a_y}:{b_y} x {a_x}:{b_x} px"):
+                    data = reader.read(level, a_y, a_x, b_y - a_y, b_x - a_x)
                 return torch.from_numpy(np.ascontiguousarray(data))[None]
             taps_y, taps_x = (
                 area_taps(a_y, b_y, level_h, out_h),
                 area_taps(a_x, b_x, level_w, out_w),
             )
             (*_, lo_y, hi_y), (*_, lo_x, hi_x) = taps_y, taps_x
-            data = reader.read(self.region.level, lo_y, lo_x, hi_y - lo_y, hi_x - lo_x)
+            with self._decoding(f"level {level}, region y {lo_y}:{hi_y} x {lo_x}:{hi_x} px"):
+                data = reader.read(level, lo_y, lo_x, hi_y - lo_y, hi_x - lo_x)
         if data.dtype == np.uint8 and level_h % out_h == 0 and level_w % out_w == 0:
             return torch.from_numpy(_block_mean(data, level_h // out_h, level_w // out_w))[None]
         rows, den_y = resample_axis(data, 1, taps_y, level_h, out_h)

@@ -200,6 +200,10 @@ class VolumeSource(FileSource):
     def dtype(self) -> torch.dtype:
         return torch.float32
 
+    @property
+    def path(self) -> Path:
+        return self.region.volume.path
+
     def read(self, region: Sequence[slice]) -> torch.Tensor:
         box = self.region.box
         if len(region) != 3 or not all(0 <= s.start < s.stop <= n
@@ -218,7 +222,8 @@ class VolumeSource(FileSource):
                 taps.append(t)
                 read_box.append((t[2], t[3]))
         (d0, d1), (h0, h1), (w0, w1) = read_box
-        with self._lock:
+        where = f"voxels z {d0}:{d1} y {h0}:{h1} x {w0}:{w1} as stored"
+        with self._lock, self._decoding(where):
             data = self._reading().read((d0, h0, w0, d1 - d0, h1 - h0, w1 - w0))
         data = data.astype(np.float64)
         for ax, t in enumerate(taps):
