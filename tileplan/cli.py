@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 import click
 
 from executor import DTYPE_NAMES, OPTIMIZER_NAMES, StreamingError, atomic_write
+from tileplan.run.policy import DEFAULT_CHECKPOINT_EVERY, Cadence
 from tileplan.units import format_shape, parse_bytes, parse_shape, parse_spacing
 
 __all__ = ["cli", "main"]
@@ -58,8 +60,12 @@ _FLOATS = _Parsed("V[,V...]", _floats)
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
     """The library's errors as one line and exit status 1."""
+    from tileplan.run.interrupts import RunInterruptedError
+
     try:
         yield
+    except RunInterruptedError:
+        raise  # not an error: the caller says where the run stopped and exits with its code
     except (StreamingError, ValueError, OSError) as err:
         text = str(err).strip()
         raise click.ClickException(text.splitlines()[0] if text else type(err).__name__) from err
@@ -432,21 +438,70 @@ def validate(plan_file: Path, model_file: Path | None) -> None:
     "running statistics it updates) or keep its statistics frozen (default: the plan's "
     "--bn; a plan is made for one of them).",
 )
+@click.option(
+    "--checkpoint-every", type=_Parsed("EVERY", Cadence.parse),
+    default=str(DEFAULT_CHECKPOINT_EVERY), show_default=True,
+    help="Also checkpoint inside epochs: every N optimizer steps (500) or a duration (90s, "
+    "30m, 2h); --resume continues mid-epoch exactly.")  # fmt: skip
+@click.option(
+    "--on-read-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+    help="An image that fails to read mid-run (a corrupt tile, a truncated file): stop, naming "
+    "it, or leave it out of the epoch and list it in skipped.csv.")  # fmt: skip
+@click.option(
+    "--max-skipped", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+    help="With --on-read-error skip: stop once more than this fraction of an epoch's "
+    "training images failed to read.")  # fmt: skip
 @_slide_options()
 def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: Path,
           epochs: int, lr: float, optimizer: str | None, batch: int,
           mean: tuple[float, ...] | None, std: tuple[float, ...] | None, amp: bool, resume: bool,
           seed: int, num_workers: int, device: str, report: bool, batch_norm: str | None,
+          checkpoint_every: Cadence, on_read_error: str, max_skipped: float,
           mpp: float | None, level: int | None, tissue: bool, spacing: tuple[float, ...] | None,
           assume_mpp: float | None, assume_spacing: tuple[float, ...] | None, intensity: str,
           oversize: str) -> None:  # fmt: skip
     """Train MODEL_FILE with the trunk streamed as PLAN says, on images listed in a CSV.
 
     Data parallel: torchrun --nproc-per-node N -m tileplan train ...
+
+    SIGTERM or SIGINT (preemption, Ctrl-C) stops the run between two images: it writes a
+    checkpoint of the last finished optimizer step, prints where, and exits with status 75;
+    the same command with --resume continues exactly. A second signal exits at once.
     """
-    from tileplan.run.launch import TrainRequest, run_training
-    from tileplan.settings import DataSettings
+    from tileplan.run.interrupts import EXIT_INTERRUPTED, RunInterruptedError
     from tileplan.text import render_report
+
+    try:
+        history, run_report = _train(**locals())
+    except RunInterruptedError as stopped:
+        click.echo(str(stopped), err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if not history:
+        return
+    last = history[-1]
+    click.echo(
+        f"epoch {last.epoch}: train loss {last.train_loss:.4f}"
+        + (f", val loss {last.val_loss:.4f}" if last.val_loss is not None else "")
+        + (f", val AUC {last.val_auc:.3f}" if last.val_auc is not None else "")
+        + (f", {last.skipped} images skipped" if last.skipped else "")
+    )
+    if run_report is not None:
+        click.echo(render_report(run_report))
+
+
+def _train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: Path,
+           epochs: int, lr: float, optimizer: str | None, batch: int,
+           mean: tuple[float, ...] | None, std: tuple[float, ...] | None, amp: bool,
+           resume: bool, seed: int, num_workers: int, device: str, report: bool,
+           batch_norm: str | None, checkpoint_every: Cadence, on_read_error: str,
+           max_skipped: float, mpp: float | None, level: int | None, tissue: bool,
+           spacing: tuple[float, ...] | None, assume_mpp: float | None,
+           assume_spacing: tuple[float, ...] | None, intensity: str, oversize: str,
+           **_: object) -> tuple:  # fmt: skip
+    """``tileplan train`` without the presentation: the request, run; one-line errors."""
+    from tileplan.run.launch import TrainRequest, run_training
+    from tileplan.run.policy import RunPolicy
+    from tileplan.settings import DataSettings
 
     with _one_line_errors():
         settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize,  # type: ignore[arg-type]
@@ -455,20 +510,54 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
         options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
                    "epochs": epochs, "seed": seed, "num_workers": num_workers,
                    "data": settings, "batch_norm": batch_norm}  # fmt: skip
+        policy = RunPolicy(checkpoint_every=checkpoint_every, on_read_error=on_read_error,  # type: ignore[arg-type]
+                           max_skipped=max_skipped)  # fmt: skip
         request = TrainRequest(model_file=model_file, plan_file=plan_file, data=data, val=val,
                                out=out, options=options, resume=resume, device=device,
-                               report=report, require_mixed_precision=amp)  # fmt: skip
-        history, run_report = run_training(request, progress=sys.stderr.isatty())
-    if not history:
-        return
-    last = history[-1]
-    click.echo(
-        f"epoch {last.epoch}: train loss {last.train_loss:.4f}"
-        + (f", val loss {last.val_loss:.4f}" if last.val_loss is not None else "")
-        + (f", val AUC {last.val_auc:.3f}" if last.val_auc is not None else "")
-    )
-    if run_report is not None:
-        click.echo(render_report(run_report))
+                               report=report, require_mixed_precision=amp,
+                               policy=policy)  # fmt: skip
+        return run_training(request, progress=sys.stderr.isatty())
+
+
+@cli.command("check-data", epilog="Example: tileplan check-data slides/train.csv --plan "
+             "plan.yaml --mpp 0.5 --tissue --out bad.csv")  # fmt: skip
+@click.argument("data", type=_PATH)
+@click.option("--plan", "plan_file", type=_PATH, required=True,
+              help="The plan training will use (the largest image, 2-D or volumes).")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+              show_default="all cores", help="Reading processes.")  # fmt: skip
+@click.option("--out", type=_PATH, default=None,
+              help="Write the blocks that fail as a CSV (csv,row,image,reason).")  # fmt: skip
+@_slide_options()
+def check_data(data: Path, plan_file: Path, workers: int, out: Path | None, mpp: float | None,
+               level: int | None, tissue: bool, spacing: tuple[float, ...] | None,
+               assume_mpp: float | None, assume_spacing: tuple[float, ...] | None,
+               intensity: str, oversize: str) -> None:  # fmt: skip
+    """Read every image of the CSV DATA as `tileplan train` with the same options would, block
+    by block in parallel, and list the files and regions that fail to decode.
+
+    Exits with status 1 when any block fails, so a script can stop before a long run.
+    """
+    from tileplan.run.check_data import check_data as run_check
+    from tileplan.run.check_data import save_bad_reads
+    from tileplan.settings import DataSettings
+
+    with _one_line_errors():
+        settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize,  # type: ignore[arg-type]
+                                spacing=spacing, intensity=intensity, assume_mpp=assume_mpp,
+                                assume_spacing=assume_spacing)  # fmt: skip
+        result = run_check(data, plan_file=plan_file, settings=settings, workers=workers,
+                           progress=sys.stderr.isatty())  # fmt: skip
+        if out is not None:
+            save_bad_reads(out, result.bad)
+    for bad in result.bad:
+        click.echo(f"{bad.csv} row {bad.row}: {bad.reason}")
+    rate = result.pixels / 1e6 / max(result.seconds, 1e-9)
+    click.echo(f"{result.images} images, {result.blocks} blocks, {result.pixels / 1e6:.1f} Mpx "
+               f"read in {result.seconds:.1f} s ({rate:.1f} Mpx/s): {len(result.bad)} blocks "
+               f"of {result.bad_images} images failed", err=True)  # fmt: skip
+    if result.bad:
+        sys.exit(1)
 
 
 @cli.command(epilog="Example: tileplan predict examples/small_cnn.py --plan plan.yaml "

@@ -16,7 +16,7 @@ from typing import Literal
 
 __all__ = ["COMMAND_OPTIONS", "Command", "Fix", "UnusableImageError", "render"]
 
-Command = Literal["train", "profile", "predict"]
+Command = Literal["train", "profile", "predict", "check-data"]
 
 # The image-reading options of each command (``None``: a Python caller, who may set them all).
 COMMAND_OPTIONS: dict[str, frozenset[str]] = {
@@ -26,8 +26,9 @@ COMMAND_OPTIONS: dict[str, frozenset[str]] = {
                           "--assume-spacing", "--intensity"}),
     "predict": frozenset({"--assume-mpp", "--assume-spacing"}),
 }  # fmt: skip
+COMMAND_OPTIONS["check-data"] = COMMAND_OPTIONS["train"]  # reads as train does
 # Commands whose images come from a CSV, whose columns (level, mpp, spacing) can fix a row.
-_CSV_COMMANDS = frozenset({"train", "profile"})
+_CSV_COMMANDS = frozenset({"train", "profile", "check-data"})
 
 
 @dataclass(frozen=True)

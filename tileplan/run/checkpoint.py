@@ -20,12 +20,14 @@ import torch
 from executor import ContractError, Plan, StreamingError, atomic_write, from_data, to_data
 from tileplan.run.data import Task
 from tileplan.run.report import EpochMetrics
+from tileplan.run.skips import SkippedImage
 from tileplan.settings import RunSpec
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointMeta",
+    "EpochProgress",
     "load_checkpoint",
     "restore_rng_state",
     "rng_state",
@@ -38,14 +40,53 @@ class CheckpointError(StreamingError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckpointMeta:
-    """What a checkpoint says about its run."""
+class EpochProgress:
+    """How far one process got into an epoch: the optimizer steps done, and the sums its
+    epoch metrics are made of (so a resumed epoch reports what an uninterrupted one would).
 
-    epoch: int  # completed epochs
+    Attributes:
+        step: optimizer steps of the epoch done.
+        loss_sum, counted: the sum of the finite image losses, and how many there were.
+        correct, seen: correctly classified images, and images trained on.
+        seconds: training time of the epoch so far (s).
+        skipped: images of the epoch that failed to read and were left out (all processes).
+        scaler_skips: optimizer steps the float16 loss scaler skipped in a row.
+    """
+
+    step: int = 0
+    loss_sum: float = 0.0
+    counted: int = 0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+    scaler_skips: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointMeta:
+    """What a checkpoint says about its run.
+
+    Attributes:
+        epoch: completed epochs.
+        progress: written inside epoch ``epoch + 1``: each process's progress in it (one per
+            rank); empty at an epoch's end.
+        skipped: every image left out so far (``skipped.csv``).
+    """
+
+    epoch: int
     task: Task
     spec: RunSpec
     plan: Plan
     history: tuple[EpochMetrics, ...] = ()
+    progress: tuple[EpochProgress, ...] = ()
+    skipped: tuple[SkippedImage, ...] = ()
+
+    def describe(self) -> str:
+        """``after epoch 2`` or ``in epoch 3 after step 40``."""
+        if self.progress:
+            return f"in epoch {self.epoch + 1} after step {self.progress[0].step}"
+        return f"after epoch {self.epoch}"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import random
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,13 @@ import torch.distributed as dist
 from executor import atomic_write, check_plan_matches, load_plan, save_plan
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.data import DataError, Dataset, load_csv
+from tileplan.run.policy import RunPolicy
 from tileplan.run.report import EpochMetrics, RunReport, measure_run_report, save_report
 from tileplan.run.trainer import Trainer, TrainError
-from tileplan.settings import RunSpec, resolve_device
+from tileplan.settings import OPTIMIZERS, RunSpec, resolve_device
+from tileplan.units import format_bytes
 
-__all__ = ["TrainRequest", "run_training"]
+__all__ = ["TrainRequest", "checkpoint_bytes", "check_space", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class TrainRequest:
     device: str = "auto"
     report: bool = True  # measure the memory-savings report at the end
     require_mixed_precision: bool = False  # --amp: refuse a float32/float64 plan
+    policy: RunPolicy = RunPolicy()  # checkpoint cadence, unreadable images
 
 
 def _seed_everything(seed: int) -> None:
@@ -64,6 +68,33 @@ def _init_distributed(device: torch.device) -> bool:
     dist.init_process_group(backend=backend)
     log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
+
+
+def checkpoint_bytes(model: torch.nn.Module, spec: RunSpec) -> int:
+    """Bytes of one ``last.pt`` of ``model``: its state, and the optimizer's per byte of
+    trainable parameters (``OptimizerSpec.state_factor``); pickling adds little."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return state + OPTIMIZERS[spec.optimizer].state_factor * trainable
+
+
+def check_space(out: Path, need: int) -> None:
+    """Refuse to start a run whose folder's file system cannot hold a checkpoint of ``need``
+    bytes (its atomic write holds the new file beside the old one until it replaces it).
+
+    Raises:
+        TrainError: naming the folder, the space free and the space needed.
+    """
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None:
+        return
+    free = shutil.disk_usage(existing).free
+    margin = need // 10 + (16 << 20)  # metrics, report, pickling
+    if free < need + margin:
+        raise TrainError(
+            f"'{out}' has {format_bytes(free)} free, and a checkpoint of this model needs "
+            f"{format_bytes(need + margin)}; free space there or choose another --out"
+        )
 
 
 def save_regions(path: Path, datasets: list[Dataset | None]) -> None:
@@ -146,8 +177,10 @@ def run_training(
         trainer = Trainer(
             model=loaded.model, trunk=loaded.trunk, head=loaded.head, plan=plan, spec=spec,
             train_data=train_data, val_data=val_data, out_dir=req.out, device=device,
-            frozen_trunk=frozen.trunk, frozen_head=frozen.head,
+            frozen_trunk=frozen.trunk, frozen_head=frozen.head, policy=req.policy,
         )  # fmt: skip
+        if trainer.rank == 0:
+            check_space(req.out, checkpoint_bytes(loaded.model, spec))
         if req.resume:
             trainer.resume()
         if trainer.rank == 0:

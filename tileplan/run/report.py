@@ -75,6 +75,8 @@ class EpochMetrics:
     val_auc: float | None  # binary labels only
     seconds: float
     seconds_per_image: float
+    skipped: int = 0  # training images left out because they failed to read
+    peak_bytes: int | None = None  # the epoch's measured memory peak (``tileplan.run.peaks``)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import functools
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 import torch.distributed as dist
@@ -44,27 +47,38 @@ from tileplan.planning.model_file import set_batch_norm
 from tileplan.run.checkpoint import (
     Checkpoint,
     CheckpointMeta,
+    EpochProgress,
     load_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
 )
-from tileplan.run.data import FIX_ROW, Dataset, Task
+from tileplan.run.data import FIX_ROW, DataError, Dataset, ImageReadError, Task
+from tileplan.run.interrupts import (
+    EXIT_INTERRUPTED,
+    RunInterruptedError,
+    StopRequest,
+    stop_on_signals,
+)
+from tileplan.run.peaks import PeakMeter, over_plan
+from tileplan.run.policy import RunPolicy
 from tileplan.run.report import EpochMetrics, save_metrics
 from tileplan.run.sizes import refusal
+from tileplan.run.skips import SKIPPED_FILE, SkippedImage, save_skipped
 from tileplan.settings import RunSpec
 from tileplan.streamed import inference_engine
 from tileplan.units import format_shape
 
 __all__ = [
-    "MAX_SKIPPED_STEPS", "Decision", "DivergedError", "TrainError", "Trainer", "binary_auc",
-    "decide", "loss_for",
+    "MAX_SKIPPED_STEPS", "Decision", "DivergedError", "RunInterruptedError", "TrainError",
+    "Trainer", "binary_auc", "decide", "loss_for",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 # Settings a --resume may change: more epochs and other reader processes alter nothing that
 # is computed; a run that diverged goes on from its last good checkpoint with a lower --lr.
+# (How a run checkpoints and treats unreadable images is a RunPolicy, never compared.)
 _RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "lr"})
 # Consecutive optimizer steps a float16 loss scaler may skip (non-finite gradients are normal
 # while it finds its scale) before the run counts as diverged: from the initial scale 2**16,
@@ -74,6 +88,10 @@ MAX_SKIPPED_STEPS = 24
 
 class TrainError(StreamingError):
     """Training cannot start or continue; the message says why and what to do."""
+
+
+# What the image reader hands the loop: an image and its label, or why it could not be read.
+Item: TypeAlias = "tuple[torch.Tensor | ImageSource, torch.Tensor] | DataError"
 
 
 class DivergedError(TrainError):
@@ -158,6 +176,7 @@ class Trainer:
         train_data, val_data: datasets of images (see ``tileplan.run.data``).
         out_dir: the run folder (checkpoints, metrics, report).
         device: where the model runs; images stay on the host and tiles move.
+        policy: checkpoint cadence and what to do with images that fail to read.
     """
 
     def __init__(
@@ -174,7 +193,9 @@ class Trainer:
         device: torch.device,
         frozen_trunk: nn.Module | None = None,
         frozen_head: nn.Module | None = None,
+        policy: RunPolicy | None = None,
     ) -> None:
+        self.policy = policy or RunPolicy()
         self.model, self.trunk, self.head = model, trunk, head
         self.plan, self.spec, self.out_dir, self.device = plan, spec, Path(out_dir), device
         self.train_data, self.val_data = train_data, val_data
@@ -213,9 +234,13 @@ class Trainer:
         self.loss = loss_for(self.task)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
-        self.epoch = 0
+        self.epoch = 0  # completed epochs
         self.history: list[EpochMetrics] = []
-        self._skipped = 0  # optimizer steps the float16 loss scaler skipped in a row
+        self.skipped: list[SkippedImage] = []  # images left out (--on-read-error skip)
+        self._progress: EpochProgress | None = None  # where a resumed epoch goes on from
+        self._scaler_skips = 0  # optimizer steps the float16 loss scaler skipped in a row
+        self._saved: str | None = None  # what last.pt holds ("after epoch 2"), once written
+        self._last_save = (time.perf_counter(), 0)  # (clock, optimizer steps) at the last one
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -254,12 +279,28 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / "last.pt"
 
-    def save_checkpoint(self) -> None:
+    def _last_good(self) -> str:
+        """What the run folder holds to continue from, for messages."""
+        if self._saved is None:
+            return "no checkpoint was written yet"
+        return f"'{self.checkpoint_path()}' ({self._saved}) is the last good checkpoint"
+
+    def save_checkpoint(
+        self, progress: Sequence[EpochProgress] = (), rng: dict[str, Any] | None = None
+    ) -> None:
         """Write ``last.pt`` (rank 0), never with non-finite weights: the last good one stays.
+
+        Args:
+            progress: each rank's progress in the epoch under way (empty at an epoch's end).
+            rng: the RNG states to resume with (default: now's); a checkpoint between the
+                images of a step takes the states of the step's start.
 
         Raises:
             DivergedError: a parameter or buffer is not finite.
+            TrainError: the file system refused the write (naming the path and the checkpoint
+                that remains).
         """
+        self._last_save = (time.perf_counter(), 0)
         if self.rank != 0:
             return
         broken = [n for n, t in self.model.state_dict().items()
@@ -271,14 +312,28 @@ class Trainer:
                 "--resume and a lower --lr"
             )
         meta = CheckpointMeta(epoch=self.epoch, task=self.task, spec=self.spec, plan=self.plan,
-                              history=tuple(self.history))  # fmt: skip
+                              history=tuple(self.history), progress=tuple(progress),
+                              skipped=tuple(self.skipped))  # fmt: skip
         checkpoint = Checkpoint(self.model.state_dict(), self.optimizer.state_dict(),
-                                self.scaler.state_dict(), rng_state(), meta)  # fmt: skip
-        save_checkpoint(self.checkpoint_path(), checkpoint)
-        save_metrics(tuple(self.history), self.out_dir)
+                                self.scaler.state_dict(), rng or rng_state(), meta)  # fmt: skip
+        target = self.checkpoint_path()
+        try:
+            save_checkpoint(target, checkpoint)
+            target = self.out_dir / "metrics.jsonl"
+            save_metrics(tuple(self.history), self.out_dir)
+            if self.skipped:
+                target = self.out_dir / SKIPPED_FILE
+                save_skipped(target, self.skipped)
+        except OSError as err:
+            raise TrainError(f"cannot write '{target}' ({err.strerror or err}): "
+                             f"{self._last_good()}; free space or fix the folder, then "
+                             "continue with --resume") from err  # fmt: skip
+        self._saved = meta.describe()
+        log.info("checkpoint %s: %s", target, self._saved)
 
     def resume(self) -> None:
-        """Continue from ``last.pt``: weights, optimizer, epoch, RNG states, history.
+        """Continue from ``last.pt``: weights, optimizer, epoch (and step within it), RNG
+        states, history, skipped images.
 
         Raises:
             TrainError: no checkpoint, or one from another model, plan or settings.
@@ -300,6 +355,12 @@ class Trainer:
                     f"--resume: the run was started with {f.name} {was}, not {now}; pass the "
                     "same options to continue it exactly"
                 )
+        if meta.progress and len(meta.progress) != self.world:
+            raise TrainError(
+                f"--resume: '{path}' was written {meta.describe()} by {len(meta.progress)} "
+                f"processes; continue it with {len(meta.progress)} (an epoch's images are "
+                f"shared among them), not {self.world}"
+            )
         try:
             self.model.load_state_dict(ckpt.model)
             self.optimizer.load_state_dict(ckpt.optimizer)
@@ -308,8 +369,56 @@ class Trainer:
             raise TrainError(f"--resume: '{path}' does not fit this model ({err})") from err
         self.epoch = meta.epoch
         self.history = list(meta.history)
+        self.skipped = list(meta.skipped)
+        self._progress = meta.progress[self.rank] if meta.progress else None
         restore_rng_state(ckpt.rng)
-        log.info("resumed from %s after epoch %d", path, self.epoch)
+        self._saved = meta.describe()
+        log.info("resumed from %s %s", path, self._saved)
+
+    # -- agreement between processes ----------------------------------------------------------
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """``flags`` set on any rank (the same decision on every rank)."""
+        if self.world == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t]
+
+    def _barrier(self) -> None:
+        """Every rank waits for rank 0's checkpoint before any tears its connections down."""
+        if self.world > 1:
+            dist.barrier()
+
+    def _total(self, value: int) -> int:
+        """``value`` summed over ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return int(t[0])
+
+    def _all_progress(self, progress: EpochProgress) -> list[EpochProgress]:
+        """Every rank's progress (rank order), for a checkpoint inside an epoch."""
+        if self.world == 1:
+            return [progress]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, progress)
+        return gathered
+
+    def _checkpoint_due(self) -> bool:
+        """Rank 0's clock and step count against ``--checkpoint-every``."""
+        since, steps = self._last_save
+        return self.rank == 0 and self.policy.checkpoint_every.due(
+            steps, time.perf_counter() - since
+        )
+
+    def _stopped(self, stop: StopRequest, where: str) -> RunInterruptedError:
+        """The checkpoint was written (or is being kept): the exception that ends the run."""
+        signal_name = stop.signal or "a signal on another process"
+        return RunInterruptedError(f"stopped by {signal_name} {where}: '{self.checkpoint_path()}' "
+                           "holds the run; continue it with the same command and --resume "
+                           f"(exit status {EXIT_INTERRUPTED})")  # fmt: skip
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -343,56 +452,170 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
-    def _images(
-        self, indices: list[int]
-    ) -> Iterator[tuple[torch.Tensor | ImageSource, torch.Tensor]]:
-        """(1, C, *spatial) images and labels in ``indices`` order, read ahead by
-        ``num_workers`` processes (slides: opened ahead by as many threads; their tiles are
-        read during the passes)."""
+    def _images(self, indices: list[int]) -> Iterator[Item]:
+        """(1, C, *spatial) images and labels in ``indices`` order, or the error reading one
+        raised, read ahead by ``num_workers`` processes (slides: opened ahead by as many
+        threads; their tiles are read during the passes)."""
         if self.train_data.streamed:
             yield from _opened_ahead(
                 (self._image(self.train_data, i) for i in indices), self.spec.num_workers
             )
             return
         if self.spec.num_workers == 0:
-            yield from (self._image(self.train_data, i) for i in indices)
+            for i in indices:
+                try:
+                    yield self._image(self.train_data, i)
+                except DataError as err:
+                    yield err
             return
         loader = torch.utils.data.DataLoader(
-            self.train_data, batch_size=None, sampler=indices, num_workers=self.spec.num_workers,
+            _ReadOrError(self.train_data), batch_size=None, sampler=indices,
+            num_workers=self.spec.num_workers, worker_init_fn=_ignore_stop_signals,
+            # The workers' seeds come from this generator, not the global RNG, so that a run
+            # resumed mid-epoch draws the same random numbers as one that never stopped.
+            generator=torch.Generator().manual_seed(self.spec.seed),
         )  # fmt: skip
-        for image, label in loader:
-            yield image.unsqueeze(0), label.reshape(1)
+        for image, label, error in loader:
+            yield DataError(error) if error is not None else (image.unsqueeze(0), label.reshape(1))
+
+    def _snapshot(self) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]:
+        """Gradients and buffers (BatchNorm statistics in train mode), to undo one image."""
+        grads = [None if p.grad is None else p.grad.clone() for p in self.model.parameters()]
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        return grads, buffers
+
+    def _restore(self, snapshot: tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]
+                 ) -> None:  # fmt: skip
+        grads, buffers = snapshot
+        with torch.no_grad():
+            for p, g in zip(self.model.parameters(), grads, strict=True):
+                p.grad = g
+            for n, b in self.model.named_buffers():
+                b.copy_(buffers[n])
+
+    def _unreadable(self, err: DataError, *, epoch: int, step: int, phase: str,
+                    index: int, data: Dataset) -> SkippedImage:  # fmt: skip
+        """Stop on an image that failed to read (``fail``), or record it (``skip``)."""
+        sample = data.samples[index]
+        where = data.csv_path or "dataset"
+        reason = " ".join(str(err).split())
+        if isinstance(err, ImageReadError):  # the reader names the file, not the row
+            reason = f"{where} row {sample.row}: {reason}"
+        if self.policy.on_read_error == "fail":
+            raise ImageReadError(
+                f"epoch {epoch + 1}: {reason}; {self._last_good()}; "
+                "leave such images out with --on-read-error skip, and list them all first with "
+                "`tileplan check-data`"
+            ) from err
+        log.warning("epoch %d: skipped %s", epoch + 1, reason)
+        return SkippedImage(epoch + 1, step + 1 if phase == "train" else 0, phase, str(where),
+                            sample.row, str(sample.path), reason)  # fmt: skip
+
+    def _share_skips(self, mine: list[SkippedImage]) -> list[SkippedImage]:
+        """Every rank's skipped images of a step (rank order)."""
+        if self.world == 1 or not self._total(len(mine)):
+            return mine
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return [r for part in gathered for r in part]
 
     def train_epoch(
-        self, epoch: int, bar: Callable[[int], None]
-    ) -> tuple[float, float | None, int]:
-        """One epoch; returns (mean loss, accuracy or None, images seen by this rank)."""
-        losses, counted, correct, seen = 0.0, 0, 0, 0  # counted: finite losses
+        self,
+        epoch: int,
+        bar: Callable[[int], None],
+        progress: EpochProgress | None = None,
+        stop: StopRequest | None = None,
+    ) -> EpochProgress:
+        """One epoch, from ``progress`` (a resumed epoch) on; returns this rank's progress at
+        its end.
+
+        Checkpoints at step boundaries as ``--checkpoint-every`` says. Between two images, a
+        stop request (SIGTERM/SIGINT on any rank) drops the step's partial accumulation,
+        writes a checkpoint of the step's start and raises ``RunInterruptedError``.
+        """
+        progress = progress or EpochProgress()
+        stop = stop or StopRequest()
         set_batch_norm(self.model, self.spec.batch_norm)
         batches = list(self._my_batches(epoch))
-        images = self._images([i for batch, _ in batches for i in batch])
-        for step, (batch, global_size) in enumerate(batches):
+        slots = -(-self.spec.batch // self.world)  # images per rank per step, at most
+        images = self._images([i for batch, _ in batches[progress.step :] for i in batch])
+        for step in range(progress.step, len(batches)):
+            batch, global_size = batches[step]
+            started = time.perf_counter()
+            boundary = rng_state()  # a checkpoint of this step's start resumes with these
+            undo_step = self._snapshot() if self.spec.batch_norm == "train" else None
+            stopping, due = self._agree(stop.requested, self._checkpoint_due())
+            if stopping or due:
+                self.save_checkpoint(self._all_progress(progress), boundary)
+            if stopping:
+                self._barrier()
+                raise self._stopped(stop, f"in epoch {epoch + 1} before step {step + 1}")
             self.optimizer.zero_grad(set_to_none=True)
             bad: tuple[int, float] | None = None  # (image index, its non-finite loss)
-            for index in batch:
-                image, target = next(images)
-                loss, logits = streaming_step(
-                    self.scnn, self.head, image, target, self.loss,
-                    loss_scale=1.0 / global_size,
-                    grad_scaler=self.scaler if self.scaler.is_enabled() else None,
-                )  # fmt: skip
+            loss_sum, counted, correct, seen = 0.0, 0, 0, 0
+            skipped: list[SkippedImage] = []
+            for slot in range(slots):
+                if slot and self._agree(stop.requested)[0]:  # drop the partial accumulation
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if undo_step is not None:
+                        self._restore(undo_step)
+                    self.save_checkpoint(self._all_progress(progress), boundary)
+                    self._barrier()
+                    raise self._stopped(stop, f"in epoch {epoch + 1} during step {step + 1} "
+                                        "(its images so far were dropped)")  # fmt: skip
+                if slot >= len(batch):
+                    continue
+                index, item = batch[slot], next(images)
+                undo = self._snapshot() if self.policy.on_read_error == "skip" else None
+                try:
+                    if isinstance(item, Exception):
+                        raise item
+                    image, target = item
+                    loss, logits = streaming_step(
+                        self.scnn, self.head, image, target, self.loss,
+                        loss_scale=1.0 / global_size,
+                        grad_scaler=self.scaler if self.scaler.is_enabled() else None,
+                    )  # fmt: skip
+                except DataError as err:  # ImageReadError: a tile failed to decode
+                    skipped.append(self._unreadable(err, epoch=epoch, step=step, phase="train",
+                                                    index=index, data=self.train_data))  # fmt: skip
+                    if undo is not None:
+                        self._restore(undo)
+                    bar(1)
+                    continue
                 if not math.isfinite(float(loss)):
                     bad = bad or (index, float(loss))
                 else:
-                    losses += float(loss)
+                    loss_sum += float(loss)
                     counted += 1
                 correct += int(decide(logits, self.task).label == float(target[0]))
                 seen += 1
                 bar(1)
             self._sync_gradients()
             self._step(epoch, step, bad)
-        accuracy = correct / seen if seen and self.task != "regression" else None
-        return losses / max(counted, 1), accuracy, seen
+            skipped = self._share_skips(skipped)
+            self.skipped.extend(skipped)
+            progress = EpochProgress(
+                step=step + 1, loss_sum=progress.loss_sum + loss_sum,
+                counted=progress.counted + counted, correct=progress.correct + correct,
+                seen=progress.seen + seen,
+                seconds=progress.seconds + time.perf_counter() - started,
+                skipped=progress.skipped + len(skipped), scaler_skips=self._scaler_skips,
+            )  # fmt: skip
+            since, steps = self._last_save
+            self._last_save = (since, steps + 1)
+            self._check_skipped(epoch, progress.skipped)
+        return progress
+
+    def _check_skipped(self, epoch: int, skipped: int) -> None:
+        """Stop a run whose images fail to read past ``--max-skipped``."""
+        limit = self.policy.max_skipped * len(self.train_data)
+        if skipped > limit:
+            raise TrainError(
+                f"epoch {epoch + 1}: {skipped} of {len(self.train_data)} training images failed "
+                f"to read, more than --max-skipped {self.policy.max_skipped:g} allows (see "
+                f"'{self.out_dir / SKIPPED_FILE}'); check the data with `tileplan check-data`"
+            )
 
     def _step(self, epoch: int, step: int, bad: tuple[int, float] | None) -> None:
         """The optimizer step, unless a loss or gradient is not finite: then the run stops
@@ -406,18 +629,16 @@ class Trainer:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self._skipped = self._skipped + 1 if self.scaler.get_scale() < scale else 0
-            if self._skipped >= MAX_SKIPPED_STEPS:
-                why = (f"the float16 loss scaler skipped {self._skipped} steps in a row "
+            self._scaler_skips = self._scaler_skips + 1 if self.scaler.get_scale() < scale else 0
+            if self._scaler_skips >= MAX_SKIPPED_STEPS:
+                why = (f"the float16 loss scaler skipped {self._scaler_skips} steps in a row "
                        "(non-finite gradients)")  # fmt: skip
                 raise self._diverged(epoch, step, why)
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        flags = torch.tensor([float(bad is not None), float(not finite)], dtype=torch.float64)
-        if self.world > 1:  # every rank stops at the same step
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags.any():
+        any_bad, any_infinite = self._agree(bad is not None, not finite)
+        if any_bad or any_infinite:
             if bad is not None:
                 sample = self.train_data.samples[bad[0]]
                 what = f"the loss of '{sample.path.name}' (row {sample.row}) is {bad[1]}"
@@ -429,21 +650,25 @@ class Trainer:
         self.optimizer.step()
 
     def _diverged(self, epoch: int, step: int, what: str) -> DivergedError:
-        last = (f"'{self.checkpoint_path()}' (after epoch {self.epoch}) is the last good "
-                "checkpoint; continue from it with --resume and a lower --lr"
-                if self.epoch else "no checkpoint was written yet; start again with a lower "
-                "--lr")  # fmt: skip
         return DivergedError(f"epoch {epoch + 1}, step {step + 1}: {what}; stopped before the "
-                             f"optimizer step, so the weights stay finite: {last}")  # fmt: skip
+                             f"optimizer step, so the weights stay finite: {self._last_good()}; "
+                             "continue from it with --resume and a lower --lr, or start again "
+                             "with a lower --lr")  # fmt: skip
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset) -> tuple[float, float | None, float | None]:
-        """(mean loss, accuracy, AUC) over ``data`` with streamed forward passes only."""
+    def evaluate(self, data: Dataset, epoch: int = 0) -> tuple[float, float | None, float | None]:
+        """(mean loss, accuracy, AUC) over ``data`` with streamed forward passes only; an
+        image that fails to read stops the run or is left out (``--on-read-error``)."""
         losses, correct, scores, labels = 0.0, 0, [], []
         set_batch_norm(self.model, "frozen")  # the running statistics, as inference uses
         for index in range(len(data)):
-            image, target = self._image(data, index)
-            features = self.eval_scnn.forward(image)
+            try:
+                image, target = self._image(data, index)
+                features = self.eval_scnn.forward(image)
+            except DataError as err:
+                self.skipped.append(self._unreadable(err, epoch=epoch, step=0, phase="val",
+                                                     index=index, data=data))  # fmt: skip
+                continue
             with self.eval_scnn.autocast():
                 logits = self.eval_head(features)
             losses += float(self.loss(logits, target.to(logits.device)))
@@ -451,56 +676,108 @@ class Trainer:
             correct += int(decision.label == float(target[0]))
             scores.append(decision.positive or 0.0)
             labels.append(float(target[0]))
-        n = max(len(data), 1)
+        n = max(len(labels), 1)
         accuracy = correct / n if self.task != "regression" else None
         auc = binary_auc(scores, labels) if self.task == "binary" else None
         return losses / n, accuracy, auc
 
-    def fit(self, *, progress: bool = True) -> tuple[EpochMetrics, ...]:
-        """Train the remaining epochs; returns the metrics history."""
+    def fit(
+        self, *, progress: bool = True, stop: StopRequest | None = None
+    ) -> tuple[EpochMetrics, ...]:
+        """Train the remaining epochs (from inside one, after a mid-epoch checkpoint); returns
+        the metrics history.
+
+        Args:
+            progress: a bar per epoch (rank 0, on a terminal).
+            stop: when to stop (default: on SIGTERM/SIGINT, caught while training).
+
+        Raises:
+            RunInterruptedError: a stop was requested; the checkpoint to resume from was
+                written.
+        """
         show = progress and self.rank == 0 and sys.stderr.isatty()
-        for epoch in range(self.epoch, self.spec.epochs):
-            start = time.perf_counter()
-            total = math.ceil(len(self.train_data) / self.world)
-            with tqdm(total=total, desc=f"epoch {epoch + 1}/{self.spec.epochs}",
-                      disable=not show, unit="img") as bar:  # fmt: skip
-                loss, accuracy, seen = self.train_epoch(epoch, bar.update)
-            seconds = time.perf_counter() - start
-            loss, accuracy = self._average(loss, accuracy, seen)
-            val = (
-                self.evaluate(self.val_data)
-                if self.val_data is not None and self.rank == 0
-                else None
-            )
-            row = EpochMetrics(
-                epoch=epoch + 1, train_loss=loss, train_accuracy=accuracy,
-                val_loss=val[0] if val else None, val_accuracy=val[1] if val else None,
-                val_auc=val[2] if val else None, seconds=round(seconds, 3),
-                seconds_per_image=round(seconds / max(seen, 1), 4),
-            )  # fmt: skip
-            self.history.append(row)
-            self.epoch = epoch + 1
-            self.save_checkpoint()
-            if self.rank == 0:
-                log.info("epoch %d: %s", epoch + 1, row)
+        self._last_save = (time.perf_counter(), 0)
+        catching = contextlib.nullcontext(stop) if stop is not None else stop_on_signals()
+        with catching as stop:
+            log.info("training from epoch %d%s; SIGTERM/SIGINT stop it at a step boundary",
+                     self.epoch + 1, f" step {self._progress.step + 1}" if self._progress
+                     else "")  # fmt: skip
+            meter = PeakMeter(self.model, self.device)
+            warned = False
+            for epoch in range(self.epoch, self.spec.epochs):
+                meter.reset()
+                resumed, self._progress = self._progress, None
+                total = math.ceil(len(self.train_data) / self.world)
+                with tqdm(total=total, desc=f"epoch {epoch + 1}/{self.spec.epochs}",
+                          disable=not show, unit="img",
+                          initial=resumed.seen if resumed else 0) as bar:  # fmt: skip
+                    done = self.train_epoch(epoch, bar.update, resumed, stop)
+                peak = meter.peak()  # of the training steps: validation streams forward only
+                loss, accuracy = self._average(done)
+                val = (self.evaluate(self.val_data, epoch)
+                       if self.val_data is not None and self.rank == 0 else None)  # fmt: skip
+                row = EpochMetrics(
+                    epoch=epoch + 1, train_loss=loss, train_accuracy=accuracy,
+                    val_loss=val[0] if val else None, val_accuracy=val[1] if val else None,
+                    val_auc=val[2] if val else None, seconds=round(done.seconds, 3),
+                    seconds_per_image=round(done.seconds / max(done.seen, 1), 4),
+                    skipped=done.skipped, peak_bytes=peak,
+                )  # fmt: skip
+                breach = over_plan(peak, self.plan)
+                if breach and not warned and self.rank == 0:
+                    log.warning("epoch %d: %s", epoch + 1, breach)
+                    warned = True
+                self.history.append(row)
+                self.epoch = epoch + 1
+                self.save_checkpoint()
+                if self.rank == 0:
+                    log.info("epoch %d: %s", epoch + 1, row)
+                if self._agree(stop.requested)[0] and self.epoch < self.spec.epochs:
+                    raise self._stopped(stop, f"after epoch {self.epoch}")
         return tuple(self.history)
 
-    def _average(
-        self, loss: float, accuracy: float | None, seen: int
-    ) -> tuple[float, float | None]:
-        if self.world == 1:
-            return loss, accuracy
-        t = torch.tensor([loss * seen, (accuracy or 0.0) * seen, seen], dtype=torch.float64)
-        dist.all_reduce(t)
-        n = max(float(t[2]), 1.0)
-        return float(t[0]) / n, (float(t[1]) / n if accuracy is not None else None)
+    def _average(self, done: EpochProgress) -> tuple[float, float | None]:
+        """The epoch's mean loss and accuracy over every rank's images."""
+        t = torch.tensor([done.loss_sum, done.counted, done.correct, done.seen],
+                         dtype=torch.float64)  # fmt: skip
+        if self.world > 1:
+            dist.all_reduce(t)
+        loss = float(t[0]) / max(float(t[1]), 1.0)
+        accuracy = float(t[2]) / float(t[3]) if t[3] and self.task != "regression" else None
+        return loss, accuracy
+
+
+class _ReadOrError(torch.utils.data.Dataset):
+    """A dataset whose items are ``(image, label, None)``, or ``(None, None, message)`` when the
+    image fails to read: a worker process hands the error over as a value, one line."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, str | None]:
+        try:
+            image, label = self.data[index]
+        except DataError as err:
+            return None, None, str(err)
+        return image, label, None
+
+
+def _ignore_stop_signals(worker: int) -> None:
+    """Reader processes leave SIGTERM/SIGINT to the training process, which stops at a step
+    boundary and then ends them (a job scheduler signals every process of the job)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _opened_ahead(
     items: Iterator[tuple[ImageSource | torch.Tensor, torch.Tensor]], ahead: int
-) -> Iterator[tuple[ImageSource | torch.Tensor, torch.Tensor]]:
+) -> Iterator[Item]:
     """Yield ``items``, opening the next ``ahead`` sources on threads meanwhile (a whole-image
-    format is decoded when opened). A source closes its file when the step drops it."""
+    format is decoded when opened), or the error opening one raised. A source closes its
+    file when the step drops it."""
 
     def opened(source: ImageSource | torch.Tensor) -> ImageSource | torch.Tensor:
         return source.open() if hasattr(source, "open") else source
@@ -518,9 +795,11 @@ def _opened_ahead(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _finish(future: concurrent.futures.Future, label: torch.Tensor
-            ) -> tuple[ImageSource | torch.Tensor, torch.Tensor]:  # fmt: skip
-    return future.result(), label
+def _finish(future: concurrent.futures.Future, label: torch.Tensor) -> Item:
+    try:
+        return future.result(), label
+    except DataError as err:
+        return err
 
 
 def check_image_sizes(

@@ -25,7 +25,7 @@ from tileplan.run.slides import resolve
 from tileplan.run.volumes import resolve_volume
 from tileplan.settings import DataSettings
 
-COMMANDS = ("train", "profile", "predict")
+COMMANDS = ("train", "profile", "predict", "check-data")
 READING = {"--mpp", "--level", "--tissue", "--oversize", "--assume-mpp", "--spacing",
            "--assume-spacing", "--intensity"}  # fmt: skip
 
