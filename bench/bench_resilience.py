@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024**3
 
 
-def _plan(model: Path, size: int, budget: str | None, out: Path):  # type: ignore[no-untyped-def]
+def _plan(model: Path, size: int, budget: str | None, out: Path, measure: bool = False):  # type: ignore[no-untyped-def]
     from executor import save_plan
     from tileplan.planning.profile import ProfileRequest, profile
     from tileplan.units import parse_bytes
 
     limit = parse_bytes(budget) if budget else None
     plan = profile(ProfileRequest(model_file=model, image_shape=(size, size), verify=False,
-                                  budget_bytes=limit))  # fmt: skip
+                                  budget_bytes=limit, measure=measure))  # fmt: skip
     save_plan(plan, out)
     return plan
 
@@ -172,7 +172,7 @@ def bench_peak(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for budget in args.budgets:
             plan_file = Path(tmp) / f"plan-{budget}.yaml"
-            plan = _plan(args.model, args.size, budget, plan_file)
+            plan = _plan(args.model, args.size, budget, plan_file, measure=True)  # calibrated
             code = _CHILD.format(root=str(ROOT), plan=str(plan_file), model=str(args.model))
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                   env=env)  # fmt: skip

@@ -371,6 +371,7 @@ class Trainer:
         self.history = list(meta.history)
         self.skipped = list(meta.skipped)
         self._progress = meta.progress[self.rank] if meta.progress else None
+        self._scaler_skips = self._progress.scaler_skips if self._progress else 0
         restore_rng_state(ckpt.rng)
         self._saved = meta.describe()
         log.info("resumed from %s %s", path, self._saved)
@@ -478,11 +479,15 @@ class Trainer:
         for image, label, error in loader:
             yield DataError(error) if error is not None else (image.unsqueeze(0), label.reshape(1))
 
-    def _snapshot(self) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]:
-        """Gradients and buffers (BatchNorm statistics in train mode), to undo one image."""
-        grads = [None if p.grad is None else p.grad.clone() for p in self.model.parameters()]
+    def _snapshot(
+        self, *, grads: bool = True
+    ) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]:
+        """Gradients (or None: the step's start, where there are none) and buffers (BatchNorm
+        statistics in train mode), to undo one image or a partial step."""
+        saved = [None if p.grad is None or not grads else p.grad.clone()
+                 for p in self.model.parameters()]  # fmt: skip
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        return grads, buffers
+        return saved, buffers
 
     def _restore(self, snapshot: tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]
                  ) -> None:  # fmt: skip
@@ -543,7 +548,9 @@ class Trainer:
             batch, global_size = batches[step]
             started = time.perf_counter()
             boundary = rng_state()  # a checkpoint of this step's start resumes with these
-            undo_step = self._snapshot() if self.spec.batch_norm == "train" else None
+            # Train-mode BatchNorm moves its running statistics with every image: a dropped
+            # partial step puts them back.
+            undo_step = self._snapshot(grads=False) if self.spec.batch_norm == "train" else None
             stopping, due = self._agree(stop.requested, self._checkpoint_due())
             if stopping or due:
                 self.save_checkpoint(self._all_progress(progress), boundary)

@@ -155,6 +155,34 @@ def test_a_stop_at_any_point_resumes_to_the_same_weights(setup: Path, tmp_path: 
     assert mid_epoch == looks.looks - 1 - (EPOCHS - 1)  # all but the epoch ends were mid-epoch
 
 
+def test_a_stop_inside_a_step_puts_train_mode_batch_norm_back(tmp_path: Path) -> None:
+    """BatchNorm trained on batch statistics moves its running statistics with each image: a
+    stop between the images of a step puts them back, so the resumed run ends with the same
+    weights and statistics."""
+    from tests.tileplan.conftest import TINY_GLOBAL_MODEL
+
+    (tmp_path / "global.py").write_text(TINY_GLOBAL_MODEL)
+    for args in (
+        ["demo-data", tmp_path / "demo", "--n", 8, "--size", SIZE, "--seed", 4],
+        ["profile", tmp_path / "global.py", "--image", SIZE, "--bn", "train", "--max-tile", 48,
+         "--dtype", "float64", "--no-measure", "--budget", "2GiB", "--out", tmp_path / "plan.yaml"],
+    ):  # fmt: skip
+        code, out = _run(*args)
+        assert code == 0, out
+    (tmp_path / "tiny.py").write_text(TINY_GLOBAL_MODEL)  # _trainer builds <setup>/tiny.py
+    _trainer(tmp_path, tmp_path / "ref").fit(progress=False)
+    reference = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["model"]
+    assert any("running_mean" in k for k in reference)
+    for n in (1, 10, 17):  # between the two images of a step, in each epoch
+        out = tmp_path / f"stop{n}"
+        with pytest.raises(RunInterruptedError, match="images so far were dropped"):
+            _trainer(tmp_path, out).fit(progress=False, stop=_StopAt(n))
+        resumed = _trainer(tmp_path, out)
+        resumed.resume()
+        resumed.fit(progress=False)
+        _assert_identical(_weights(out / "last.pt"), reference)
+
+
 def test_checkpoints_come_at_the_cadence_asked(setup: Path, tmp_path: Path) -> None:
     """``--checkpoint-every 2`` (steps): mid-epoch checkpoints on every second step boundary,
     and a resume from one of them equals the uninterrupted run."""
