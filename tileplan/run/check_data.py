@@ -11,6 +11,7 @@ removed first.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import csv
 import io
 import itertools
@@ -104,6 +105,10 @@ def _read_blocks(job: tuple[Any, ...]) -> tuple[int, int, list[str]]:
                 reasons.append(str(err))
                 if "opening it" in str(err):
                     break  # the file does not open: its other blocks say the same
+            except Exception as err:  # after a short read, e.g. resampling: still this block's
+                where = " x ".join(f"{s.start}:{s.stop}" for s in region)
+                reasons.append(f"'{source.path}' failed to read at {where} px as streamed: "
+                               f"{type(err).__name__}: {' '.join(str(err).split())}")  # fmt: skip
     finally:
         source.close()
     return index, pixels, reasons
@@ -153,7 +158,17 @@ def check_data(
         concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=context) as pool,
         tqdm(total=len(jobs), desc="check-data", unit="block", disable=not progress) as bar,
     ):
-        for index, read, reasons in pool.map(_read_blocks, jobs):
+        futures = [pool.submit(_read_blocks, job) for job in jobs]
+        for job, future in zip(jobs, futures, strict=True):
+            try:
+                index, read, reasons = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                sample = data.samples[job[0]]
+                raise DataError(
+                    f"{where} row {sample.row}: a reader process died while decoding "
+                    f"'{sample.path}' (a crash in its decoder); check or remove that file and run "
+                    "check-data again"
+                ) from None
             pixels += read
             if reasons:
                 found.setdefault(index, []).extend(reasons)

@@ -72,6 +72,7 @@ class CheckpointMeta:
         progress: written inside epoch ``epoch + 1``: each process's progress in it (one per
             rank); empty at an epoch's end.
         skipped: every image left out so far (``skipped.csv``).
+        scaler_skips: steps the float16 loss scaler skipped in a row, at the checkpoint.
     """
 
     epoch: int
@@ -81,6 +82,7 @@ class CheckpointMeta:
     history: tuple[EpochMetrics, ...] = ()
     progress: tuple[EpochProgress, ...] = ()
     skipped: tuple[SkippedImage, ...] = ()
+    scaler_skips: int = 0  # optimizer steps the float16 loss scaler skipped in a row
 
     def describe(self) -> str:
         """``after epoch 2`` or ``in epoch 3 after step 40``."""

@@ -2,8 +2,9 @@
 
 The first signal only sets a flag: the training loop sees it between images, writes a
 checkpoint at the last optimizer-step boundary and stops with ``EXIT_INTERRUPTED``. A second
-signal restores the default action and re-raises it, so the process ends at once (checkpoint
-writes are atomic: the previous one stays whole).
+signal (more than ``DUPLICATE_WINDOW_S`` later: one preemption often arrives twice) restores
+the default action and re-raises it, so the process ends at once (checkpoint writes are
+atomic: the previous one stays whole).
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 
 from executor import StreamingError
 
-__all__ = ["EXIT_INTERRUPTED", "RunInterruptedError", "StopRequest", "stop_on_signals"]
+__all__ = [
+    "DUPLICATE_WINDOW_S", "EXIT_INTERRUPTED", "RunInterruptedError", "StopRequest",
+    "stop_on_signals",
+]  # fmt: skip
 
 # sysexits' EX_TEMPFAIL: "try again later", what a requeued job does with --resume.
 EXIT_INTERRUPTED = 75
+# Signals this soon after the first count as the same one (seconds).
+DUPLICATE_WINDOW_S = 2.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -34,17 +41,23 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self._at = 0.0  # monotonic time of the first signal
 
     @property
     def requested(self) -> bool:
         return self.signal is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal is not None:  # the second one: go now, the default way
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self._at = signal.Signals(signum).name, now
             return
-        self.signal = signal.Signals(signum).name
+        if now - self._at < DUPLICATE_WINDOW_S:
+            # The same preemption delivered twice: a scheduler signals every process of a job
+            # and torchrun forwards what it gets to its workers.
+            return
+        signal.signal(signum, signal.SIG_DFL)  # a second one: go now, the default way
+        os.kill(os.getpid(), signum)
 
 
 @contextlib.contextmanager

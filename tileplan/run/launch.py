@@ -179,8 +179,7 @@ def run_training(
             train_data=train_data, val_data=val_data, out_dir=req.out, device=device,
             frozen_trunk=frozen.trunk, frozen_head=frozen.head, policy=req.policy,
         )  # fmt: skip
-        if trainer.rank == 0:
-            check_space(req.out, checkpoint_bytes(loaded.model, spec))
+        check_space(req.out, checkpoint_bytes(loaded.model, spec))  # every rank: all stop
         if req.resume:
             trainer.resume()
         if trainer.rank == 0:

@@ -289,36 +289,59 @@ class Trainer:
         self, progress: Sequence[EpochProgress] = (), rng: dict[str, Any] | None = None
     ) -> None:
         """Write ``last.pt`` (rank 0), never with non-finite weights: the last good one stays.
+        Every rank calls it at the same point (each hands over its RNG states; a failure on
+        rank 0 stops every rank).
 
         Args:
             progress: each rank's progress in the epoch under way (empty at an epoch's end).
-            rng: the RNG states to resume with (default: now's); a checkpoint between the
-                images of a step takes the states of the step's start.
+            rng: this rank's RNG states to resume with (default: now's); a checkpoint between
+                the images of a step takes the states of the step's start.
 
         Raises:
             DivergedError: a parameter or buffer is not finite.
             TrainError: the file system refused the write (naming the path and the checkpoint
-                that remains).
+                that remains), or rank 0 could not write.
         """
         self._last_save = (time.perf_counter(), 0)
-        if self.rank != 0:
-            return
+        states = self._gathered(rng or rng_state())  # each rank resumes with its own
+        failure: StreamingError | None = None
+        if self.rank == 0:
+            try:
+                self._write_checkpoint(progress, states)
+            except StreamingError as err:
+                failure = err
+        if self._agree(failure is not None)[0]:
+            raise failure or TrainError("rank 0 could not write the checkpoint; see its message")
+
+    def _gathered(self, value: Any) -> list[Any]:
+        """``value`` of every rank (rank order)."""
+        if self.world == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def _write_checkpoint(self, progress: Sequence[EpochProgress],
+                          states: list[dict[str, Any]]) -> None:  # fmt: skip
         broken = [n for n, t in self.model.state_dict().items()
                   if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
         if broken:
             raise DivergedError(
-                f"epoch {self.epoch}: {broken[0]} is not finite, so '{self.checkpoint_path()}' "
-                "was not overwritten (it holds the last good weights); continue from it with "
-                "--resume and a lower --lr"
+                f"{broken[0]} is not finite (epoch {self.epoch + 1}), so "
+                f"'{self.checkpoint_path()}' was not overwritten ({self._last_good()}); "
+                "continue from it with --resume and a lower --lr"
             )
         meta = CheckpointMeta(epoch=self.epoch, task=self.task, spec=self.spec, plan=self.plan,
                               history=tuple(self.history), progress=tuple(progress),
-                              skipped=tuple(self.skipped))  # fmt: skip
+                              skipped=tuple(self.skipped),
+                              scaler_skips=self._scaler_skips)  # fmt: skip
+        rng = {**states[0], "ranks": states} if len(states) > 1 else states[0]
         checkpoint = Checkpoint(self.model.state_dict(), self.optimizer.state_dict(),
-                                self.scaler.state_dict(), rng or rng_state(), meta)  # fmt: skip
+                                self.scaler.state_dict(), rng, meta)  # fmt: skip
         target = self.checkpoint_path()
         try:
             save_checkpoint(target, checkpoint)
+            self._saved = meta.describe()
             target = self.out_dir / "metrics.jsonl"
             save_metrics(tuple(self.history), self.out_dir)
             if self.skipped:
@@ -328,8 +351,7 @@ class Trainer:
             raise TrainError(f"cannot write '{target}' ({err.strerror or err}): "
                              f"{self._last_good()}; free space or fix the folder, then "
                              "continue with --resume") from err  # fmt: skip
-        self._saved = meta.describe()
-        log.info("checkpoint %s: %s", target, self._saved)
+        log.info("checkpoint %s: %s", self.checkpoint_path(), self._saved)
 
     def resume(self) -> None:
         """Continue from ``last.pt``: weights, optimizer, epoch (and step within it), RNG
@@ -371,8 +393,9 @@ class Trainer:
         self.history = list(meta.history)
         self.skipped = list(meta.skipped)
         self._progress = meta.progress[self.rank] if meta.progress else None
-        self._scaler_skips = self._progress.scaler_skips if self._progress else 0
-        restore_rng_state(ckpt.rng)
+        self._scaler_skips = meta.scaler_skips
+        ranks = ckpt.rng.get("ranks")
+        restore_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ckpt.rng)
         self._saved = meta.describe()
         log.info("resumed from %s %s", path, self._saved)
 
@@ -401,11 +424,7 @@ class Trainer:
 
     def _all_progress(self, progress: EpochProgress) -> list[EpochProgress]:
         """Every rank's progress (rank order), for a checkpoint inside an epoch."""
-        if self.world == 1:
-            return [progress]
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, progress)
-        return gathered
+        return self._gathered(progress)
 
     def _checkpoint_due(self) -> bool:
         """Rank 0's clock and step count against ``--checkpoint-every``."""
@@ -499,19 +518,22 @@ class Trainer:
                 b.copy_(buffers[n])
 
     def _unreadable(self, err: DataError, *, epoch: int, step: int, phase: str,
-                    index: int, data: Dataset) -> SkippedImage:  # fmt: skip
-        """Stop on an image that failed to read (``fail``), or record it (``skip``)."""
+                    index: int, data: Dataset) -> SkippedImage | ImageReadError:  # fmt: skip
+        """The error that stops the run at an image that failed to read (``fail``), or its
+        record (``skip``)."""
         sample = data.samples[index]
         where = data.csv_path or "dataset"
         reason = " ".join(str(err).split())
         if isinstance(err, ImageReadError):  # the reader names the file, not the row
             reason = f"{where} row {sample.row}: {reason}"
         if self.policy.on_read_error == "fail":
-            raise ImageReadError(
+            failure = ImageReadError(
                 f"epoch {epoch + 1}: {reason}; {self._last_good()}; "
                 "leave such images out with --on-read-error skip, and list them all first with "
                 "`tileplan check-data`"
-            ) from err
+            )
+            failure.__cause__ = err
+            return failure
         log.warning("epoch %d: skipped %s", epoch + 1, reason)
         return SkippedImage(epoch + 1, step + 1 if phase == "train" else 0, phase, str(where),
                             sample.row, str(sample.path), reason)  # fmt: skip
@@ -558,9 +580,7 @@ class Trainer:
                 self._barrier()
                 raise self._stopped(stop, f"in epoch {epoch + 1} before step {step + 1}")
             self.optimizer.zero_grad(set_to_none=True)
-            bad: tuple[int, float] | None = None  # (image index, its non-finite loss)
-            loss_sum, counted, correct, seen = 0.0, 0, 0, 0
-            skipped: list[SkippedImage] = []
+            tally = _StepTally()
             for slot in range(slots):
                 if slot and self._agree(stop.requested)[0]:  # drop the partial accumulation
                     self.optimizer.zero_grad(set_to_none=True)
@@ -570,42 +590,22 @@ class Trainer:
                     self._barrier()
                     raise self._stopped(stop, f"in epoch {epoch + 1} during step {step + 1} "
                                         "(its images so far were dropped)")  # fmt: skip
-                if slot >= len(batch):
-                    continue
-                index, item = batch[slot], next(images)
-                undo = self._snapshot() if self.policy.on_read_error == "skip" else None
-                try:
-                    if isinstance(item, Exception):
-                        raise item
-                    image, target = item
-                    loss, logits = streaming_step(
-                        self.scnn, self.head, image, target, self.loss,
-                        loss_scale=1.0 / global_size,
-                        grad_scaler=self.scaler if self.scaler.is_enabled() else None,
-                    )  # fmt: skip
-                except DataError as err:  # ImageReadError: a tile failed to decode
-                    skipped.append(self._unreadable(err, epoch=epoch, step=step, phase="train",
-                                                    index=index, data=self.train_data))  # fmt: skip
-                    if undo is not None:
-                        self._restore(undo)
+                if slot < len(batch):
+                    self._train_image(batch[slot], next(images), global_size, epoch, step, tally)
                     bar(1)
-                    continue
-                if not math.isfinite(float(loss)):
-                    bad = bad or (index, float(loss))
-                else:
-                    loss_sum += float(loss)
-                    counted += 1
-                correct += int(decide(logits, self.task).label == float(target[0]))
-                seen += 1
-                bar(1)
+            if self._agree(tally.failed is not None)[0]:
+                raise tally.failed or TrainError(
+                    f"epoch {epoch + 1}, step {step + 1}: another process stopped the run: an "
+                    "image failed to read (see its message)"
+                )
             self._sync_gradients()
-            self._step(epoch, step, bad)
-            skipped = self._share_skips(skipped)
+            self._step(epoch, step, tally.bad)
+            skipped = self._share_skips(tally.skipped)
             self.skipped.extend(skipped)
             progress = EpochProgress(
-                step=step + 1, loss_sum=progress.loss_sum + loss_sum,
-                counted=progress.counted + counted, correct=progress.correct + correct,
-                seen=progress.seen + seen,
+                step=step + 1, loss_sum=progress.loss_sum + tally.loss_sum,
+                counted=progress.counted + tally.counted, correct=progress.correct + tally.correct,
+                seen=progress.seen + tally.seen,
                 seconds=progress.seconds + time.perf_counter() - started,
                 skipped=progress.skipped + len(skipped), scaler_skips=self._scaler_skips,
             )  # fmt: skip
@@ -614,10 +614,44 @@ class Trainer:
             self._check_skipped(epoch, progress.skipped)
         return progress
 
+    def _train_image(self, index: int, item: Item, global_size: int, epoch: int, step: int,
+                     tally: _StepTally) -> None:  # fmt: skip
+        """Accumulate one image's gradient into the step, or handle its read error."""
+        undo = self._snapshot() if self.policy.on_read_error == "skip" else None
+        try:
+            if isinstance(item, Exception):
+                raise item
+            image, target = item
+            loss, logits = streaming_step(
+                self.scnn, self.head, image, target, self.loss, loss_scale=1.0 / global_size,
+                grad_scaler=self.scaler if self.scaler.is_enabled() else None,
+            )  # fmt: skip
+        except DataError as err:  # ImageReadError: a tile failed to decode
+            record = self._unreadable(err, epoch=epoch, step=step, phase="train", index=index,
+                                      data=self.train_data)  # fmt: skip
+            if undo is not None:
+                self._restore(undo)
+            if isinstance(record, SkippedImage):
+                tally.skipped.append(record)
+            elif self.world == 1:
+                raise record from err
+            else:
+                tally.failed = tally.failed or record  # every rank stops at the step's end
+            return
+        if not math.isfinite(float(loss)):
+            tally.bad = tally.bad or (index, float(loss))
+        else:
+            tally.loss_sum += float(loss)
+            tally.counted += 1
+        tally.correct += int(decide(logits, self.task).label == float(target[0]))
+        tally.seen += 1
+
     def _check_skipped(self, epoch: int, skipped: int) -> None:
         """Stop a run whose images fail to read past ``--max-skipped``."""
         limit = self.policy.max_skipped * len(self.train_data)
         if skipped > limit:
+            if self.rank == 0:
+                save_skipped(self.out_dir / SKIPPED_FILE, self.skipped)
             raise TrainError(
                 f"epoch {epoch + 1}: {skipped} of {len(self.train_data)} training images failed "
                 f"to read, more than --max-skipped {self.policy.max_skipped:g} allows (see "
@@ -673,8 +707,11 @@ class Trainer:
                 image, target = self._image(data, index)
                 features = self.eval_scnn.forward(image)
             except DataError as err:
-                self.skipped.append(self._unreadable(err, epoch=epoch, step=0, phase="val",
-                                                     index=index, data=data))  # fmt: skip
+                record = self._unreadable(err, epoch=epoch, step=0, phase="val", index=index,
+                                          data=data)  # fmt: skip
+                if isinstance(record, ImageReadError):
+                    raise record from err
+                self.skipped.append(record)
                 continue
             with self.eval_scnn.autocast():
                 logits = self.eval_head(features)
@@ -720,9 +757,12 @@ class Trainer:
                           initial=resumed.seen if resumed else 0) as bar:  # fmt: skip
                     done = self.train_epoch(epoch, bar.update, resumed, stop)
                 peak = meter.peak()  # of the training steps: validation streams forward only
+                if self._agree(stop.requested)[0]:  # before validation, which may be long
+                    self.save_checkpoint(self._all_progress(done))
+                    self._barrier()
+                    raise self._stopped(stop, f"in epoch {epoch + 1} after its last step")
                 loss, accuracy = self._average(done)
-                val = (self.evaluate(self.val_data, epoch)
-                       if self.val_data is not None and self.rank == 0 else None)  # fmt: skip
+                val = self._validate(epoch)
                 row = EpochMetrics(
                     epoch=epoch + 1, train_loss=loss, train_accuracy=accuracy,
                     val_loss=val[0] if val else None, val_accuracy=val[1] if val else None,
@@ -743,6 +783,18 @@ class Trainer:
                     raise self._stopped(stop, f"after epoch {self.epoch}")
         return tuple(self.history)
 
+    def _validate(self, epoch: int) -> tuple[float, float | None, float | None] | None:
+        """Rank 0 validates; its failure stops every rank (the others wait for it)."""
+        val, failure = None, None
+        if self.val_data is not None and self.rank == 0:
+            try:
+                val = self.evaluate(self.val_data, epoch)
+            except StreamingError as err:
+                failure = err
+        if self._agree(failure is not None)[0]:
+            raise failure or TrainError("rank 0 stopped during validation; see its message")
+        return val
+
     def _average(self, done: EpochProgress) -> tuple[float, float | None]:
         """The epoch's mean loss and accuracy over every rank's images."""
         t = torch.tensor([done.loss_sum, done.counted, done.correct, done.seen],
@@ -752,6 +804,19 @@ class Trainer:
         loss = float(t[0]) / max(float(t[1]), 1.0)
         accuracy = float(t[2]) / float(t[3]) if t[3] and self.task != "regression" else None
         return loss, accuracy
+
+
+@dataclasses.dataclass
+class _StepTally:
+    """What one optimizer step's images gave on this rank."""
+
+    loss_sum: float = 0.0  # finite losses
+    counted: int = 0
+    correct: int = 0
+    seen: int = 0
+    bad: tuple[int, float] | None = None  # (image index, its non-finite loss)
+    skipped: list[SkippedImage] = dataclasses.field(default_factory=list)
+    failed: ImageReadError | None = None  # fail mode, several processes: stop at the step end
 
 
 class _ReadOrError(torch.utils.data.Dataset):

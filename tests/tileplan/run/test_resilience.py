@@ -27,7 +27,12 @@ from tileplan.run import trainer as trainer_module
 from tileplan.run.check_data import check_data
 from tileplan.run.checkpoint import load_checkpoint
 from tileplan.run.data import ImageReadError, load_csv
-from tileplan.run.interrupts import EXIT_INTERRUPTED, RunInterruptedError, StopRequest
+from tileplan.run.interrupts import (
+    DUPLICATE_WINDOW_S,
+    EXIT_INTERRUPTED,
+    RunInterruptedError,
+    StopRequest,
+)
 from tileplan.run.launch import check_space
 from tileplan.run.policy import Cadence, RunPolicy
 from tileplan.run.report import load_metrics
@@ -137,7 +142,9 @@ def test_a_stop_at_any_point_resumes_to_the_same_weights(setup: Path, tmp_path: 
     ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
     looks = _StopAt(10**9)
     _trainer(setup, tmp_path / "count").fit(progress=False, stop=looks)
-    assert looks.looks == EPOCHS * (3 * 2 + 1)  # 3 steps of 2 images, and the epoch's end
+    # Per epoch: 3 steps of 2 images (a look before each and between the two), one before
+    # validation and one at the epoch's end.
+    assert looks.looks == EPOCHS * (3 * 2 + 2)
     mid_epoch = 0
     for n in range(looks.looks - 1):  # the last look comes after the last epoch
         out = tmp_path / f"stop{n}"
@@ -173,7 +180,7 @@ def test_a_stop_inside_a_step_puts_train_mode_batch_norm_back(tmp_path: Path) ->
     _trainer(tmp_path, tmp_path / "ref").fit(progress=False)
     reference = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["model"]
     assert any("running_mean" in k for k in reference)
-    for n in (1, 10, 17):  # between the two images of a step, in each epoch
+    for n in (1, 9, 17):  # between the two images of a step, in each epoch (8 looks each)
         out = tmp_path / f"stop{n}"
         with pytest.raises(RunInterruptedError, match="images so far were dropped"):
             _trainer(tmp_path, out).fit(progress=False, stop=_StopAt(n))
@@ -306,15 +313,18 @@ def test_sigterm_at_random_points_resumes_to_the_same_weights(slow: Path, tmp_pa
 
 
 def test_a_second_signal_exits_at_once() -> None:
-    """The first SIGTERM only asks the loop to stop; a second one ends the process by that
-    signal, whatever it is doing."""
+    """The first SIGTERM only asks the loop to stop, as does a copy of it right after (a
+    scheduler and torchrun both deliver one preemption); a later one ends the process by
+    that signal, whatever it is doing."""
     script = (
         "import os, signal, time\n"
         "from tileplan.run.interrupts import stop_on_signals\n"
         "with stop_on_signals() as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"  # the same preemption, twice
         "    time.sleep(0.2)\n"
         "    print('asked', stop.signal, flush=True)\n"
+        f"    time.sleep({DUPLICATE_WINDOW_S})\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(30)\n"
         "print('not reached')\n"
