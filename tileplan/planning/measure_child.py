@@ -30,9 +30,15 @@ from executor import (
 from tileplan.planning.model_file import load_model_file
 from tileplan.settings import OPTIMIZERS
 
-__all__ = ["peak_rss", "reset_peak_rss", "run_measurement"]
+__all__ = ["peak_rss", "reset_peak_rss", "run_measurement", "state_bytes"]
 
 _LR = 1e-4  # the learning rate does not change memory or time
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers: in memory before a step starts, so a
+    step's peak above its baseline is counted with them."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def reset_peak_rss() -> int:
@@ -140,7 +146,7 @@ def run_measurement(spec: Any) -> dict[str, Any]:
     else:
         peak, reserved = peak_rss() - base, None
     # The model's parameters were already in the baseline; a step's peak includes them.
-    state = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    state = state_bytes(model)
     timeline = [[t, b + state] for t, b in sampler.timeline]
     return {"peak_bytes": int(peak + state), "reserved_bytes": reserved, "seconds": seconds,
             "timeline": timeline}  # fmt: skip

@@ -97,14 +97,16 @@ def _read_blocks(job: tuple[Any, ...]) -> tuple[int, int, list[str]]:
             reasons.append(str(err))
         return index, pixels, reasons
     try:
+        source.open()  # a file that does not open fails once, not once per block
+    except DataError as err:
+        return index, 0, [str(err)]
+    try:
         for region in blocks:
             try:
                 source.read(region)
                 pixels += math.prod(s.stop - s.start for s in region)
             except DataError as err:
                 reasons.append(str(err))
-                if "opening it" in str(err):
-                    break  # the file does not open: its other blocks say the same
             except Exception as err:  # after a short read, e.g. resampling: still this block's
                 where = " x ".join(f"{s.start}:{s.stop}" for s in region)
                 reasons.append(f"'{source.path}' failed to read at {where} px as streamed: "

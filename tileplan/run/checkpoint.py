@@ -50,7 +50,6 @@ class EpochProgress:
         correct, seen: correctly classified images, and images trained on.
         seconds: training time of the epoch so far (s).
         skipped: images of the epoch that failed to read and were left out (all processes).
-        scaler_skips: optimizer steps the float16 loss scaler skipped in a row.
     """
 
     step: int = 0
@@ -60,7 +59,6 @@ class EpochProgress:
     seen: int = 0
     seconds: float = 0.0
     skipped: int = 0
-    scaler_skips: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

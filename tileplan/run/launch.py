@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from executor import atomic_write, check_plan_matches, load_plan, save_plan
+from tileplan.planning.measure_child import state_bytes
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.data import DataError, Dataset, load_csv
 from tileplan.run.policy import RunPolicy
@@ -73,9 +74,8 @@ def _init_distributed(device: torch.device) -> bool:
 def checkpoint_bytes(model: torch.nn.Module, spec: RunSpec) -> int:
     """Bytes of one ``last.pt`` of ``model``: its state, and the optimizer's per byte of
     trainable parameters (``OptimizerSpec.state_factor``); pickling adds little."""
-    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return state + OPTIMIZERS[spec.optimizer].state_factor * trainable
+    return state_bytes(model) + OPTIMIZERS[spec.optimizer].state_factor * trainable
 
 
 def check_space(out: Path, need: int) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from executor import Plan
-from tileplan.planning.measure_child import peak_rss, reset_peak_rss
+from tileplan.planning.measure_child import peak_rss, reset_peak_rss, state_bytes
 from tileplan.units import format_bytes
 
 __all__ = ["PeakMeter", "over_plan"]
@@ -31,8 +31,7 @@ class PeakMeter:
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.device = device
-        self.state = sum(t.numel() * t.element_size()
-                         for t in (*model.parameters(), *model.buffers()))  # fmt: skip
+        self.state = state_bytes(model)
         self.base = 0
 
     def reset(self) -> None:

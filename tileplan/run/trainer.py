@@ -310,8 +310,13 @@ class Trainer:
                 self._write_checkpoint(progress, states)
             except StreamingError as err:
                 failure = err
+        self._fail_together(failure, "rank 0 could not write the checkpoint; see its message")
+
+    def _fail_together(self, failure: Exception | None, elsewhere: str) -> None:
+        """Raise ``failure`` where it happened and a TrainError saying ``elsewhere`` on every
+        other rank, when any rank has one (no rank is left waiting in a collective)."""
         if self._agree(failure is not None)[0]:
-            raise failure or TrainError("rank 0 could not write the checkpoint; see its message")
+            raise failure or TrainError(elsewhere)
 
     def _gathered(self, value: Any) -> list[Any]:
         """``value`` of every rank (rank order)."""
@@ -422,10 +427,6 @@ class Trainer:
         dist.all_reduce(t)
         return int(t[0])
 
-    def _all_progress(self, progress: EpochProgress) -> list[EpochProgress]:
-        """Every rank's progress (rank order), for a checkpoint inside an epoch."""
-        return self._gathered(progress)
-
     def _checkpoint_due(self) -> bool:
         """Rank 0's clock and step count against ``--checkpoint-every``."""
         since, steps = self._last_save
@@ -439,6 +440,14 @@ class Trainer:
         return RunInterruptedError(f"stopped by {signal_name} {where}: '{self.checkpoint_path()}' "
                            "holds the run; continue it with the same command and --resume "
                            f"(exit status {EXIT_INTERRUPTED})")  # fmt: skip
+
+    def _stop_inside_epoch(self, stop: StopRequest, where: str, progress: EpochProgress,
+                           rng: dict[str, Any] | None = None) -> RunInterruptedError:  # fmt: skip
+        """Checkpoint every rank's ``progress`` (resuming with ``rng``, default now's), wait
+        for rank 0's write, and return the exception that ends the run."""
+        self.save_checkpoint(self._gathered(progress), rng)
+        self._barrier()
+        return self._stopped(stop, where)
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -542,9 +551,7 @@ class Trainer:
         """Every rank's skipped images of a step (rank order)."""
         if self.world == 1 or not self._total(len(mine)):
             return mine
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine)
-        return [r for part in gathered for r in part]
+        return [r for part in self._gathered(mine) for r in part]
 
     def train_epoch(
         self,
@@ -574,11 +581,11 @@ class Trainer:
             # partial step puts them back.
             undo_step = self._snapshot(grads=False) if self.spec.batch_norm == "train" else None
             stopping, due = self._agree(stop.requested, self._checkpoint_due())
-            if stopping or due:
-                self.save_checkpoint(self._all_progress(progress), boundary)
             if stopping:
-                self._barrier()
-                raise self._stopped(stop, f"in epoch {epoch + 1} before step {step + 1}")
+                raise self._stop_inside_epoch(stop, f"in epoch {epoch + 1} before step "
+                                              f"{step + 1}", progress, boundary)  # fmt: skip
+            if due:
+                self.save_checkpoint(self._gathered(progress), boundary)
             self.optimizer.zero_grad(set_to_none=True)
             tally = _StepTally()
             for slot in range(slots):
@@ -586,18 +593,15 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     if undo_step is not None:
                         self._restore(undo_step)
-                    self.save_checkpoint(self._all_progress(progress), boundary)
-                    self._barrier()
-                    raise self._stopped(stop, f"in epoch {epoch + 1} during step {step + 1} "
-                                        "(its images so far were dropped)")  # fmt: skip
+                    raise self._stop_inside_epoch(stop, f"in epoch {epoch + 1} during step "
+                                                  f"{step + 1} (its images so far were "
+                                                  "dropped)", progress, boundary)  # fmt: skip
                 if slot < len(batch):
                     self._train_image(batch[slot], next(images), global_size, epoch, step, tally)
                     bar(1)
-            if self._agree(tally.failed is not None)[0]:
-                raise tally.failed or TrainError(
-                    f"epoch {epoch + 1}, step {step + 1}: another process stopped the run: an "
-                    "image failed to read (see its message)"
-                )
+            self._fail_together(tally.failed, f"epoch {epoch + 1}, step {step + 1}: another "
+                                "process stopped the run: an image failed to read (see its "
+                                "message)")  # fmt: skip
             self._sync_gradients()
             self._step(epoch, step, tally.bad)
             skipped = self._share_skips(tally.skipped)
@@ -607,7 +611,7 @@ class Trainer:
                 counted=progress.counted + tally.counted, correct=progress.correct + tally.correct,
                 seen=progress.seen + tally.seen,
                 seconds=progress.seconds + time.perf_counter() - started,
-                skipped=progress.skipped + len(skipped), scaler_skips=self._scaler_skips,
+                skipped=progress.skipped + len(skipped),
             )  # fmt: skip
             since, steps = self._last_save
             self._last_save = (since, steps + 1)
@@ -758,9 +762,8 @@ class Trainer:
                     done = self.train_epoch(epoch, bar.update, resumed, stop)
                 peak = meter.peak()  # of the training steps: validation streams forward only
                 if self._agree(stop.requested)[0]:  # before validation, which may be long
-                    self.save_checkpoint(self._all_progress(done))
-                    self._barrier()
-                    raise self._stopped(stop, f"in epoch {epoch + 1} after its last step")
+                    raise self._stop_inside_epoch(stop, f"in epoch {epoch + 1} after its last "
+                                                  "step", done)  # fmt: skip
                 loss, accuracy = self._average(done)
                 val = self._validate(epoch)
                 row = EpochMetrics(
@@ -791,8 +794,7 @@ class Trainer:
                 val = self.evaluate(self.val_data, epoch)
             except StreamingError as err:
                 failure = err
-        if self._agree(failure is not None)[0]:
-            raise failure or TrainError("rank 0 stopped during validation; see its message")
+        self._fail_together(failure, "rank 0 stopped during validation; see its message")
         return val
 
     def _average(self, done: EpochProgress) -> tuple[float, float | None]:
