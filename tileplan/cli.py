@@ -6,6 +6,7 @@ into one line on stderr and exit status 1; click's own usage errors exit with 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,12 +14,16 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from executor import DTYPE_NAMES, OPTIMIZER_NAMES, StreamingError, atomic_write
 from tileplan.run.policy import DEFAULT_CHECKPOINT_EVERY, Cadence
 from tileplan.units import format_shape, parse_bytes, parse_shape, parse_spacing
+
+if TYPE_CHECKING:
+    from tileplan.settings import DataSettings
 
 __all__ = ["cli", "main"]
 
@@ -114,6 +119,13 @@ _ASSUME_SPACING = click.option(
     "--assume-spacing", type=_Parsed("MM", parse_spacing), default=None,
     help="Volumes: voxel spacing in mm (2 or 3x1x1) of files that record none; a CSV "
     "'spacing' column states it per row.")  # fmt: skip
+
+
+def _data_settings(params: dict[str, Any]) -> DataSettings:
+    """The ``DataSettings`` that ``_slide_options``' values (a command's parameters) say."""
+    from tileplan.settings import DataSettings
+
+    return DataSettings(**{f.name: params[f.name] for f in dataclasses.fields(DataSettings)})
 
 
 def _slide_options(*, oversize: bool = True) -> Decorator:
@@ -501,12 +513,9 @@ def _train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out:
     """``tileplan train`` without the presentation: the request, run; one-line errors."""
     from tileplan.run.launch import TrainRequest, run_training
     from tileplan.run.policy import RunPolicy
-    from tileplan.settings import DataSettings
 
     with _one_line_errors():
-        settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize,  # type: ignore[arg-type]
-                                spacing=spacing, intensity=intensity, assume_mpp=assume_mpp,
-                                assume_spacing=assume_spacing)  # fmt: skip
+        settings = _data_settings(locals())
         options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
                    "epochs": epochs, "seed": seed, "num_workers": num_workers,
                    "data": settings, "batch_norm": batch_norm}  # fmt: skip
@@ -540,12 +549,9 @@ def check_data(data: Path, plan_file: Path, workers: int, out: Path | None, mpp:
     """
     from tileplan.run.check_data import check_data as run_check
     from tileplan.run.check_data import save_bad_reads
-    from tileplan.settings import DataSettings
 
     with _one_line_errors():
-        settings = DataSettings(mpp=mpp, level=level, tissue=tissue, oversize=oversize,  # type: ignore[arg-type]
-                                spacing=spacing, intensity=intensity, assume_mpp=assume_mpp,
-                                assume_spacing=assume_spacing)  # fmt: skip
+        settings = _data_settings(locals())
         result = run_check(data, plan_file=plan_file, settings=settings, workers=workers,
                            progress=sys.stderr.isatty())  # fmt: skip
         if out is not None:

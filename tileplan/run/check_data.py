@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
-import csv
-import io
 import itertools
 import logging
 import math
@@ -26,7 +24,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from executor import atomic_write, load_plan
+from executor import load_plan
+from tileplan.run.csv_out import write_csv
 from tileplan.run.data import DataError, Dataset, load_csv, read_image
 from tileplan.settings import DataSettings
 
@@ -186,9 +185,6 @@ def check_data(
 
 def save_bad_reads(path: Path, bad: Sequence[BadRead]) -> None:
     """The failed blocks as a CSV (``csv,row,image,reason``), written atomically."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["csv", "row", "image", "reason"])
-    writer.writerows((b.csv, b.row, b.image, b.reason) for b in bad)
-    text = out.getvalue()
-    atomic_write(path, lambda f: f.write(text.encode()))
+    write_csv(
+        path, ["csv", "row", "image", "reason"], ((b.csv, b.row, b.image, b.reason) for b in bad)
+    )

@@ -23,7 +23,6 @@ missing image.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import tifffile
 
 from executor import atomic_write
+from tileplan.run.csv_out import write_csv
 
 __all__ = [
     "MIN_SIZE", "RING_WIDTH", "DemoObject", "demo_image", "render_object", "write_demo_dataset",
@@ -222,14 +222,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def csv_text(rows: list[tuple[str, int]]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["image", "label"])
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 def stratified_split(labels: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """Stratified ~75/25 split of indices, at least one of each class on each side (for at
     least two of each class)."""
@@ -288,8 +280,7 @@ def write_demo_dataset(
         log.debug("wrote %s (label %d)", name, label)
     train, val = stratified_split(labels, split_rng)
     for csv_name, idx in (("train.csv", train), ("val.csv", val)):
-        text = csv_text([(names[i], labels[i]) for i in idx])
-        _write_bytes(out_dir / csv_name, text.encode("utf-8"))
+        write_csv(out_dir / csv_name, ["image", "label"], [(names[i], labels[i]) for i in idx])
     log.info(
         "demo dataset: %d images of %dx%d (%d train, %d val) in %s, %.1f s",
         n,

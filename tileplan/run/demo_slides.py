@@ -19,8 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from executor import atomic_write
-from tileplan.run.demo_data import csv_text, stratified_split
+from tileplan.run.csv_out import write_csv
+from tileplan.run.demo_data import stratified_split
 from tileplan.run.demo_tissue import MIN_SIDE, SyntheticSlide, check_seed, check_side, is_int
 from tileplan.run.slide_writers import (
     SMALLEST_LEVEL_SIDE,
@@ -165,8 +165,7 @@ def write_demo_slides(
         log.debug("wrote %s (%dx%d, label %d)", name, w, h, label)
     train, val = stratified_split(labels, split_rng)
     for csv_name, idx in (("train.csv", train), ("val.csv", val)):
-        text = csv_text([(names[i], labels[i]) for i in idx]).encode("utf-8")
-        atomic_write(out / csv_name, lambda f, data=text: f.write(data))
+        write_csv(out / csv_name, ["image", "label"], [(names[i], labels[i]) for i in idx])
     log.info(
         "demo slides: %d slides (%d train, %d val) in %s, %.1f s",
         n, len(train), len(val), out, time.perf_counter() - start,

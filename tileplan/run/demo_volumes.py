@@ -9,14 +9,13 @@ two look alike, so the label is only visible at the stored resolution.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from executor import atomic_write
+from tileplan.run.csv_out import write_csv
 
 __all__ = ["DEMO_SPACING", "write_demo_volumes"]
 
@@ -82,11 +81,8 @@ def write_demo_volumes(out_dir: Path, n: int = 16, depth: int = 32, side: int = 
         atomic_write(out_dir / name, lambda f, data=data: f.write(data))
     val = [i for c in (0, 1) for i in [j for j, v in enumerate(labels) if v == c][: max(1, n // 8)]]
     for csv_name, rows in (("train.csv", [i for i in range(n) if i not in val]), ("val.csv", val)):
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(["image", "label"])
-        writer.writerows((names[i], labels[i]) for i in sorted(rows))
-        body = text.getvalue().encode()
-        atomic_write(out_dir / csv_name, lambda f, body=body: f.write(body))
+        write_csv(
+            out_dir / csv_name, ["image", "label"], [(names[i], labels[i]) for i in sorted(rows)]
+        )
     log.info("demo volumes: %d of %dx%dx%d voxels in %s", n, depth, side, side, out_dir)
     return out_dir

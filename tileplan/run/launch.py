@@ -7,8 +7,6 @@ run folder), then the ``Trainer`` runs, and rank 0 measures the report.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import random
@@ -21,9 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from executor import atomic_write, check_plan_matches, load_plan, save_plan
+from executor import check_plan_matches, load_plan, save_plan
 from tileplan.planning.measure_child import state_bytes
 from tileplan.planning.model_file import load_model_file
+from tileplan.run.csv_out import write_csv
 from tileplan.run.data import DataError, Dataset, load_csv
 from tileplan.run.policy import RunPolicy
 from tileplan.run.report import EpochMetrics, RunReport, measure_run_report, save_report
@@ -100,37 +99,41 @@ def check_space(out: Path, need: int) -> None:
 def save_regions(path: Path, datasets: list[Dataset | None]) -> None:
     """Write what was streamed of every image (level, resolution, box) as a CSV: the data
     settings of a run, image by image."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["csv", "row", "image", "level", "scaled_h", "scaled_w",
-                     "y0", "x0", "h", "w"])  # fmt: skip
-    for data in datasets:
-        if data is None or data.regions is None:
-            continue
-        for sample, region in zip(data.samples, data.regions, strict=True):
-            writer.writerow([data.csv_path, sample.row, sample.path, region.level,
-                             *region.scaled, *region.box])  # fmt: skip
-    text = out.getvalue()
-    atomic_write(path, lambda f: f.write(text.encode()))
+    header = ["csv", "row", "image", "level", "scaled_h", "scaled_w", "y0", "x0", "h", "w"]
+    rows = [
+        [data.csv_path, sample.row, sample.path, region.level, *region.scaled, *region.box]
+        for data in datasets
+        if data is not None and data.regions is not None
+        for sample, region in zip(data.samples, data.regions, strict=True)
+    ]
+    write_csv(path, header, rows)
 
 
 def save_volumes(path: Path, datasets: list[Dataset | None]) -> None:
     """Write what was streamed of every volume as a CSV: its spacing as read (mm, D x H x W;
     the file's or the one stated for it), its size at the run's spacing and the box
     streamed (a centre crop of a volume larger than the plan)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["csv", "row", "image", "spacing_mm", "scaled_d", "scaled_h", "scaled_w",
-                     "d0", "h0", "w0", "d", "h", "w", "intensity"])  # fmt: skip
-    for data in datasets:
-        for sample, region in zip(data.samples if data is not None else (),
-                                  getattr(data, "volumes", None) or (), strict=True):  # fmt: skip
-            spacing = region.spacing
-            shown = "x".join(f"{v:g}" for v in spacing) if spacing else ""
-            writer.writerow([data.csv_path, sample.row, sample.path, shown,  # type: ignore[union-attr]
-                             *region.scaled, *region.box, region.intensity])  # fmt: skip
-    text = out.getvalue()
-    atomic_write(path, lambda f: f.write(text.encode()))
+    header = ["csv", "row", "image", "spacing_mm", "scaled_d", "scaled_h", "scaled_w",
+              "d0", "h0", "w0", "d", "h", "w", "intensity"]  # fmt: skip
+    rows = [
+        [
+            data.csv_path,
+            sample.row,
+            sample.path,
+            _spacing_text(region.spacing),
+            *region.scaled,
+            *region.box,
+            region.intensity,
+        ]  # fmt: skip
+        for data in datasets
+        if data is not None
+        for sample, region in zip(data.samples, getattr(data, "volumes", None) or (), strict=True)
+    ]
+    write_csv(path, header, rows)
+
+
+def _spacing_text(spacing: tuple[float, ...] | None) -> str:
+    return "x".join(f"{v:g}" for v in spacing) if spacing else ""
 
 
 def run_training(

@@ -11,7 +11,6 @@ resolution, tissue crop, oversize policy), slides region by region from disk.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from executor import (
 )
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.checkpoint import CheckpointError, load_checkpoint
+from tileplan.run.csv_out import csv_text
 from tileplan.run.data import DataError, Task, describe_error
 from tileplan.run.file_source import FileSource
 from tileplan.run.sizes import too_small
@@ -278,10 +278,8 @@ def _write_saliency(out_dir: Path, image_path: Path, saliency: torch.Tensor,
 
 def predictions_csv(results: Sequence[tuple[Path, Prediction]]) -> str:
     """CSV text: image, label, score, outputs (space-separated)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["image", "label", "score", "outputs"])
-    for path, p in results:
-        writer.writerow([str(path), f"{p.label:g}", f"{p.score:.6f}",
-                         " ".join(f"{v:.6g}" for v in p.outputs)])  # fmt: skip
-    return out.getvalue()
+    rows = [
+        [str(path), f"{p.label:g}", f"{p.score:.6f}", " ".join(f"{v:.6g}" for v in p.outputs)]
+        for path, p in results
+    ]
+    return csv_text(["image", "label", "score", "outputs"], rows)

@@ -3,13 +3,11 @@ checkpoint and written to ``skipped.csv`` in the run folder."""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from executor import atomic_write
+from tileplan.run.csv_out import write_csv
 
 __all__ = ["SKIPPED_FILE", "SkippedImage", "save_skipped"]
 
@@ -40,9 +38,4 @@ class SkippedImage:
 
 def save_skipped(path: Path, records: Sequence[SkippedImage]) -> None:
     """Write every skipped image as a CSV (atomically: a reader never sees half a file)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([f.name for f in fields(SkippedImage)])
-    writer.writerows(astuple(r) for r in records)
-    text = out.getvalue()
-    atomic_write(path, lambda f: f.write(text.encode()))
+    write_csv(path, [f.name for f in fields(SkippedImage)], (astuple(r) for r in records))
