@@ -42,6 +42,8 @@ import psutil
 import torch
 from torch import nn
 
+from tileplan.host_allocator import HOST_ALLOCATOR_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
@@ -136,7 +138,7 @@ def child(job: dict[str, Any]) -> dict[str, float]:
 
 def run_child(name: str, size: int, plan_path: Path | None) -> dict[str, float]:
     job = {"name": name, "size": size, "plan": str(plan_path) if plan_path else None}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    env = {**os.environ, **HOST_ALLOCATOR_ENV}  # as training and the planner run
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], check=True,
                           capture_output=True, text=True, env=env)  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])

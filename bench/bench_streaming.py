@@ -28,6 +28,7 @@ import time
 import torch
 from torch import nn
 
+from tileplan.host_allocator import HOST_ALLOCATOR_ENV
 from tileplan.planning.measure_child import peak_rss, reset_peak_rss
 
 GIB = 1024**3
@@ -89,8 +90,7 @@ def child(mode: str, size: int, tile: int) -> dict[str, float]:
 
 def run_child(mode: str, size: int, tile: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", mode, str(size), str(tile)]
-    # Same allocator setting as tileplan's measurements (see tileplan.measure).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    env = {**os.environ, **HOST_ALLOCATOR_ENV}  # as training and the planner run
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

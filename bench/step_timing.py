@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tileplan.host_allocator import HOST_ALLOCATOR_ENV
+
 
 def time_steps(step: Callable[[], None], repeats: int, device: str) -> dict[str, float]:
     """Median seconds of ``step`` and its peak bytes above the baseline: peak RSS after the
@@ -45,7 +47,7 @@ def run_child(script: str, method: str, plan: Path, repeats: int, device: str
     """Run ``script --child method plan repeats device`` in a fresh process; its last stdout
     line is the JSON of ``time_steps``, or NaNs and the error's last line when it failed."""
     cmd = [sys.executable, script, "--child", method, str(plan), str(repeats), device]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    env = {**os.environ, **HOST_ALLOCATOR_ENV}  # as training and the planner run
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"seconds": float("nan"), "peak_bytes": float("nan"),

@@ -143,6 +143,9 @@ class Provenance:
     device_name: str
     device_total_bytes: int  # 0 when planned for a device that was not present
     created: str  # ISO 8601, UTC
+    # CPU plans: the host allocator setting the measurements ran under, which a run must
+    # share for its peak to be the plan's ("" when unknown or the platform's default).
+    host_allocator: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -38,8 +37,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -222,15 +219,13 @@ def measure_peak(spec: MeasureSpec, timeout_s: float = 600.0) -> Measured:
         except torch.OutOfMemoryError as err:
             torch.cuda.empty_cache()
             return Measured(None, error=f"out of memory: {str(err).splitlines()[0]}")
+    # The child runs under training's CPU allocator setting (tileplan.host_allocator), so that
+    # its high-water mark is what a run of the plan will hold, reproducibly.
     cmd = [sys.executable, "-m", "tileplan.planning.measure_child"]
-    # A fixed mmap threshold makes glibc return every large buffer to the OS when it is freed
-    # (its default raises the threshold as buffers are freed and then keeps them in the heap),
-    # so the high-water mark measures what the tensors and kernels need, reproducibly.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_BYTES)}
     try:
         done = subprocess.run(
             cmd, input=json.dumps(asdict(spec)), capture_output=True, text=True,
-            timeout=timeout_s, env=env,
+            timeout=timeout_s,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         return Measured(None, error=f"measurement took over {timeout_s:.0f} s")

@@ -3,7 +3,9 @@
     python -m tileplan.planning.measure_child < spec.json     # prints one JSON line
 
 On CPU the peak is the process's RSS high-water mark above its RSS after the model was loaded
-and warmed up (kernels initialised), so it counts what the measured work really held.
+and warmed up (kernels initialised), so it counts what the measured work really held. On CUDA
+it is what the caching allocator reserved (or allocated, if more), since a run needs the device
+memory the allocator holds, not only what its tensors occupy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from executor import (
     map_cut_points,
     streaming_step,
 )
+from tileplan.host_allocator import use_host_allocator
 from tileplan.planning.model_file import load_model_file
 from tileplan.settings import OPTIMIZERS
 
@@ -96,33 +99,20 @@ def run_measurement(spec: Any) -> dict[str, Any]:
         )
         _training_step(spec, model, trunk, head, small_shape, device, precision, warm)
         del warm
-    cuda = device.type == "cuda"
     if spec["mode"] == "tiles":
         for p in trunk.parameters():  # grads are model state, allocated before a tile
             p.grad = torch.zeros_like(p)
-    else:
-        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        peaks = _tile_peaks(spec["shapes"], trunk, tile_pass, device, precision)
+        return {"tiles": peaks, "seconds": time.perf_counter() - start}
+    model.zero_grad(set_to_none=True)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
         base = reset_peak_rss()
-    start = time.perf_counter()
-    if spec["mode"] == "tiles":
-        # Ascending crop sizes, so that a high-water mark that cannot be reset still gives
-        # each crop's own peak.
-        peaks = []
-        for crop in sorted(spec["shapes"], key=lambda s: _volume(s)):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            else:
-                base = reset_peak_rss()
-            tile_pass(trunk, tuple(crop), device, precision)
-            peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
-            peaks.append([list(crop), int(peak - base)])
-        return {"tiles": peaks, "seconds": time.perf_counter() - start}
     # Steady state: the first step allocates gradients and optimizer state (after the tiles
     # are done); the second runs with them in memory, as every later step of a run does.
     optimizer = OPTIMIZERS[spec["optimizer"]].build(
@@ -140,16 +130,46 @@ def run_measurement(spec: Any) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device) - base
-        reserved = torch.cuda.max_memory_reserved(device)
-    else:
-        peak, reserved = peak_rss() - base, None
     # The model's parameters were already in the baseline; a step's peak includes them.
     state = state_bytes(model)
+    if cuda:
+        # A run needs what the caching allocator reserves (its cached blocks and rounding
+        # included), not only what tensors occupy: the step's peak is the larger.
+        reserved = torch.cuda.max_memory_reserved(device)
+        peak = max(torch.cuda.max_memory_allocated(device) - base + state, reserved)
+    else:
+        peak, reserved = peak_rss() - base + state, None
     timeline = [[t, b + state] for t, b in sampler.timeline]
-    return {"peak_bytes": int(peak + state), "reserved_bytes": reserved, "seconds": seconds,
+    return {"peak_bytes": int(peak), "reserved_bytes": reserved, "seconds": seconds,
             "timeline": timeline}  # fmt: skip
+
+
+def _tile_peaks(shapes: list[list[int]], trunk: torch.nn.Module, tile_pass: Any,
+                device: torch.device, precision: Precision) -> list[list[Any]]:  # fmt: skip
+    """``[crop, bytes]``: each crop's backward-tile peak above what was held before it. On
+    CUDA the larger of what was allocated and what the caching allocator reserved."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        base_reserved = torch.cuda.memory_reserved(device)
+    peaks = []
+    # Ascending crop sizes, so that a high-water mark that cannot be reset still gives each
+    # crop's own peak.
+    for crop in sorted(shapes, key=lambda s: _volume(s)):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            base = reset_peak_rss()
+        tile_pass(trunk, tuple(crop), device, precision)
+        if cuda:
+            peak = max(torch.cuda.max_memory_allocated(device) - base,
+                       torch.cuda.max_memory_reserved(device) - base_reserved)  # fmt: skip
+        else:
+            peak = peak_rss() - base
+        peaks.append([list(crop), int(peak)])
+    return peaks
 
 
 def _training_step(
@@ -273,6 +293,7 @@ def _generic_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
+    use_host_allocator()  # before the model is loaded: as training runs
     spec = json.loads(sys.stdin.read())
     print(json.dumps(run_measurement(spec)))
 

@@ -49,6 +49,7 @@ from executor import (
     map_cut_points,
     trunk_fingerprint,
 )
+from tileplan.host_allocator import host_allocator
 from tileplan.planning.estimate import (
     Conventional,
     ModelState,
@@ -753,6 +754,7 @@ def _plan(
             device_name=info.name,
             device_total_bytes=info.total_bytes,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            host_allocator=host_allocator() if info.device == "cpu" else "",
         ),
         model=ModelIdentity(
             file=req.model_label or str(req.model_file),

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from executor import check_plan_matches, load_plan, save_plan
+from executor import Plan, check_plan_matches, load_plan, save_plan
+from tileplan.host_allocator import use_host_allocator
 from tileplan.planning.measure_child import state_bytes
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.csv_out import write_csv
@@ -136,6 +137,36 @@ def _spacing_text(spacing: tuple[float, ...] | None) -> str:
     return "x".join(f"{v:g}" for v in spacing) if spacing else ""
 
 
+def _use_planned_allocator(plan: Plan, plan_file: Path) -> None:
+    """Train on CPU under the allocator setting the planner measured with, so that the run's
+    peak is the plan's (``tileplan.host_allocator``); say so when the plan's differs."""
+    setting = use_host_allocator()
+    planned = plan.provenance.host_allocator
+    if plan.provenance.device == "cpu" and planned and planned != setting:
+        log.warning(
+            "'%s' was measured under the CPU allocator setting '%s' and this run has '%s': its "
+            "peak may differ from the plan's; profile again on this machine",
+            plan_file, planned, setting or "the platform's default",
+        )  # fmt: skip
+
+
+def _datasets(req: TrainRequest, plan: Plan, spec: RunSpec) -> tuple[Dataset, Dataset | None]:
+    """The training and validation images, checked against the plan."""
+    # Images stream at their own size up to the plan's (a plan states the largest image).
+    largest = plan.image_shape_px
+    train_data = load_csv(req.data, target_shape=largest, settings=spec.data, n_axes=plan.n_axes,
+                          command="train")  # fmt: skip
+    val_data = load_csv(req.val, target_shape=largest, settings=spec.data, n_axes=plan.n_axes,
+                        command="train") if req.val else None  # fmt: skip
+    for data in (train_data, val_data):
+        if data is not None and data.channels != plan.channels:
+            raise DataError(
+                f"'{data.csv_path}' images have {data.channels} channels, the plan "
+                f"{plan.channels}; re-run `tileplan profile --channels {data.channels}`"
+            )
+    return train_data, val_data
+
+
 def run_training(
     req: TrainRequest, *, progress: bool = True
 ) -> tuple[tuple[EpochMetrics, ...], RunReport | None]:
@@ -151,6 +182,9 @@ def run_training(
             f"--amp: '{req.plan_file}' is a {plan.dtype} plan; make a mixed-precision one with "
             "`tileplan profile ... --dtype bfloat16` (the plan's dtype decides how a run computes)"
         )
+    device = resolve_device(req.device)
+    if device.type == "cpu":  # before anything is allocated: the setting the plan measured
+        _use_planned_allocator(plan, req.plan_file)
     spec = RunSpec.from_plan(plan, **req.options)  # type: ignore[arg-type]
     _seed_everything(spec.seed)  # the model's initial weights too
     loaded = load_model_file(req.model_file, plan.model.split_option,
@@ -158,23 +192,11 @@ def run_training(
     check_plan_matches(plan, loaded.trunk)
     # Validation normalises with the running statistics: a frozen trunk of the same model.
     frozen = loaded.resplit("frozen") if spec.batch_norm == "train" else loaded
-    # Images stream at their own size up to the plan's (a plan states the largest image).
-    largest = plan.image_shape_px
-    train_data = load_csv(req.data, target_shape=largest, settings=spec.data, n_axes=plan.n_axes,
-                          command="train")  # fmt: skip
-    val_data = load_csv(req.val, target_shape=largest, settings=spec.data, n_axes=plan.n_axes,
-                        command="train") if req.val else None  # fmt: skip
-    for data in (train_data, val_data):
-        if data is not None and data.channels != plan.channels:
-            raise DataError(
-                f"'{data.csv_path}' images have {data.channels} channels, the plan "
-                f"{plan.channels}; re-run `tileplan profile --channels {data.channels}`"
-            )
+    train_data, val_data = _datasets(req, plan, spec)
     checkpoint = req.out / "last.pt"
     if checkpoint.exists() and not req.resume:
         raise TrainError(f"'{req.out}' already holds a run (last.pt); pass --resume to continue it "
                          "or choose a new --out")  # fmt: skip
-    device = resolve_device(req.device)
     joined = _init_distributed(device)
     try:
         trainer = Trainer(

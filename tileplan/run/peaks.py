@@ -5,9 +5,9 @@
 * CPU: the RSS high-water mark above the RSS at the start of training, plus the model's
   parameters and buffers (as ``tileplan.planning.measure_child`` counts a step's peak).
 
-The planner measures CPU steps under a fixed ``MALLOC_MMAP_THRESHOLD_``; a run under glibc's
-default keeps freed buffers in its heap and can peak above that. Each epoch's peak is recorded
-in the metrics and a warning names a peak past the plan's margin.
+Training on CPU runs under the planner's allocator setting (``tileplan.host_allocator``), so
+that the peaks compare. Each epoch's peak is recorded in the metrics and a warning names a
+peak past the plan's margin.
 """
 
 from __future__ import annotations
