@@ -23,6 +23,7 @@ from tileplan.run.policy import DEFAULT_CHECKPOINT_EVERY, Cadence
 from tileplan.units import format_shape, parse_bytes, parse_shape, parse_spacing
 
 if TYPE_CHECKING:
+    from tileplan.run.recipe import Recipe
     from tileplan.settings import DataSettings
 
 __all__ = ["cli", "main"]
@@ -126,6 +127,57 @@ def _data_settings(params: dict[str, Any]) -> DataSettings:
     from tileplan.settings import DataSettings
 
     return DataSettings(**{f.name: params[f.name] for f in dataclasses.fields(DataSettings)})
+
+
+def _recipe_options() -> Decorator:
+    """How `train` trains beyond the plan: regularisation, schedule, balance, monitoring."""
+    from tileplan.run.recipe import MONITORS, Schedule
+
+    options = [
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0,
+                     show_default=True, help="The optimizer's weight decay (decoupled for "
+                     "adamw)."),
+        click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="SGD's momentum [default: 0.9]."),
+        click.option("--schedule", type=_Parsed("SCHEDULE", Schedule.parse), default="none",
+                     show_default=True, help="Learning rate per epoch: none, cosine, "
+                     "step[:EVERY[:GAMMA]] (30, 0.1), exponential[:GAMMA] (0.99) or "
+                     "plateau[:PATIENCE[:FACTOR]] (5, 0.1; follows --monitor)."),
+        click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Epochs of linear warm-up to --lr before the schedule."),
+        click.option("--balance", is_flag=True, help="Draw each epoch's images with "
+                     "replacement by inverse class frequency (oversample the rare classes)."),
+        click.option("--class-weights", default=None, metavar="auto|W0,W1,...",
+                     help="Weight the loss by class: auto (inverse frequency) or one weight "
+                     "per class."),
+        click.option("--monitor", type=click.Choice(list(MONITORS)), default=None,
+                     help="The value best.pt, --patience, --average and a plateau schedule "
+                     "follow [default: val_loss with --val (best.pt kept), else train_loss "
+                     "(no best.pt)]."),
+        click.option("--patience", type=click.IntRange(min=1), default=None,
+                     help="Stop after this many epochs without a better --monitor value."),
+        click.option("--average", type=click.IntRange(min=0), default=0, show_default=True,
+                     metavar="K", help="Also write averaged.pt: the mean weights of the K "
+                     "consecutive epochs with the best mean --monitor value."),
+    ]  # fmt: skip
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _recipe(params: dict[str, Any]) -> Recipe:
+    """The ``Recipe`` that ``_recipe_options``' values say (class weights stay text until the
+    labels are read)."""
+    from tileplan.run.recipe import Recipe
+
+    return Recipe(weight_decay=params["weight_decay"], momentum=params["momentum"],
+                  schedule=params["schedule"], warmup=params["warmup"],
+                  balance=params["balance"], monitor=params["monitor"], patience=params["patience"],
+                  average=params["average"])  # fmt: skip
 
 
 def _slide_options(*, oversize: bool = True) -> Decorator:
@@ -463,6 +515,7 @@ def validate(plan_file: Path, model_file: Path | None) -> None:
     "--max-skipped", type=click.FloatRange(0, 1), default=0.05, show_default=True,
     help="With --on-read-error skip: stop once more than this fraction of an epoch's "
     "training images failed to read.")  # fmt: skip
+@_recipe_options()
 @_slide_options()
 def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: Path,
           epochs: int, lr: float, optimizer: str | None, batch: int,
@@ -471,7 +524,7 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
           checkpoint_every: Cadence, on_read_error: str, max_skipped: float,
           mpp: float | None, level: int | None, tissue: bool, spacing: tuple[float, ...] | None,
           assume_mpp: float | None, assume_spacing: tuple[float, ...] | None, intensity: str,
-          oversize: str) -> None:  # fmt: skip
+          oversize: str, **recipe: Any) -> None:  # fmt: skip
     """Train MODEL_FILE with the trunk streamed as PLAN says, on images listed in a CSV.
 
     Data parallel: torchrun --nproc-per-node N -m tileplan train ...
@@ -484,7 +537,8 @@ def train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out: 
     from tileplan.text import render_report
 
     try:
-        history, run_report = _train(**locals())
+        history, run_report = _train(**{k: v for k, v in locals().items() if k != "recipe"},
+                                     **recipe)  # fmt: skip
     except RunInterruptedError as stopped:
         click.echo(str(stopped), err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -509,7 +563,7 @@ def _train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out:
            max_skipped: float, mpp: float | None, level: int | None, tissue: bool,
            spacing: tuple[float, ...] | None, assume_mpp: float | None,
            assume_spacing: tuple[float, ...] | None, intensity: str, oversize: str,
-           **_: object) -> tuple:  # fmt: skip
+           **recipe: Any) -> tuple:  # fmt: skip
     """``tileplan train`` without the presentation: the request, run; one-line errors."""
     from tileplan.run.launch import TrainRequest, run_training
     from tileplan.run.policy import RunPolicy
@@ -518,13 +572,15 @@ def _train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out:
         settings = _data_settings(locals())
         options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
                    "epochs": epochs, "seed": seed, "num_workers": num_workers,
-                   "data": settings, "batch_norm": batch_norm}  # fmt: skip
+                   "data": settings, "batch_norm": batch_norm,
+                   "recipe": _recipe(recipe)}  # fmt: skip
         policy = RunPolicy(checkpoint_every=checkpoint_every, on_read_error=on_read_error,  # type: ignore[arg-type]
                            max_skipped=max_skipped)  # fmt: skip
         request = TrainRequest(model_file=model_file, plan_file=plan_file, data=data, val=val,
                                out=out, options=options, resume=resume, device=device,
                                report=report, require_mixed_precision=amp,
-                               policy=policy)  # fmt: skip
+                               policy=policy,
+                               class_weights=recipe.get("class_weights"))  # fmt: skip
         return run_training(request, progress=sys.stderr.isatty())
 
 
@@ -571,7 +627,9 @@ def check_data(data: Path, plan_file: Path, workers: int, out: Path | None, mpp:
 @click.argument("model_file", type=_PATH)
 @click.argument("images", type=_PATH, nargs=-1, required=True)
 @click.option("--plan", "plan_file", type=_PATH, required=True)
-@click.option("--checkpoint", type=_PATH, required=True, help="A run's last.pt.")
+@click.option(
+    "--checkpoint", type=_PATH, required=True, help="A run's last.pt, best.pt or averaged.pt."
+)
 @click.option(
     "--saliency",
     "saliency_dir",

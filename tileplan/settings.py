@@ -31,6 +31,7 @@ from executor import (
     Plan,
     Precision,
 )
+from tileplan.run.recipe import Recipe
 
 __all__ = [
     "OPTIMIZERS", "DataSettings", "Normalization", "OptimizerSpec", "RunSpec", "SettingsError",
@@ -55,18 +56,25 @@ class OptimizerSpec:
         name: its name in plans and on the command line.
         state_factor: bytes of optimizer state per byte of trainable parameters (Adam keeps
             two moments, SGD with momentum one buffer).
-        build: ``build(params, lr)`` makes it.
+        build: ``build(params, lr, **options)`` makes it (options: the constructor's keywords,
+            e.g. ``weight_decay``; ``tileplan.run.recipe.Recipe.optimizer_options``).
     """
 
     name: OptimizerName
     state_factor: int
-    build: Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
+    build: Callable[..., torch.optim.Optimizer]
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adam": OptimizerSpec("adam", 2, lambda params, lr: torch.optim.Adam(params, lr=lr)),
-    "adamw": OptimizerSpec("adamw", 2, lambda params, lr: torch.optim.AdamW(params, lr=lr)),
-    "sgd": OptimizerSpec("sgd", 1, lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)),
+    "adam": OptimizerSpec(
+        "adam", 2, lambda params, lr, **kw: torch.optim.Adam(params, lr=lr, **kw)
+    ),
+    "adamw": OptimizerSpec(
+        "adamw", 2, lambda params, lr, **kw: torch.optim.AdamW(params, lr=lr, **kw)
+    ),
+    "sgd": OptimizerSpec(
+        "sgd", 1, lambda params, lr, **kw: torch.optim.SGD(params, lr=lr, **{"momentum": 0.9, **kw})
+    ),
 }
 assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES, "OPTIMIZERS must follow executor.OPTIMIZER_NAMES"
 
@@ -284,6 +292,7 @@ class RunSpec:
         batch_norm: ``frozen`` (running statistics, the affine weights train) or ``train``
             (batch statistics in training steps, running statistics updated as conventional
             training updates them and used for validation).
+        recipe: weight decay, schedule, class balance, monitoring (``tileplan.run.recipe``).
     """
 
     dtype: DtypeName
@@ -296,6 +305,7 @@ class RunSpec:
     normalization: Normalization = field(default_factory=lambda: Normalization.default(3))
     data: DataSettings = field(default_factory=DataSettings)
     batch_norm: BatchNormMode = "frozen"
+    recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:
         if self.dtype not in get_args(DtypeName):
@@ -343,7 +353,8 @@ class RunSpec:
         return Precision.of(self.dtype)
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return OPTIMIZERS[self.optimizer].build(params, self.lr)
+        options = self.recipe.optimizer_options(self.optimizer)
+        return OPTIMIZERS[self.optimizer].build(params, self.lr, **options)
 
     def preprocess(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Per-crop normalisation into the parameter dtype (the executor's ``preprocess``)."""

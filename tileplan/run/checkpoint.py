@@ -8,6 +8,7 @@ run never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class Checkpoint:
     scaler: dict[str, Any]  # float16 loss scaler state ({} when unused)
     rng: dict[str, Any]
     meta: CheckpointMeta
+    scheduler: dict[str, Any] = dataclasses.field(default_factory=dict)  # ({} when unused)
 
 
 def rng_state() -> dict[str, Any]:
@@ -134,6 +136,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> Path:
             "scaler": checkpoint.scaler,
             "rng": checkpoint.rng,
             "meta": to_data(checkpoint.meta),
+            "scheduler": checkpoint.scheduler,
         },
         buffer,
     )
@@ -157,4 +160,5 @@ def load_checkpoint(path: Path) -> Checkpoint:
         meta = from_data(CheckpointMeta, data["meta"], where="checkpoint")
     except ContractError as err:
         raise CheckpointError(f"'{path}' has malformed metadata ({err})") from None
-    return Checkpoint(data["model"], data["optimizer"], data["scaler"], data["rng"], meta)
+    return Checkpoint(data["model"], data["optimizer"], data["scaler"], data["rng"], meta,
+                      data.get("scheduler") or {})  # fmt: skip

@@ -7,6 +7,7 @@ run folder), then the ``Trainer`` runs, and rank 0 measures the report.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ from tileplan.planning.model_file import load_model_file
 from tileplan.run.csv_out import write_csv
 from tileplan.run.data import DataError, Dataset, load_csv
 from tileplan.run.policy import RunPolicy
+from tileplan.run.recipe import parse_class_weights
 from tileplan.run.report import EpochMetrics, RunReport, measure_run_report, save_report
 from tileplan.run.trainer import Trainer, TrainError
 from tileplan.settings import OPTIMIZERS, RunSpec, resolve_device
@@ -51,6 +53,7 @@ class TrainRequest:
     report: bool = True  # measure the memory-savings report at the end
     require_mixed_precision: bool = False  # --amp: refuse a float32/float64 plan
     policy: RunPolicy = RunPolicy()  # checkpoint cadence, unreadable images
+    class_weights: str | None = None  # auto or W0,W1,... (the recipe's, once labels are read)
 
 
 def _seed_everything(seed: int) -> None:
@@ -193,6 +196,10 @@ def run_training(
     # Validation normalises with the running statistics: a frozen trunk of the same model.
     frozen = loaded.resplit("frozen") if spec.batch_norm == "train" else loaded
     train_data, val_data = _datasets(req, plan, spec)
+    if req.class_weights is not None:
+        weights = parse_class_weights(req.class_weights, [s.label for s in train_data.samples])
+        recipe = dataclasses.replace(spec.recipe, class_weights=weights)
+        spec = dataclasses.replace(spec, recipe=recipe)
     checkpoint = req.out / "last.pt"
     if checkpoint.exists() and not req.resume:
         raise TrainError(f"'{req.out}' already holds a run (last.pt); pass --resume to continue it "

@@ -77,6 +77,10 @@ class EpochMetrics:
     seconds_per_image: float
     skipped: int = 0  # training images left out because they failed to read
     peak_bytes: int | None = None  # the epoch's measured memory peak (``tileplan.run.peaks``)
+    lr: float | None = None  # the learning rate the epoch trained with
+    val_balanced_accuracy: float | None = None  # classification: mean recall over classes
+    val_pearson: float | None = None  # regression
+    val_spearman: float | None = None  # regression
 
 
 @dataclass(frozen=True, kw_only=True)

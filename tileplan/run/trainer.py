@@ -25,6 +25,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from executor import (
     Plan,
     StreamingCNN,
     StreamingError,
+    atomic_write,
     streaming_step,
 )
 from tileplan.planning.model_file import set_batch_norm
@@ -62,16 +64,32 @@ from tileplan.run.interrupts import (
 )
 from tileplan.run.peaks import PeakMeter, over_plan
 from tileplan.run.policy import RunPolicy
+from tileplan.run.recipe import (
+    Monitor,
+    balanced_order,
+    batch_weights,
+    make_scheduler,
+    step_scheduler,
+)
 from tileplan.run.report import EpochMetrics, save_metrics
 from tileplan.run.sizes import refusal
 from tileplan.run.skips import SKIPPED_FILE, SkippedImage, save_skipped
+from tileplan.run.weights import (
+    AVERAGED_FILE,
+    BEST_FILE,
+    EPOCHS_DIR,
+    average_weights,
+    epoch_file,
+    prune_epochs,
+    save_weights,
+)
 from tileplan.settings import RunSpec
 from tileplan.streamed import inference_engine
 from tileplan.units import format_shape
 
 __all__ = [
     "MAX_SKIPPED_STEPS", "Decision", "DivergedError", "RunInterruptedError", "TrainError",
-    "Trainer", "binary_auc", "decide", "loss_for",
+    "Trainer", "Validation", "decide", "loss_for",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -99,14 +117,46 @@ class DivergedError(TrainError):
     weights are the last finite ones and no checkpoint was written with non-finite values."""
 
 
-def binary_auc(scores: list[float], labels: list[float]) -> float | None:
-    """Area under the ROC curve (Mann-Whitney U, ties counted half); None if one class only."""
-    pos = [s for s, y in zip(scores, labels, strict=True) if y >= 0.5]
-    neg = [s for s, y in zip(scores, labels, strict=True) if y < 0.5]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+@dataclass(frozen=True)
+class Validation:
+    """Scores of one pass over validation images (None where they do not apply), computed
+    with scikit-learn and SciPy."""
+
+    loss: float
+    accuracy: float | None = None
+    auc: float | None = None  # binary: ROC AUC of the positive class's probability
+    balanced_accuracy: float | None = None  # classification: mean recall over classes
+    pearson: float | None = None  # regression
+    spearman: float | None = None  # regression
+
+    @classmethod
+    def of(cls, task: Task, loss: float, predicted: list[float], positive: list[float],
+           labels: list[float]) -> Validation:  # fmt: skip
+        """From each image's predicted label (value), positive-class probability and label."""
+        if not labels:
+            return cls(loss)
+        if task == "regression":
+            from scipy import stats
+
+            varied = len(set(labels)) > 1 and len(set(predicted)) > 1  # else undefined
+            return cls(loss, pearson=float(stats.pearsonr(predicted, labels)[0]) if varied
+                       else None, spearman=float(stats.spearmanr(predicted, labels)[0])
+                       if varied else None)  # fmt: skip
+        from sklearn import metrics
+
+        truth = [int(y) for y in labels]
+        guess = [int(v) for v in predicted]
+        both = task == "binary" and len(set(truth)) == 2  # AUC needs both classes
+        with warnings.catch_warnings():
+            # A class predicted but absent from the labels is a warning there; balanced
+            # accuracy is then the mean recall over the classes present.
+            warnings.simplefilter("ignore", UserWarning)
+            balanced = float(metrics.balanced_accuracy_score(truth, guess))
+        return cls(
+            loss, accuracy=float(metrics.accuracy_score(truth, guess)),
+            auc=float(metrics.roc_auc_score(truth, positive)) if both else None,
+            balanced_accuracy=balanced,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -206,6 +256,12 @@ class Trainer:
                 f"--batch {spec.batch} is not divisible by the {self.world} processes; "
                 "use a multiple of the process count"
             )
+        # best.pt follows a monitored value the user asked for, or the validation loss.
+        self._keeps_best = spec.recipe.monitor is not None or val_data is not None
+        if spec.recipe.monitor is None:  # the default monitored value, made explicit
+            recipe = spec.recipe.resolved(has_val=val_data is not None)
+            spec = dataclasses.replace(spec, recipe=recipe)
+            self.spec = spec
         if spec.dtype != plan.dtype:
             raise TrainError(f"the run's dtype {spec.dtype} is not the plan's {plan.dtype}")
         precision = spec.precision
@@ -234,6 +290,13 @@ class Trainer:
         self.loss = loss_for(self.task)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
+        classes = 0 if self.task == "regression" else max(2, self._head_outputs)
+        spec.recipe.check(optimizer=spec.optimizer, epochs=spec.epochs,
+                          has_val=val_data is not None, task=self.task,
+                          classes=classes)  # fmt: skip
+        self.scheduler = make_scheduler(self.optimizer, spec.recipe, spec.epochs)
+        self.monitor = Monitor(spec.recipe)
+        self._labels = [sample.label for sample in train_data.samples]
         self.epoch = 0  # completed epochs
         self.history: list[EpochMetrics] = []
         self.skipped: list[SkippedImage] = []  # images left out (--on-read-error skip)
@@ -326,6 +389,12 @@ class Trainer:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def _meta(self, progress: Sequence[EpochProgress] = ()) -> CheckpointMeta:
+        return CheckpointMeta(epoch=self.epoch, task=self.task, spec=self.spec, plan=self.plan,
+                              history=tuple(self.history), progress=tuple(progress),
+                              skipped=tuple(self.skipped),
+                              scaler_skips=self._scaler_skips)  # fmt: skip
+
     def _write_checkpoint(self, progress: Sequence[EpochProgress],
                           states: list[dict[str, Any]]) -> None:  # fmt: skip
         broken = [n for n, t in self.model.state_dict().items()
@@ -336,13 +405,11 @@ class Trainer:
                 f"'{self.checkpoint_path()}' was not overwritten ({self._last_good()}); "
                 "continue from it with --resume and a lower --lr"
             )
-        meta = CheckpointMeta(epoch=self.epoch, task=self.task, spec=self.spec, plan=self.plan,
-                              history=tuple(self.history), progress=tuple(progress),
-                              skipped=tuple(self.skipped),
-                              scaler_skips=self._scaler_skips)  # fmt: skip
+        meta = self._meta(progress)
         rng = {**states[0], "ranks": states} if len(states) > 1 else states[0]
+        scheduler = self.scheduler.state_dict() if self.scheduler is not None else {}
         checkpoint = Checkpoint(self.model.state_dict(), self.optimizer.state_dict(),
-                                self.scaler.state_dict(), rng, meta)  # fmt: skip
+                                self.scaler.state_dict(), rng, meta, scheduler)  # fmt: skip
         target = self.checkpoint_path()
         try:
             save_checkpoint(target, checkpoint)
@@ -375,13 +442,11 @@ class Trainer:
         if meta.plan.to_dict() != self.plan.to_dict():
             raise TrainError(f"--resume: '{path}' was trained with another plan; pass its "
                              f"plan ({self.out_dir / 'plan.yaml'})")  # fmt: skip
-        for f in dataclasses.fields(RunSpec):
-            was, now = getattr(meta.spec, f.name), getattr(self.spec, f.name)
-            if f.name not in _RESUMABLE_CHANGES and was != now:
-                raise TrainError(
-                    f"--resume: the run was started with {f.name} {was}, not {now}; pass the "
-                    "same options to continue it exactly"
-                )
+        for name, was, now in _settings_changed(meta.spec, self.spec):
+            raise TrainError(
+                f"--resume: the run was started with {name} {was}, not {now}; pass the "
+                "same options to continue it exactly"
+            )
         if meta.progress and len(meta.progress) != self.world:
             raise TrainError(
                 f"--resume: '{path}' was written {meta.describe()} by {len(meta.progress)} "
@@ -392,10 +457,15 @@ class Trainer:
             self.model.load_state_dict(ckpt.model)
             self.optimizer.load_state_dict(ckpt.optimizer)
             self.scaler.load_state_dict(ckpt.scaler)
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(ckpt.scheduler)
         except (RuntimeError, ValueError, KeyError) as err:
             raise TrainError(f"--resume: '{path}' does not fit this model ({err})") from err
         self.epoch = meta.epoch
         self.history = list(meta.history)
+        values = [getattr(row, self.monitor.monitor) for row in self.history]
+        for i, row in enumerate(self.history):  # the monitor is a function of the history
+            self.monitor.update(row.epoch, values[: i + 1])
         self.skipped = list(meta.skipped)
         self._progress = meta.progress[self.rank] if meta.progress else None
         self._scaler_skips = meta.scaler_skips
@@ -454,15 +524,20 @@ class Trainer:
     def order(self, epoch: int) -> list[int]:
         """Image order of an epoch: a function of (seed, epoch) only, the same on every rank."""
         gen = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
+        if self.spec.recipe.balance:  # drawn with replacement, by inverse class frequency
+            return balanced_order(self._labels, gen)
         return torch.randperm(len(self.train_data), generator=gen).tolist()
 
-    def _my_batches(self, epoch: int) -> Iterator[tuple[list[int], int]]:
-        """Global batches of the epoch as (this rank's share, global batch size)."""
+    def _my_batches(self, epoch: int) -> Iterator[tuple[list[int], list[float]]]:
+        """Global batches of the epoch as (this rank's share, each image's share of the
+        batch's loss: 1/B, or by class weight)."""
         order = self.order(epoch)
         b = self.spec.batch
         for start in range(0, len(order), b):
             batch = order[start : start + b]
-            yield batch[self.rank :: self.world], len(batch)
+            shares = batch_weights([self._labels[i] for i in batch],
+                                   self.spec.recipe.class_weights)  # fmt: skip
+            yield batch[self.rank :: self.world], shares[self.rank :: self.world]
 
     def _image(self, data: Dataset, index: int) -> tuple[torch.Tensor | ImageSource, torch.Tensor]:
         if data.streamed:  # streamed from its file, region by region
@@ -574,7 +649,7 @@ class Trainer:
         slots = -(-self.spec.batch // self.world)  # images per rank per step, at most
         images = self._images([i for batch, _ in batches[progress.step :] for i in batch])
         for step in range(progress.step, len(batches)):
-            batch, global_size = batches[step]
+            batch, shares = batches[step]
             started = time.perf_counter()
             boundary = rng_state()  # a checkpoint of this step's start resumes with these
             # Train-mode BatchNorm moves its running statistics with every image: a dropped
@@ -597,7 +672,7 @@ class Trainer:
                                                   f"{step + 1} (its images so far were "
                                                   "dropped)", progress, boundary)  # fmt: skip
                 if slot < len(batch):
-                    self._train_image(batch[slot], next(images), global_size, epoch, step, tally)
+                    self._train_image(batch[slot], next(images), shares[slot], epoch, step, tally)
                     bar(1)
             self._fail_together(tally.failed, f"epoch {epoch + 1}, step {step + 1}: another "
                                 "process stopped the run: an image failed to read (see its "
@@ -618,16 +693,17 @@ class Trainer:
             self._check_skipped(epoch, progress.skipped)
         return progress
 
-    def _train_image(self, index: int, item: Item, global_size: int, epoch: int, step: int,
+    def _train_image(self, index: int, item: Item, share: float, epoch: int, step: int,
                      tally: _StepTally) -> None:  # fmt: skip
-        """Accumulate one image's gradient into the step, or handle its read error."""
+        """Accumulate one image's gradient, its loss scaled by ``share`` (of the global
+        batch's), into the step, or handle its read error."""
         undo = self._snapshot() if self.policy.on_read_error == "skip" else None
         try:
             if isinstance(item, Exception):
                 raise item
             image, target = item
             loss, logits = streaming_step(
-                self.scnn, self.head, image, target, self.loss, loss_scale=1.0 / global_size,
+                self.scnn, self.head, image, target, self.loss, loss_scale=share,
                 grad_scaler=self.scaler if self.scaler.is_enabled() else None,
             )  # fmt: skip
         except DataError as err:  # ImageReadError: a tile failed to decode
@@ -701,10 +777,10 @@ class Trainer:
                              "with a lower --lr")  # fmt: skip
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset, epoch: int = 0) -> tuple[float, float | None, float | None]:
-        """(mean loss, accuracy, AUC) over ``data`` with streamed forward passes only; an
-        image that fails to read stops the run or is left out (``--on-read-error``)."""
-        losses, correct, scores, labels = 0.0, 0, [], []
+    def evaluate(self, data: Dataset, epoch: int = 0) -> Validation:
+        """Scores over ``data`` with streamed forward passes only; an image that fails to read
+        stops the run or is left out (``--on-read-error``)."""
+        losses, predicted, positive, labels = 0.0, [], [], []
         set_batch_norm(self.model, "frozen")  # the running statistics, as inference uses
         for index in range(len(data)):
             try:
@@ -721,13 +797,10 @@ class Trainer:
                 logits = self.eval_head(features)
             losses += float(self.loss(logits, target.to(logits.device)))
             decision = decide(logits, self.task)
-            correct += int(decision.label == float(target[0]))
-            scores.append(decision.positive or 0.0)
+            predicted.append(decision.label)
+            positive.append(decision.positive or 0.0)
             labels.append(float(target[0]))
-        n = max(len(labels), 1)
-        accuracy = correct / n if self.task != "regression" else None
-        auc = binary_auc(scores, labels) if self.task == "binary" else None
-        return losses / n, accuracy, auc
+        return Validation.of(self.task, losses / max(len(labels), 1), predicted, positive, labels)
 
     def fit(
         self, *, progress: bool = True, stop: StopRequest | None = None
@@ -752,6 +825,8 @@ class Trainer:
                      else "")  # fmt: skip
             meter = PeakMeter(self.model, self.device)
             warned = False
+            if self.monitor.exhausted:  # a resumed run that had already stopped early
+                return tuple(self.history)
             for epoch in range(self.epoch, self.spec.epochs):
                 meter.reset()
                 resumed, self._progress = self._progress, None
@@ -768,10 +843,15 @@ class Trainer:
                 val = self._validate(epoch)
                 row = EpochMetrics(
                     epoch=epoch + 1, train_loss=loss, train_accuracy=accuracy,
-                    val_loss=val[0] if val else None, val_accuracy=val[1] if val else None,
-                    val_auc=val[2] if val else None, seconds=round(done.seconds, 3),
+                    val_loss=val.loss if val else None,
+                    val_accuracy=val.accuracy if val else None,
+                    val_auc=val.auc if val else None, seconds=round(done.seconds, 3),
                     seconds_per_image=round(done.seconds / max(done.seen, 1), 4),
                     skipped=done.skipped, peak_bytes=peak,
+                    lr=float(self.optimizer.param_groups[0]["lr"]),
+                    val_balanced_accuracy=val.balanced_accuracy if val else None,
+                    val_pearson=val.pearson if val else None,
+                    val_spearman=val.spearman if val else None,
                 )  # fmt: skip
                 breach = over_plan(peak, self.plan)
                 if breach and not warned and self.rank == 0:
@@ -779,15 +859,64 @@ class Trainer:
                     warned = True
                 self.history.append(row)
                 self.epoch = epoch + 1
+                best, window = self._follow(row)
                 self.save_checkpoint()
+                failure = None
                 if self.rank == 0:
                     log.info("epoch %d: %s", epoch + 1, row)
+                    try:
+                        self._keep(best, window)
+                    except TrainError as err:
+                        failure = err
+                self._fail_together(failure, "rank 0 could not write the run's weight files; "
+                                    "see its message")  # fmt: skip
+                if self.monitor.exhausted and self.epoch < self.spec.epochs:
+                    log.info("no better %s for %d epochs: stopping after epoch %d (best: "
+                             "epoch %d)", self.monitor.monitor, self.monitor.state.bad_epochs,
+                             self.epoch, self.monitor.state.best_epoch)  # fmt: skip
+                    break
                 if self._agree(stop.requested)[0] and self.epoch < self.spec.epochs:
                     raise self._stopped(stop, f"after epoch {self.epoch}")
         return tuple(self.history)
 
-    def _validate(self, epoch: int) -> tuple[float, float | None, float | None] | None:
-        """Rank 0 validates; its failure stops every rank (the others wait for it)."""
+    def _follow(self, row: EpochMetrics) -> tuple[bool, bool]:
+        """The monitor and the schedule after an epoch: (a new best epoch, a new best window
+        of ``--average`` epochs)."""
+        values = [getattr(r, self.monitor.monitor) for r in self.history]
+        best, window = self.monitor.update(row.epoch, values)
+        if self.scheduler is not None:
+            step_scheduler(self.scheduler, values[-1])
+        return best, window
+
+    def _keep(self, best: bool, window: bool) -> None:
+        """Rank 0 after an epoch's checkpoint: ``best.pt`` at a new best, each epoch's weights
+        while ``--average`` needs them, ``averaged.pt`` at a new best window."""
+        k = self.spec.recipe.average
+        try:
+            if best and self._keeps_best:  # last.pt holds this epoch's end
+                target = self.out_dir / BEST_FILE
+                data = self.checkpoint_path().read_bytes()
+                atomic_write(target, lambda f: f.write(data))
+            if k:
+                target = self.out_dir / EPOCHS_DIR / epoch_file(self.epoch)
+                save_weights(target, self.model.state_dict())
+                prune_epochs(self.out_dir / EPOCHS_DIR, keep_after=self.epoch - k)
+            if window:
+                target = self.out_dir / AVERAGED_FILE
+                epochs = range(self.epoch - k + 1, self.epoch + 1)
+                weights = average_weights(
+                    [self.out_dir / EPOCHS_DIR / epoch_file(e) for e in epochs]
+                )
+                meta = self._meta()
+                save_checkpoint(target, Checkpoint(weights, {}, {}, {}, meta))
+        except OSError as err:
+            raise TrainError(f"cannot write '{target}' ({err.strerror or err}): "
+                             f"{self._last_good()}; free space or fix the folder, then "
+                             "continue with --resume") from err  # fmt: skip
+
+    def _validate(self, epoch: int) -> Validation | None:
+        """Rank 0 validates and every rank gets its scores (the schedule and the monitor
+        follow them everywhere); its failure stops every rank (the others wait for it)."""
         val, failure = None, None
         if self.val_data is not None and self.rank == 0:
             try:
@@ -795,7 +924,7 @@ class Trainer:
             except StreamingError as err:
                 failure = err
         self._fail_together(failure, "rank 0 stopped during validation; see its message")
-        return val
+        return self._gathered(val)[0]
 
     def _average(self, done: EpochProgress) -> tuple[float, float | None]:
         """The epoch's mean loss and accuracy over every rank's images."""
@@ -806,6 +935,24 @@ class Trainer:
         loss = float(t[0]) / max(float(t[1]), 1.0)
         accuracy = float(t[2]) / float(t[3]) if t[3] and self.task != "regression" else None
         return loss, accuracy
+
+
+def _settings_changed(was: RunSpec, now: RunSpec) -> Iterator[tuple[str, Any, Any]]:
+    """``(option, was, now)`` for each setting a resumed run may not change (the recipe's
+    named as its options: ``--schedule``, ``--weight-decay``, ...)."""
+    for f in dataclasses.fields(RunSpec):
+        old, new = getattr(was, f.name), getattr(now, f.name)
+        if f.name == "recipe":
+            for r in dataclasses.fields(old):
+                a, b = getattr(old, r.name), getattr(new, r.name)
+                if a != b:
+                    yield f"--{r.name.replace('_', '-')}", _shown(a), _shown(b)
+        elif f.name not in _RESUMABLE_CHANGES and old != new:
+            yield f.name, old, new
+
+
+def _shown(value: Any) -> str:
+    return value.describe() if hasattr(value, "describe") else str(value)
 
 
 @dataclasses.dataclass

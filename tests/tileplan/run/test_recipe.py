@@ -1,0 +1,369 @@
+"""Training recipes: weight decay and momentum reach the optimizer, schedules follow
+``torch.optim.lr_scheduler`` with warm-up, class weights give the weighted mean loss over a batch
+(oracle: conventional backprop), balanced epochs, the monitored value with best.pt, early
+stopping and averaged.pt, scikit-learn's metrics, exact resumption, and one-line refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from executor import load_plan
+from tests.tileplan.conftest import TINY_MODEL
+from tileplan.cli import cli
+from tileplan.planning.model_file import load_model_file
+from tileplan.run.checkpoint import load_checkpoint
+from tileplan.run.data import load_csv
+from tileplan.run.interrupts import RunInterruptedError, StopRequest
+from tileplan.run.recipe import (
+    Monitor,
+    Recipe,
+    RecipeError,
+    Schedule,
+    balanced_order,
+    batch_weights,
+    make_scheduler,
+    parse_class_weights,
+    step_scheduler,
+)
+from tileplan.run.trainer import Trainer, Validation
+from tileplan.run.weights import average_weights
+from tileplan.settings import RunSpec
+
+SIZE = 96
+
+
+def _run(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model (two logits), 8 demo images (6 to train on, 2 to validate) and a float64
+    plan of 2x2 tiles."""
+    root = tmp_path_factory.mktemp("recipe")
+    (root / "tiny.py").write_text(TINY_MODEL)
+    for args in (
+        ["demo-data", root / "demo", "--n", 8, "--size", SIZE, "--seed", 4],
+        ["profile", root / "tiny.py", "--image", SIZE, "--tile", 64, "--dtype", "float64",
+         "--no-measure", "--budget", "2GiB", "--out", root / "plan.yaml"],
+    ):  # fmt: skip
+        code, out = _run(*args)
+        assert code == 0, out
+    return root
+
+
+def _trainer(setup: Path, out: Path, recipe: Recipe, *, epochs: int = 3, batch: int = 2,
+             optimizer: str = "adam", lr: float = 1e-2, val: bool = False) -> Trainer:  # fmt: skip
+    plan = load_plan(setup / "plan.yaml")
+    spec = RunSpec.from_plan(plan, epochs=epochs, batch=batch, lr=lr, num_workers=0, seed=7,
+                             optimizer=optimizer, recipe=recipe)  # fmt: skip
+    torch.manual_seed(spec.seed)
+    loaded = load_model_file(setup / "tiny.py", batch_norm=spec.batch_norm)
+    data = load_csv(setup / "demo" / "train.csv", target_shape=plan.image_shape_px)
+    val_data = (
+        load_csv(setup / "demo" / "val.csv", target_shape=plan.image_shape_px) if val else None
+    )
+    return Trainer(model=loaded.model, trunk=loaded.trunk, head=loaded.head, plan=plan,
+                   spec=spec, train_data=data, val_data=val_data, out_dir=out,
+                   device=torch.device("cpu"))  # fmt: skip
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- schedules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("cosine", Schedule("cosine")), ("step", Schedule("step", 30, 0.1)),
+     ("step:2:0.5", Schedule("step", 2, 0.5)),
+     ("exponential", Schedule("exponential", 0, 0.99)),
+     ("exponential:0.9", Schedule("exponential", 0, 0.9)),
+     ("plateau:3", Schedule("plateau", 3, 0.1)), ("none", Schedule())],
+)  # fmt: skip
+def test_schedules_parse(text: str, expected: Schedule) -> None:
+    assert Schedule.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["linear", "step:0", "step:2:1.5", "exponential:x",
+                                  "cosine:3", "plateau:2:0.1:9"])  # fmt: skip
+def test_a_bad_schedule_is_one_line_naming_it(text: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        Schedule.parse(text)
+    assert repr(text) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _lrs(recipe: Recipe, epochs: int, values: list[float] | None = None) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, recipe, epochs)
+    lrs = []
+    for e in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # an epoch's steps come before its schedule's
+        step_scheduler(scheduler, values[e] if values else None)
+    return lrs
+
+
+def test_warmup_then_cosine_and_step_follow_torch() -> None:
+    cosine = _lrs(Recipe(schedule=Schedule("cosine"), warmup=2), 6)
+    assert cosine[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    # then cosine annealing over the 4 epochs after warm-up: 1, (1+cos(pi/4))/2, 1/2, ...
+    assert cosine[3:] == pytest.approx([0.5 * (1 + math.cos(k * math.pi / 4)) for k in (1, 2, 3)])
+    assert _lrs(Recipe(schedule=Schedule("step", 2, 0.5)), 5) == pytest.approx(
+        [1, 1, 0.5, 0.5, 0.25]
+    )
+    assert _lrs(Recipe(schedule=Schedule("exponential", 0, 0.9)), 3) == pytest.approx(
+        [1, 0.9, 0.81]
+    )
+    # plateau (torch's patience): x0.1 after more than 2 epochs without a better loss
+    plateau = _lrs(Recipe(schedule=Schedule("plateau", 2, 0.1)), 6, [3, 2, 2, 2, 2, 2])
+    assert plateau == pytest.approx([1, 1, 1, 1, 1, 0.1])
+
+
+# -- monitoring --------------------------------------------------------------------------------
+
+
+def test_the_monitor_finds_best_epochs_windows_and_patience() -> None:
+    monitor = Monitor(Recipe(monitor="val_auc", patience=2, average=2))
+    values: list[float | None] = []
+    seen = []
+    for epoch, v in enumerate([0.6, 0.7, 0.65, 0.9, None, 0.8, 0.5], start=1):
+        values.append(v)
+        seen.append(monitor.update(epoch, values))
+    assert [b for b, _ in seen] == [True, True, False, True, False, False, False]
+    # windows of 2 (both known): 0.65, 0.675, 0.775 best at epoch 4; none with the gap
+    assert [w for _, w in seen] == [False, True, True, True, False, False, False]
+    assert monitor.state.best_epoch == 4
+    assert monitor.state.window_end == 4
+    assert monitor.exhausted  # three epochs without a better value, patience 2
+
+
+def test_validation_scores_come_from_scikit_learn_and_scipy() -> None:
+    v = Validation.of("binary", 0.5, [1, 0, 1, 1], [0.9, 0.2, 0.6, 0.7], [1, 0, 0, 1])
+    assert v.accuracy == pytest.approx(0.75)
+    assert v.auc == pytest.approx(1.0)
+    assert v.balanced_accuracy == pytest.approx(0.75)
+    one_class = Validation.of("binary", 0.5, [1, 1], [0.9, 0.6], [1, 1])
+    assert one_class.auc is None
+    r = Validation.of("regression", 0.1, [1.0, 2.0, 3.5], [0, 0, 0], [1.0, 2.5, 3.0])
+    assert r.accuracy is None
+    assert r.spearman == pytest.approx(1.0)
+    assert 0.9 < r.pearson < 1.0
+
+
+# -- class balance -----------------------------------------------------------------------------
+
+
+def test_balanced_epochs_draw_every_class_alike() -> None:
+    labels = [0.0] * 90 + [1.0] * 10
+    gen = torch.Generator().manual_seed(3)
+    order = balanced_order(labels, gen)
+    assert len(order) == 100
+    drawn = [sum(labels[i] == c for i in order) for c in (0.0, 1.0)]
+    assert 35 <= drawn[1] <= 65  # expected 50 of the rare class, against 10 without
+    again = balanced_order(labels, torch.Generator().manual_seed(3))
+    assert again == order  # a function of the generator's seed: resumable
+
+
+def test_class_weights_parse_and_share_a_batch() -> None:
+    assert parse_class_weights("auto", [0, 0, 0, 1]) == pytest.approx((4 / 6, 2.0))
+    assert parse_class_weights("1,3", [0, 1]) == (1.0, 3.0)
+    with pytest.raises(RecipeError, match="class 1 has no training image"):
+        parse_class_weights("auto", [0, 0, 2])
+    with pytest.raises(RecipeError, match="positive"):
+        parse_class_weights("1,-2", [0, 1])
+    assert batch_weights([0, 1, 1], (1.0, 3.0)) == pytest.approx([1 / 7, 3 / 7, 3 / 7])
+    assert batch_weights([0, 1], None) == [0.5, 0.5]
+
+
+def test_a_class_weighted_step_equals_conventional_weighted_cross_entropy(
+    setup: Path, tmp_path: Path
+) -> None:
+    """One SGD step (no momentum, decay 0.1) over the whole training set as one batch: the
+    weights equal the conventional step on ``cross_entropy(weight=w)`` over the batch."""
+    recipe = Recipe(class_weights=(1.0, 3.0), momentum=0.0, weight_decay=0.1,
+                    monitor="train_loss")  # fmt: skip
+    trainer = _trainer(setup, tmp_path / "run", recipe, epochs=1, batch=6, optimizer="sgd",
+                       lr=0.5)  # fmt: skip
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit(progress=False)
+
+    model = load_model_file(setup / "tiny.py").model.double().eval()
+    model.load_state_dict(start)
+    data = trainer.train_data
+    images = torch.stack([data[i][0] for i in range(len(data))])  # (N, C, H, W) pixels
+    labels = torch.tensor([int(s.label) for s in data.samples])
+    x = trainer.spec.preprocess()(images)
+    weight = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    loss = torch.nn.functional.cross_entropy(model(x), labels, weight=weight)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * (p.grad + 0.1 * p)
+    got = trainer.model.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+def test_a_run_writes_best_and_averaged_weights_and_its_learning_rates(
+    setup: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    recipe = Recipe(schedule=Schedule("step", 1, 0.5), monitor="val_loss", average=3,
+                    weight_decay=1e-4)  # fmt: skip
+    trainer = _trainer(setup, out, recipe, val=True)
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 1e-4
+    trainer.fit(progress=False)
+    rows = _metrics(out)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2, 5e-3, 2.5e-3])
+    assert all(r["val_balanced_accuracy"] is not None for r in rows)
+    best_epoch = min(rows, key=lambda r: r["val_loss"])["epoch"]
+    best = load_checkpoint(out / "best.pt")
+    assert best.meta.epoch == best_epoch
+    # the only window of 3 epochs: every epoch's weights, averaged
+    files = sorted((out / "epochs").glob("epoch_*.pt"))
+    assert [f.name for f in files] == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
+    averaged = load_checkpoint(out / "averaged.pt")
+    states = [torch.load(f, weights_only=True) for f in files]
+    for name, value in averaged.model.items():
+        if value.is_floating_point():
+            mean = sum(s[name] for s in states) / 3
+            torch.testing.assert_close(value, mean, rtol=1e-12, atol=1e-14)
+    assert averaged.model.keys() == average_weights(files).keys()
+    last = load_checkpoint(out / "last.pt")
+    assert last.model.keys() == averaged.model.keys()
+
+
+def test_averaged_and_best_weights_predict(setup: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, text = _run("train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
+                      setup / "demo" / "train.csv", "--val", setup / "demo" / "val.csv",
+                      "--out", out, "--epochs", 2, "--batch", 2, "--num-workers", 0,
+                      "--average", 2, "--monitor", "val_auc", "--no-report")  # fmt: skip
+    assert code == 0, text
+    image = next((setup / "demo").glob("*.tif"))
+    for weights in ("best.pt", "averaged.pt"):
+        code, text = _run("predict", setup / "tiny.py", image, "--plan", setup / "plan.yaml",
+                          "--checkpoint", out / weights)  # fmt: skip
+        assert code == 0, text
+
+
+def test_patience_stops_the_run_early(setup: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # A learning rate of 1e-300 leaves float64 weights as they are: the validation loss of
+    # epoch 2 is epoch 1's, not better, and a patience of 1 ends the run there.
+    recipe = Recipe(monitor="val_loss", patience=1)
+    trainer = _trainer(setup, out, recipe, epochs=5, lr=1e-300, optimizer="sgd", val=True)
+    history = trainer.fit(progress=False)
+    assert [row.epoch for row in history] == [1, 2]
+    assert history[1].val_loss == history[0].val_loss
+    assert trainer.monitor.exhausted
+    # a resumed run that had stopped early has nothing left to do
+    resumed = _trainer(setup, out, recipe, epochs=5, lr=1e-300, optimizer="sgd", val=True)
+    resumed.resume()
+    assert resumed.fit(progress=False) == history
+
+
+class _StopAt(StopRequest):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.looks = n, 0
+
+    @property
+    def requested(self) -> bool:
+        self.looks += 1
+        if self.looks > self.n:
+            self.signal = "SIGTERM"
+        return self.signal is not None
+
+
+@pytest.mark.parametrize("stop_at", [4, 9, 17])
+def test_a_stopped_recipe_run_resumes_exactly(setup: Path, tmp_path: Path, stop_at: int) -> None:
+    """Balanced epochs, class weights, warm-up then exponential decay, averaged weights:
+    stopped mid-epoch or between epochs and resumed, the same weights and files."""
+    recipe = Recipe(balance=True, class_weights=(1.0, 2.0), warmup=1,
+                    schedule=Schedule("exponential", 0, 0.5), monitor="train_loss",
+                    average=2)  # fmt: skip
+    _trainer(setup, tmp_path / "ref", recipe).fit(progress=False)
+    out = tmp_path / "stopped"
+    with pytest.raises(RunInterruptedError):
+        _trainer(setup, out, recipe).fit(progress=False, stop=_StopAt(stop_at))
+    resumed = _trainer(setup, out, recipe)
+    resumed.resume()
+    resumed.fit(progress=False)
+    for name in ("last.pt", "averaged.pt"):
+        got, ref = load_checkpoint(out / name), load_checkpoint(tmp_path / "ref" / name)
+        for key, value in ref.model.items():
+            assert torch.equal(got.model[key], value), (name, key)
+    assert (
+        load_checkpoint(out / "last.pt").scheduler
+        == load_checkpoint(tmp_path / "ref" / "last.pt").scheduler
+    )
+    timed = ("seconds", "seconds_per_image", "peak_bytes")
+    rows = [{k: v for k, v in r.items() if k not in timed} for r in _metrics(out)]
+    ref_rows = [{k: v for k, v in r.items() if k not in timed} for r in _metrics(tmp_path / "ref")]
+    assert rows == ref_rows
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--momentum", "0.5"], "--momentum is SGD's"),
+        (["--average", "5"], "--average 5: must be between 0 and --epochs 2"),
+        (["--monitor", "val_auc"], "--monitor val_auc needs validation images"),
+        (["--schedule", "linear"], "unknown schedule"),
+        (["--class-weights", "1,2,3"], "--class-weights has 3 values for 2 classes"),
+        (["--class-weights", "one"], "use auto or numbers"),
+        (["--warmup", "2"], "--warmup 2: must be 0 or more and below --epochs 2"),
+    ],
+)  # fmt: skip
+def test_bad_recipes_are_refused_in_one_line_before_anything_is_written(
+    setup: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "run"
+    code, text = _run("train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
+                      setup / "demo" / "train.csv", "--out", out, "--epochs", 2,
+                      "--num-workers", 0, "--no-report", *args)  # fmt: skip
+    assert code != 0
+    assert message in text, text
+    assert len(text.strip().splitlines()) == 1 or "Usage" in text, text
+    assert not out.exists()
+
+
+def test_a_resume_with_another_schedule_is_refused(setup: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = ["train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
+            setup / "demo" / "train.csv", "--out", out, "--num-workers", 0,
+            "--no-report"]  # fmt: skip
+    code, text = _run(*base, "--epochs", 1, "--schedule", "cosine")
+    assert code == 0, text
+    code, text = _run(*base, "--epochs", 2, "--schedule", "step:1:0.5", "--resume")
+    assert code != 0
+    assert "--schedule cosine, not step: x0.5 every 1 epochs" in text, text
+
+
+def test_recipes_round_trip_through_checkpoints(setup: Path, tmp_path: Path) -> None:
+    recipe = Recipe(schedule=Schedule("plateau", 2, 0.5), class_weights=(1.0, 2.0),
+                    monitor="train_loss", patience=3, average=1, momentum=0.8)  # fmt: skip
+    trainer = _trainer(setup, tmp_path / "run", recipe, epochs=1, optimizer="sgd")
+    trainer.fit(progress=False)
+    meta = load_checkpoint(tmp_path / "run" / "last.pt").meta
+    assert meta.spec.recipe == recipe
+    assert dataclasses.asdict(meta.spec) == dataclasses.asdict(trainer.spec)
