@@ -666,13 +666,23 @@ class StreamingCNN:
         device = self.output_device if final else torch.device("cpu") if on_host else None
         return torch.empty(shape, dtype=y.dtype, device=device or y.device)
 
+    def _skips_backward(self, part: StreamPart, out_grads: Sequence[torch.Tensor | None],
+                        needs: dict[str, bool]) -> bool:  # fmt: skip
+        """No gradient reaches the part, or nothing in it takes one: its inputs need none and
+        its parameters are frozen (e.g. a frozen prefix segment), so no tile need run."""
+        if all(g is None for g in out_grads):
+            return True
+        return not any(needs.get(n, False) for n in (*part.inputs, *part.stats)) and not any(
+            p.requires_grad for p in self._tile_module(part).parameters()
+        )
+
     def _stream_backward(
         self, part: StreamPart, values: dict[str, Any], stats: dict[str, Any],
         grads: dict[str, torch.Tensor], stat_grads: dict[str, torch.Tensor],
         needs: dict[str, bool], image: Image, sink: _Sums, cache: _CachedTile | None,
     ) -> None:  # fmt: skip
         out_grads = [grads.pop(n, None) for n in part.outputs]
-        if all(g is None for g in out_grads):
+        if self._skips_backward(part, out_grads, needs):
             return
         tiles = self._tiles[id(part)]
         grid = part.geometry.tile_grid(self._input_shape(part, values), tiles.backward)

@@ -156,6 +156,10 @@ def _recipe_options() -> Decorator:
                      "(no best.pt)]."),
         click.option("--patience", type=click.IntRange(min=1), default=None,
                      help="Stop after this many epochs without a better --monitor value."),
+        click.option("--freeze", default=None, metavar="MODULE",
+                     help="Keep every trunk parameter up to and including MODULE fixed (e.g. "
+                     "layer3); profile with --cut MODULE so that no backward tile runs "
+                     "through the frozen part."),
         click.option("--average", type=click.IntRange(min=0), default=0, show_default=True,
                      metavar="K", help="Also write averaged.pt: the mean weights of the K "
                      "consecutive epochs with the best mean --monitor value."),
@@ -177,7 +181,7 @@ def _recipe(params: dict[str, Any]) -> Recipe:
     return Recipe(weight_decay=params["weight_decay"], momentum=params["momentum"],
                   schedule=params["schedule"], warmup=params["warmup"],
                   balance=params["balance"], monitor=params["monitor"], patience=params["patience"],
-                  average=params["average"])  # fmt: skip
+                  average=params["average"], freeze=params["freeze"])  # fmt: skip
 
 
 def _slide_options(*, oversize: bool = True) -> Decorator:

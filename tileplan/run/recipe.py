@@ -112,6 +112,8 @@ class Recipe:
         patience: stop after this many epochs without improvement of ``monitor`` (None: never).
         average: write ``averaged.pt``, the mean weights of the ``average`` consecutive epochs
             with the best mean ``monitor`` (0: no).
+        freeze: keep every trunk parameter up to and including this module fixed
+            (``tileplan.run.freeze``), or None.
     """
 
     weight_decay: float = 0.0
@@ -123,6 +125,7 @@ class Recipe:
     monitor: str | None = None
     patience: int | None = None
     average: int = 0
+    freeze: str | None = None
 
     def resolved(self, has_val: bool) -> Recipe:
         """This recipe with its default monitored value made explicit."""

@@ -56,6 +56,7 @@ from tileplan.run.checkpoint import (
     save_checkpoint,
 )
 from tileplan.run.data import FIX_ROW, DataError, Dataset, ImageReadError, Task
+from tileplan.run.freeze import freeze_prefix
 from tileplan.run.interrupts import (
     EXIT_INTERRUPTED,
     RunInterruptedError,
@@ -288,6 +289,8 @@ class Trainer:
                                   resampled=spec.data.spacing is not None,
                                   planned_output=plan.output_shape)  # fmt: skip
         self.loss = loss_for(self.task)
+        if spec.recipe.freeze is not None:
+            self._freeze(spec.recipe.freeze)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaling)
         classes = 0 if self.task == "regression" else max(2, self._head_outputs)
@@ -306,6 +309,17 @@ class Trainer:
         self._last_save = (time.perf_counter(), 0)  # (clock, optimizer steps) at the last one
 
     # -- setup --------------------------------------------------------------------------------
+
+    def _freeze(self, name: str) -> None:
+        """``--freeze``: the trunk's parameters up to module ``name`` take no gradient."""
+        if self.spec.batch_norm == "train":
+            raise TrainError(f"--freeze {name} keeps the frozen layers' BatchNorm statistics "
+                             "fixed, which a --bn train plan does not; make the plan with "
+                             "`tileplan profile --bn frozen`")  # fmt: skip
+        n = freeze_prefix(self.trunk, name)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if self.rank == 0:
+            log.info("--freeze %s: %d parameters frozen, %d train", name, n, trainable)
 
     def _task(self) -> Task:
         task = self.train_data.task

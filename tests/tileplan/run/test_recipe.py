@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from executor import load_plan
-from tests.tileplan.conftest import TINY_MODEL
-from tileplan.cli import cli
+from executor import StreamingCNN, load_plan, streaming_step
+from tests.tileplan.run.tiny_runs import StopAt, run_cli, tiny_float64_run
 from tileplan.planning.model_file import load_model_file
 from tileplan.run.checkpoint import load_checkpoint
 from tileplan.run.data import load_csv
-from tileplan.run.interrupts import RunInterruptedError, StopRequest
+from tileplan.run.freeze import freeze_prefix, frozen_parameters
+from tileplan.run.interrupts import RunInterruptedError
 from tileplan.run.recipe import (
     Monitor,
     Recipe,
@@ -32,32 +31,18 @@ from tileplan.run.recipe import (
     parse_class_weights,
     step_scheduler,
 )
-from tileplan.run.trainer import Trainer, Validation
+from tileplan.run.trainer import Trainer, Validation, loss_for
 from tileplan.run.weights import average_weights
 from tileplan.settings import RunSpec
 
 SIZE = 96
 
 
-def _run(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model (two logits), 8 demo images (6 to train on, 2 to validate) and a float64
     plan of 2x2 tiles."""
-    root = tmp_path_factory.mktemp("recipe")
-    (root / "tiny.py").write_text(TINY_MODEL)
-    for args in (
-        ["demo-data", root / "demo", "--n", 8, "--size", SIZE, "--seed", 4],
-        ["profile", root / "tiny.py", "--image", SIZE, "--tile", 64, "--dtype", "float64",
-         "--no-measure", "--budget", "2GiB", "--out", root / "plan.yaml"],
-    ):  # fmt: skip
-        code, out = _run(*args)
-        assert code == 0, out
-    return root
+    return tiny_float64_run(tmp_path_factory.mktemp("recipe"), size=SIZE)
 
 
 def _trainer(setup: Path, out: Path, recipe: Recipe, *, epochs: int = 3, batch: int = 2,
@@ -250,14 +235,14 @@ def test_a_run_writes_best_and_averaged_weights_and_its_learning_rates(
 
 def test_averaged_and_best_weights_predict(setup: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code, text = _run("train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
+    code, text = run_cli("train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
                       setup / "demo" / "train.csv", "--val", setup / "demo" / "val.csv",
                       "--out", out, "--epochs", 2, "--batch", 2, "--num-workers", 0,
                       "--average", 2, "--monitor", "val_auc", "--no-report")  # fmt: skip
     assert code == 0, text
     image = next((setup / "demo").glob("*.tif"))
     for weights in ("best.pt", "averaged.pt"):
-        code, text = _run("predict", setup / "tiny.py", image, "--plan", setup / "plan.yaml",
+        code, text = run_cli("predict", setup / "tiny.py", image, "--plan", setup / "plan.yaml",
                           "--checkpoint", out / weights)  # fmt: skip
         assert code == 0, text
 
@@ -278,19 +263,6 @@ def test_patience_stops_the_run_early(setup: Path, tmp_path: Path) -> None:
     assert resumed.fit(progress=False) == history
 
 
-class _StopAt(StopRequest):
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n, self.looks = n, 0
-
-    @property
-    def requested(self) -> bool:
-        self.looks += 1
-        if self.looks > self.n:
-            self.signal = "SIGTERM"
-        return self.signal is not None
-
-
 @pytest.mark.parametrize("stop_at", [4, 9, 17])
 def test_a_stopped_recipe_run_resumes_exactly(setup: Path, tmp_path: Path, stop_at: int) -> None:
     """Balanced epochs, class weights, warm-up then exponential decay, averaged weights:
@@ -301,7 +273,7 @@ def test_a_stopped_recipe_run_resumes_exactly(setup: Path, tmp_path: Path, stop_
     _trainer(setup, tmp_path / "ref", recipe).fit(progress=False)
     out = tmp_path / "stopped"
     with pytest.raises(RunInterruptedError):
-        _trainer(setup, out, recipe).fit(progress=False, stop=_StopAt(stop_at))
+        _trainer(setup, out, recipe).fit(progress=False, stop=StopAt(stop_at))
     resumed = _trainer(setup, out, recipe)
     resumed.resume()
     resumed.fit(progress=False)
@@ -338,7 +310,7 @@ def test_bad_recipes_are_refused_in_one_line_before_anything_is_written(
     setup: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
     out = tmp_path / "run"
-    code, text = _run("train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
+    code, text = run_cli("train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
                       setup / "demo" / "train.csv", "--out", out, "--epochs", 2,
                       "--num-workers", 0, "--no-report", *args)  # fmt: skip
     assert code != 0
@@ -352,9 +324,9 @@ def test_a_resume_with_another_schedule_is_refused(setup: Path, tmp_path: Path) 
     base = ["train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
             setup / "demo" / "train.csv", "--out", out, "--num-workers", 0,
             "--no-report"]  # fmt: skip
-    code, text = _run(*base, "--epochs", 1, "--schedule", "cosine")
+    code, text = run_cli(*base, "--epochs", 1, "--schedule", "cosine")
     assert code == 0, text
-    code, text = _run(*base, "--epochs", 2, "--schedule", "step:1:0.5", "--resume")
+    code, text = run_cli(*base, "--epochs", 2, "--schedule", "step:1:0.5", "--resume")
     assert code != 0
     assert "--schedule cosine, not step: x0.5 every 1 epochs" in text, text
 
@@ -367,3 +339,116 @@ def test_recipes_round_trip_through_checkpoints(setup: Path, tmp_path: Path) -> 
     meta = load_checkpoint(tmp_path / "run" / "last.pt").meta
     assert meta.spec.recipe == recipe
     assert dataclasses.asdict(meta.spec) == dataclasses.asdict(trainer.spec)
+
+
+# -- frozen prefix -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cut_plan(setup: Path) -> Path:
+    """The tiny model's float64 plan cut after ``features.2`` (its first conv, BN and ReLU)."""
+    plan = setup / "cut.yaml"
+    code, out = run_cli("profile", setup / "tiny.py", "--image", SIZE, "--max-tile", 64, "--dtype",
+                        "float64", "--no-measure", "--budget", "2GiB", "--cut", "features.2",
+                        "--out", plan)  # fmt: skip
+    assert code == 0, out
+    assert len(load_plan(plan).segments) == 2
+    return plan
+
+
+def _frozen_step(setup: Path, plan_file: Path, freeze: str | None) -> tuple[dict, int, int]:
+    """A streamed float64 step of the tiny model with its prefix up to ``freeze`` frozen:
+    (each parameter's gradient, convolutions of the first layer in the whole step, in its
+    forward pass alone)."""
+    plan = load_plan(plan_file)
+    torch.manual_seed(0)
+    loaded = load_model_file(setup / "tiny.py")
+    loaded.model.double().eval()
+    if freeze:
+        freeze_prefix(loaded.trunk, freeze)
+    calls = [0]
+    first = loaded.trunk.get_submodule("features.0")
+    handle = first.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        scnn = StreamingCNN.from_plan(loaded.trunk, plan)
+        image = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1),
+                            dtype=torch.float64)  # fmt: skip
+        with torch.no_grad():
+            scnn.forward(image)
+        forward_only = calls[0]
+        calls[0] = 0
+        streaming_step(scnn, loaded.head, image, torch.tensor([1.0]), loss_for("binary"))
+    finally:
+        handle.remove()
+    grads = {n: None if p.grad is None else p.grad.clone()
+             for n, p in loaded.model.named_parameters()}  # fmt: skip
+    return grads, calls[0], forward_only
+
+
+def test_a_frozen_prefix_step_equals_conventional_backprop_and_skips_its_tiles(
+    setup: Path, cut_plan: Path
+) -> None:
+    grads, step_calls, forward_calls = _frozen_step(setup, cut_plan, "features.2")
+    # The oracle: the same weights, the same parameters frozen, conventional backprop.
+    torch.manual_seed(0)
+    model = load_model_file(setup / "tiny.py").model.double().eval()
+    loaded = load_model_file(setup / "tiny.py")
+    frozen = {id(p) for p in frozen_parameters(loaded.trunk, "features.2")}
+    names = [n for n, p in loaded.model.named_parameters() if id(p) in frozen]
+    assert names == ["features.0.weight", "features.0.bias", "features.1.weight",
+                     "features.1.bias"]  # fmt: skip
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in names)
+    image = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64)  # fmt: skip
+    loss_for("binary")(model(image), torch.tensor([1.0])).backward()
+    for name, p in model.named_parameters():
+        if name in names:
+            assert grads[name] is None, name
+        else:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    # The backward pass ran no tile through the frozen segment: its first convolution ran
+    # only in the forward pass; trainable, it also runs in every backward tile.
+    assert step_calls == forward_calls
+    _, trainable_calls, _ = _frozen_step(setup, cut_plan, None)
+    assert trainable_calls > forward_calls
+
+
+def test_a_frozen_run_keeps_the_prefix_and_trains_the_rest(setup: Path, cut_plan: Path,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "run"
+    code, text = run_cli("train", setup / "tiny.py", "--plan", cut_plan, "--data",
+                         setup / "demo" / "train.csv", "--out", out, "--epochs", 1,
+                         "--num-workers", 0, "--no-report", "--freeze", "features.2")  # fmt: skip
+    assert code == 0, text
+    torch.manual_seed(0)
+    before = load_model_file(setup / "tiny.py").model.state_dict()
+    after = load_checkpoint(out / "last.pt").model
+    # the model file seeds its own weights: the prefix is what it built, the rest moved
+    for name in ("features.0.weight", "features.1.weight", "features.1.running_mean"):
+        assert torch.equal(after[name], before[name].to(after[name].dtype)), name
+    assert not torch.equal(after["features.3.weight"], before["features.3.weight"].double())
+
+
+@pytest.mark.parametrize(
+    ("bn", "freeze", "message"),
+    [("frozen", "feature.2", "--freeze feature.2: the trunk has no module or node of that "
+      "name; did you mean features.2"),
+     ("train", "features.2", "--freeze features.2 keeps the frozen layers' BatchNorm "
+      "statistics fixed, which a --bn train plan does not")],
+)  # fmt: skip
+def test_a_bad_freeze_is_refused_in_one_line(setup: Path, tmp_path: Path, bn: str,
+                                             freeze: str, message: str) -> None:  # fmt: skip
+    plan = tmp_path / "plan.yaml"
+    code, text = run_cli("profile", setup / "tiny.py", "--image", SIZE, "--max-tile", 64,
+                         "--dtype", "float64", "--no-measure", "--budget", "2GiB", "--cut",
+                         "features.2", "--bn", bn, "--out", plan)  # fmt: skip
+    assert code == 0, text
+    out = tmp_path / "run"
+    code, text = run_cli("train", setup / "tiny.py", "--plan", plan, "--data",
+                         setup / "demo" / "train.csv", "--out", out, "--epochs", 1,
+                         "--num-workers", 0, "--no-report", "--freeze", freeze)  # fmt: skip
+    assert code != 0
+    assert message in text, text
+    assert len(text.strip().splitlines()) == 1, text
+    assert not out.exists()

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import tifffile
 import torch
-from click.testing import CliRunner
 
 from executor import atomic_write, load_plan
-from tileplan.cli import cli
+from tests.tileplan.run.tiny_runs import StopAt, run_cli, tiny_float64_run
 from tileplan.planning.model_file import load_model_file
 from tileplan.run import trainer as trainer_module
 from tileplan.run.check_data import check_data
@@ -31,7 +30,6 @@ from tileplan.run.interrupts import (
     DUPLICATE_WINDOW_S,
     EXIT_INTERRUPTED,
     RunInterruptedError,
-    StopRequest,
 )
 from tileplan.run.launch import check_space
 from tileplan.run.policy import Cadence, RunPolicy
@@ -43,25 +41,10 @@ SIZE = 96  # px: two by two tiles of 64 px for the tiny model
 EPOCHS = 3
 
 
-def _run(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model, 8 demo images (6 to train on) and a float64 plan of 2x2 tiles."""
-    from tests.tileplan.conftest import TINY_MODEL
-
-    root = tmp_path_factory.mktemp("resilience")
-    (root / "tiny.py").write_text(TINY_MODEL)
-    for args in (
-        ["demo-data", root / "demo", "--n", 8, "--size", SIZE, "--seed", 4],
-        ["profile", root / "tiny.py", "--image", SIZE, "--tile", 64, "--dtype", "float64",
-         "--no-measure", "--budget", "2GiB", "--out", root / "plan.yaml"],
-    ):  # fmt: skip
-        code, out = _run(*args)
-        assert code == 0, out
+    root = tiny_float64_run(tmp_path_factory.mktemp("resilience"), size=SIZE)
     assert load_plan(root / "plan.yaml").tile_grid().n_tiles > 1
     return root
 
@@ -70,18 +53,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """As ``setup`` with 24 images of 192 px (3x3 tiles): a run of several seconds, so that
     signals sent at random moments land inside its epochs."""
-    from tests.tileplan.conftest import TINY_MODEL
-
-    root = tmp_path_factory.mktemp("slow")
-    (root / "tiny.py").write_text(TINY_MODEL)
-    for args in (
-        ["demo-data", root / "demo", "--n", 24, "--size", 192, "--seed", 4],
-        ["profile", root / "tiny.py", "--image", 192, "--tile", 64, "--dtype", "float64",
-         "--no-measure", "--budget", "2GiB", "--out", root / "plan.yaml"],
-    ):  # fmt: skip
-        code, out = _run(*args)
-        assert code == 0, out
-    return root
+    return tiny_float64_run(tmp_path_factory.mktemp("slow"), n=24, size=192)
 
 
 def _trainer(setup: Path, out: Path, policy: RunPolicy | None = None, csv: Path | None = None,
@@ -101,22 +73,6 @@ def _trainer(setup: Path, out: Path, policy: RunPolicy | None = None, csv: Path 
     return Trainer(model=loaded.model, trunk=loaded.trunk, head=loaded.head, plan=plan,
                    spec=spec, train_data=data, val_data=None, out_dir=out,
                    device=torch.device("cpu"), policy=policy)  # fmt: skip
-
-
-class _StopAt(StopRequest):
-    """A stop request that turns on at its ``n``-th look: the loop looks at step starts,
-    between the images of a step and after each epoch, so every ``n`` is another point."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n, self.looks = n, 0
-
-    @property
-    def requested(self) -> bool:
-        self.looks += 1
-        if self.looks > self.n:
-            self.signal = "SIGTERM"
-        return self.signal is not None
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -140,7 +96,7 @@ def test_a_stop_at_any_point_resumes_to_the_same_weights(setup: Path, tmp_path: 
     reference = _trainer(setup, tmp_path / "ref")
     reference.fit(progress=False)
     ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
-    looks = _StopAt(10**9)
+    looks = StopAt(10**9)
     _trainer(setup, tmp_path / "count").fit(progress=False, stop=looks)
     # Per epoch: 3 steps of 2 images (a look before each and between the two), one before
     # validation and one at the epoch's end.
@@ -149,7 +105,7 @@ def test_a_stop_at_any_point_resumes_to_the_same_weights(setup: Path, tmp_path: 
     for n in range(looks.looks - 1):  # the last look comes after the last epoch
         out = tmp_path / f"stop{n}"
         with pytest.raises(RunInterruptedError, match="stopped by SIGTERM") as stopped:
-            _trainer(setup, out).fit(progress=False, stop=_StopAt(n))
+            _trainer(setup, out).fit(progress=False, stop=StopAt(n))
         assert "--resume" in str(stopped.value)
         mid_epoch += bool(load_checkpoint(out / "last.pt").meta.progress)
         resumed = _trainer(setup, out)
@@ -174,7 +130,7 @@ def test_a_stop_inside_a_step_puts_train_mode_batch_norm_back(tmp_path: Path) ->
         ["profile", tmp_path / "global.py", "--image", SIZE, "--bn", "train", "--max-tile", 48,
          "--dtype", "float64", "--no-measure", "--budget", "2GiB", "--out", tmp_path / "plan.yaml"],
     ):  # fmt: skip
-        code, out = _run(*args)
+        code, out = run_cli(*args)
         assert code == 0, out
     (tmp_path / "tiny.py").write_text(TINY_GLOBAL_MODEL)  # _trainer builds <setup>/tiny.py
     _trainer(tmp_path, tmp_path / "ref").fit(progress=False)
@@ -183,7 +139,7 @@ def test_a_stop_inside_a_step_puts_train_mode_batch_norm_back(tmp_path: Path) ->
     for n in (1, 9, 17):  # between the two images of a step, in each epoch (8 looks each)
         out = tmp_path / f"stop{n}"
         with pytest.raises(RunInterruptedError, match="images so far were dropped"):
-            _trainer(tmp_path, out).fit(progress=False, stop=_StopAt(n))
+            _trainer(tmp_path, out).fit(progress=False, stop=StopAt(n))
         resumed = _trainer(tmp_path, out)
         resumed.resume()
         resumed.fit(progress=False)
@@ -393,7 +349,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("badslides")
     (root / "tiny.py").write_text(TINY_MODEL)
-    code, out = _run("demo-data", root / "s", "--slides", "--n", 8, "--size", 320,
+    code, out = run_cli("demo-data", root / "s", "--slides", "--n", 8, "--size", 320,
                      "--seed", 5)  # fmt: skip
     assert code == 0, out
     tifs = sorted((root / "s").glob("*.tif"))
@@ -403,7 +359,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "s" / "all.csv").write_text("\n".join(rows) + "\n")
     (root / "s" / "mid.csv").write_text("\n".join([*rows, "late.tif,0"]) + "\n")
     shutil.copy(tifs[1], root / "s" / "late.tif")
-    code, out = _run("profile", root / "tiny.py", "--data", root / "s" / "mid.csv", "--tile", 64,
+    code, out = run_cli("profile", root / "tiny.py", "--data", root / "s" / "mid.csv", "--tile", 64,
                      "--dtype", "float64", "--no-measure", "--budget", "2GiB",
                      "--out", root / "plan.yaml")  # fmt: skip
     assert code == 0, out
@@ -411,7 +367,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train_slides(slides: Path, out: Path, *extra: object) -> tuple[int, str]:
-    return _run("train", slides / "tiny.py", "--plan", slides / "plan.yaml", "--data",
+    return run_cli("train", slides / "tiny.py", "--plan", slides / "plan.yaml", "--data",
                 slides / "s" / "all.csv", "--out", out, "--epochs", 2, "--batch", 2,
                 "--num-workers", 1, "--no-report", *extra)  # fmt: skip
 
@@ -477,7 +433,7 @@ def test_check_data_finds_the_bad_slides(slides: Path, tmp_path: Path) -> None:
     assert len(corrupt) < result.blocks // 4, "only the blocks over the bad tile fail"
     assert all("level 0, region y" in b.reason for b in corrupt)
     assert result.pixels > 0
-    code, out = _run("check-data", slides / "s" / "all.csv", "--plan", slides / "plan.yaml",
+    code, out = run_cli("check-data", slides / "s" / "all.csv", "--plan", slides / "plan.yaml",
                      "--workers", 1, "--out", tmp_path / "bad.csv")  # fmt: skip
     assert code == 1
     assert "all.csv row 5: " in out
@@ -487,14 +443,14 @@ def test_check_data_finds_the_bad_slides(slides: Path, tmp_path: Path) -> None:
     shutil.copytree(slides / "s", tmp_path / "s")
     raw = (tmp_path / "s" / "late.tif").read_bytes()
     (tmp_path / "s" / "late.tif").write_bytes(raw[: len(raw) // 2])
-    code, out = _run("check-data", tmp_path / "s" / "mid.csv", "--plan", slides / "plan.yaml")
+    code, out = run_cli("check-data", tmp_path / "s" / "mid.csv", "--plan", slides / "plan.yaml")
     assert code == 1
     assert "mid.csv row 6: cannot read 'late.tif': file is truncated" in out
 
 
 def test_check_data_passes_clean_data(slides: Path) -> None:
     clean = slides / "s" / "train.csv"
-    code, out = _run("check-data", clean, "--plan", slides / "plan.yaml", "--workers", 1)
+    code, out = run_cli("check-data", clean, "--plan", slides / "plan.yaml", "--workers", 1)
     assert code == 0, out
     assert "0 blocks of 0 images failed" in out
 
