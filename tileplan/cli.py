@@ -134,9 +134,9 @@ def _recipe_options() -> Decorator:
     from tileplan.run.recipe import MONITORS, Schedule
 
     options = [
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0,
-                     show_default=True, help="The optimizer's weight decay (decoupled for "
-                     "adamw)."),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+                     help="The optimizer's weight decay (decoupled for adamw) [default: the "
+                     "optimizer's, 0 for adam and sgd, 0.01 for adamw]."),
         click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=None,
                      help="SGD's momentum [default: 0.9]."),
         click.option("--schedule", type=_Parsed("SCHEDULE", Schedule.parse), default="none",

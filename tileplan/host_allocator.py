@@ -33,7 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MMAP_THRESHOLD_BYTES = 1 << 20  # buffers at or above it are mmapped and unmapped when freed
-THP_ENV = "THP_MEM_ALLOC_ENABLE"  # read by PyTorch at its first CPU allocation of >= 2 MiB
+THP_ENV = "THP_MEM_ALLOC_ENABLE"  # read once by PyTorch, at its first CPU allocation
 OPT_OUT_ENV = "TILEPLAN_HOST_ALLOCATOR"  # "default": leave the allocator as it is
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 
@@ -49,8 +49,9 @@ def use_host_allocator() -> str:
     """Fix glibc's mmap threshold for this process and ask PyTorch for huge pages; return the
     setting in force (:data:`HOST_ALLOCATOR`), or ``""`` where malloc is not glibc's.
 
-    Idempotent. Huge pages follow only if no tensor of 2 MiB or more was allocated before
-    (PyTorch reads its switch once); a user's own ``THP_MEM_ALLOC_ENABLE`` is kept. With
+    Idempotent. Huge pages (for tensors of 2 MiB or more) follow only if PyTorch has not
+    allocated CPU memory before (it reads its switch once); a user's own
+    ``THP_MEM_ALLOC_ENABLE`` is kept. With
     ``TILEPLAN_HOST_ALLOCATOR=default`` in the environment it changes nothing (faster CPU steps,
     about 1.2x in ``bench/bench_resilience.py peak``, at a peak the plan does not promise).
     """
@@ -70,8 +71,10 @@ def use_host_allocator() -> str:
 
 
 def host_allocator() -> str:
-    """The setting :func:`use_host_allocator` gives on this platform (``""``: none), without
-    applying it."""
+    """The setting :func:`use_host_allocator` gives on this platform and in this environment
+    (``""``: none, or opted out), without applying it."""
+    if os.environ.get(OPT_OUT_ENV, "").lower() == "default":
+        return ""
     return HOST_ALLOCATOR if _glibc() is not None else ""
 
 

@@ -105,3 +105,12 @@ def test_plans_record_the_setting_and_training_names_a_different_one(
             assert "'jemalloc 5'" in warned[0]
             assert f"'{HOST_ALLOCATOR}'" in warned[0]
             assert "profile again" in warned[0]
+
+
+def test_an_opted_out_environment_plans_with_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan made with TILEPLAN_HOST_ALLOCATOR=default records no setting: its measuring
+    child ran under glibc's default (whose peaks bound a run under the shared setting)."""
+    monkeypatch.setenv(OPT_OUT_ENV, "default")
+    assert host_allocator() == ""
+    monkeypatch.delenv(OPT_OUT_ENV)
+    assert host_allocator() == HOST_ALLOCATOR

@@ -27,7 +27,7 @@ from tileplan.planning.model_file import load_model_file
 from tileplan.run.csv_out import write_csv
 from tileplan.run.data import DataError, Dataset, load_csv
 from tileplan.run.policy import RunPolicy
-from tileplan.run.recipe import parse_class_weights
+from tileplan.run.recipe import RecipeError, parse_class_weights
 from tileplan.run.report import EpochMetrics, RunReport, measure_run_report, save_report
 from tileplan.run.trainer import Trainer, TrainError
 from tileplan.settings import OPTIMIZERS, RunSpec, resolve_device
@@ -197,6 +197,9 @@ def run_training(
     frozen = loaded.resplit("frozen") if spec.batch_norm == "train" else loaded
     train_data, val_data = _datasets(req, plan, spec)
     if req.class_weights is not None:
+        if train_data.task == "regression":
+            raise RecipeError("--class-weights is for classification; this run's labels are "
+                              "continuous")  # fmt: skip
         weights = parse_class_weights(req.class_weights, [s.label for s in train_data.samples])
         recipe = dataclasses.replace(spec.recipe, class_weights=weights)
         spec = dataclasses.replace(spec, recipe=recipe)

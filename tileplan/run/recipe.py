@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "MONITORS", "SCHEDULES", "Monitor", "MonitorState", "Recipe", "Schedule", "balanced_order",
-    "batch_weights", "make_scheduler", "parse_class_weights",
+    "batch_weights", "make_scheduler", "parse_class_weights", "rescale_lr", "step_scheduler",
 ]  # fmt: skip
 
 SCHEDULES = ("none", "cosine", "step", "exponential", "plateau")
@@ -100,7 +100,8 @@ class Recipe:
     only with the same recipe.
 
     Attributes:
-        weight_decay: the optimizer's weight decay (L2 for Adam and SGD, decoupled for AdamW).
+        weight_decay: the optimizer's weight decay (L2 for Adam and SGD, decoupled for AdamW;
+            None: the optimizer's default, 0 for Adam and SGD, 0.01 for AdamW).
         momentum: SGD's momentum (None: 0.9).
         schedule: the learning-rate schedule.
         warmup: epochs of linear warm-up from lr/(warmup+1) to lr, before the schedule.
@@ -116,7 +117,7 @@ class Recipe:
             (``tileplan.run.freeze``), or None.
     """
 
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     momentum: float | None = None
     schedule: Schedule = dataclasses.field(default_factory=Schedule)
     warmup: int = 0
@@ -150,7 +151,7 @@ class Recipe:
                               f"{classes} classes; give one per class (or auto)")  # fmt: skip
 
     def _check_ranges(self, optimizer: str, epochs: int) -> None:
-        if self.weight_decay < 0:
+        if self.weight_decay is not None and self.weight_decay < 0:
             raise RecipeError(f"--weight-decay {self.weight_decay:g}: must be 0 or more")
         if self.momentum is not None and optimizer != "sgd":
             raise RecipeError(f"--momentum is SGD's; the run's optimizer is {optimizer} "
@@ -182,7 +183,9 @@ class Recipe:
 
     def optimizer_options(self, optimizer: str) -> dict[str, float]:
         """The keyword arguments of the optimizer's constructor beyond the learning rate."""
-        options = {"weight_decay": self.weight_decay}
+        options: dict[str, float] = {}
+        if self.weight_decay is not None:
+            options["weight_decay"] = self.weight_decay
         if optimizer == "sgd":
             options["momentum"] = 0.9 if self.momentum is None else self.momentum
         return options
@@ -283,6 +286,20 @@ class _Warmed:
             self.main.load_state_dict(state["main"])
 
 
+def rescale_lr(optimizer: torch.optim.Optimizer, scheduler: Any, ratio: float) -> None:
+    """Multiply the learning rate, and every rate a schedule computes from, by ``ratio``: a
+    resumed run with another ``--lr`` continues its schedule at the new rate."""
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    parts = [scheduler.ramp, scheduler.main] if isinstance(scheduler, _Warmed) else [scheduler]
+    for part in parts:
+        for name in ("base_lrs", "_last_lr"):
+            if part is not None and getattr(part, name, None) is not None:
+                setattr(part, name, [v * ratio for v in getattr(part, name)])
+
+
 def step_scheduler(scheduler: Any, value: float | None) -> None:
     """Step an epoch's schedule; a plateau schedule with the monitored value (skipped when
     there is none, e.g. a validation AUC of one class)."""
@@ -297,7 +314,7 @@ def step_scheduler(scheduler: Any, value: float | None) -> None:
 
 @dataclass(frozen=True)
 class MonitorState:
-    """What the monitor remembers (saved in ``last.pt``).
+    """What the monitor remembers (rebuilt from the metrics history on ``--resume``).
 
     Attributes:
         best, best_epoch: the best monitored value and its epoch (1-based; 0: none yet).

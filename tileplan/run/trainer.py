@@ -70,6 +70,7 @@ from tileplan.run.recipe import (
     balanced_order,
     batch_weights,
     make_scheduler,
+    rescale_lr,
     step_scheduler,
 )
 from tileplan.run.report import EpochMetrics, save_metrics
@@ -307,6 +308,7 @@ class Trainer:
         self._scaler_skips = 0  # optimizer steps the float16 loss scaler skipped in a row
         self._saved: str | None = None  # what last.pt holds ("after epoch 2"), once written
         self._last_save = (time.perf_counter(), 0)  # (clock, optimizer steps) at the last one
+        self._pending_keep: tuple[bool, bool] | None = None  # weight files owed (resume)
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -456,10 +458,21 @@ class Trainer:
         if meta.plan.to_dict() != self.plan.to_dict():
             raise TrainError(f"--resume: '{path}' was trained with another plan; pass its "
                              f"plan ({self.out_dir / 'plan.yaml'})")  # fmt: skip
-        for name, was, now in _settings_changed(meta.spec, self.spec):
+        # A checkpoint from before the recipe's monitor was made explicit: the same default.
+        started = dataclasses.replace(
+            meta.spec, recipe=meta.spec.recipe.resolved(has_val=self.val_data is not None)
+        )
+        for name, was, now in _settings_changed(started, self.spec):
+            hint = " (its default follows --val)" if name == "--monitor" else ""
             raise TrainError(
-                f"--resume: the run was started with {name} {was}, not {now}; pass the "
+                f"--resume: the run was started with {name} {was}, not {now}{hint}; pass the "
                 "same options to continue it exactly"
+            )
+        if self.spec.recipe.schedule.name == "cosine" and started.epochs != self.spec.epochs:
+            raise TrainError(
+                f"--resume: the cosine schedule anneals over the run's --epochs "
+                f"{started.epochs}; continue it with --epochs {started.epochs}, not "
+                f"{self.spec.epochs}"
             )
         if meta.progress and len(meta.progress) != self.world:
             raise TrainError(
@@ -475,6 +488,8 @@ class Trainer:
                 self.scheduler.load_state_dict(ckpt.scheduler)
         except (RuntimeError, ValueError, KeyError) as err:
             raise TrainError(f"--resume: '{path}' does not fit this model ({err})") from err
+        if self.spec.lr != started.lr:  # --lr on resume: scale the restored rates with it
+            rescale_lr(self.optimizer, self.scheduler, self.spec.lr / started.lr)
         self.epoch = meta.epoch
         self.history = list(meta.history)
         values = [getattr(row, self.monitor.monitor) for row in self.history]
@@ -486,6 +501,11 @@ class Trainer:
         ranks = ckpt.rng.get("ranks")
         restore_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ckpt.rng)
         self._saved = meta.describe()
+        if not meta.progress and self.history:
+            # The weight files of the checkpoint's epoch are written after it; a run that
+            # ended between the two writes them again (each write is whole or absent).
+            state = self.monitor.state
+            self._pending_keep = (state.best_epoch == meta.epoch, state.window_end == meta.epoch)
         log.info("resumed from %s %s", path, self._saved)
 
     # -- agreement between processes ----------------------------------------------------------
@@ -839,6 +859,9 @@ class Trainer:
                      else "")  # fmt: skip
             meter = PeakMeter(self.model, self.device)
             warned = False
+            if self._pending_keep is not None:
+                self._keep_together(*self._pending_keep)
+                self._pending_keep = None
             if self.monitor.exhausted:  # a resumed run that had already stopped early
                 return tuple(self.history)
             for epoch in range(self.epoch, self.spec.epochs):
@@ -875,15 +898,9 @@ class Trainer:
                 self.epoch = epoch + 1
                 best, window = self._follow(row)
                 self.save_checkpoint()
-                failure = None
                 if self.rank == 0:
                     log.info("epoch %d: %s", epoch + 1, row)
-                    try:
-                        self._keep(best, window)
-                    except TrainError as err:
-                        failure = err
-                self._fail_together(failure, "rank 0 could not write the run's weight files; "
-                                    "see its message")  # fmt: skip
+                self._keep_together(best, window)
                 if self.monitor.exhausted and self.epoch < self.spec.epochs:
                     log.info("no better %s for %d epochs: stopping after epoch %d (best: "
                              "epoch %d)", self.monitor.monitor, self.monitor.state.bad_epochs,
@@ -901,6 +918,17 @@ class Trainer:
         if self.scheduler is not None:
             step_scheduler(self.scheduler, values[-1])
         return best, window
+
+    def _keep_together(self, best: bool, window: bool) -> None:
+        """``_keep`` on rank 0; its failure stops every rank."""
+        failure = None
+        if self.rank == 0:
+            try:
+                self._keep(best, window)
+            except TrainError as err:
+                failure = err
+        self._fail_together(failure, "rank 0 could not write the run's weight files; see its "
+                            "message")  # fmt: skip
 
     def _keep(self, best: bool, window: bool) -> None:
         """Rank 0 after an epoch's checkpoint: ``best.pt`` at a new best, each epoch's weights

@@ -452,3 +452,64 @@ def test_a_bad_freeze_is_refused_in_one_line(setup: Path, tmp_path: Path, bn: st
     assert message in text, text
     assert len(text.strip().splitlines()) == 1, text
     assert not out.exists()
+
+
+def test_a_resume_with_another_lr_scales_the_schedule(setup: Path, tmp_path: Path) -> None:
+    """A diverging run's advice is --resume with a lower --lr: the rates of the restored
+    optimizer and schedule scale with it."""
+    out = tmp_path / "run"
+    recipe = Recipe(schedule=Schedule("step", 1, 0.5), monitor="train_loss")
+    _trainer(setup, out, recipe, epochs=2, lr=1e-2).fit(progress=False)
+    resumed = _trainer(setup, out, recipe, epochs=3, lr=1e-3)
+    resumed.resume()
+    resumed.fit(progress=False)
+    assert [r["lr"] for r in _metrics(out)] == pytest.approx([1e-2, 5e-3, 2.5e-4])
+
+
+def test_a_cosine_run_resumes_only_with_its_epochs(setup: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = ["train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
+            setup / "demo" / "train.csv", "--out", out, "--num-workers", 0, "--no-report",
+            "--schedule", "cosine"]  # fmt: skip
+    code, text = run_cli(*base, "--epochs", 2)
+    assert code == 0, text
+    code, text = run_cli(*base, "--epochs", 4, "--resume")
+    assert code != 0
+    assert "the cosine schedule anneals over the run's --epochs 2" in text, text
+
+
+def test_weight_files_owed_at_a_stop_are_written_on_resume(setup: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:  # fmt: skip
+    """A run that ended between an epoch's last.pt and its weight files (best.pt, the epoch
+    file, averaged.pt) writes them when resumed: the files equal an uninterrupted run's."""
+    recipe = Recipe(monitor="train_loss", average=2)
+    _trainer(setup, tmp_path / "ref", recipe).fit(progress=False)
+    keep = Trainer._keep
+
+    def dies_after_epoch_2(self: Trainer, best: bool, window: bool) -> None:
+        if self.epoch == 2:
+            raise RuntimeError("killed")
+        keep(self, best, window)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_keep", dies_after_epoch_2)
+        with pytest.raises(RuntimeError, match="killed"):
+            _trainer(setup, out, recipe).fit(progress=False)
+    assert not (out / "epochs" / "epoch_002.pt").exists()
+    resumed = _trainer(setup, out, recipe)
+    resumed.resume()
+    resumed.fit(progress=False)
+    for name in ("best.pt", "averaged.pt"):
+        got, ref = load_checkpoint(out / name), load_checkpoint(tmp_path / "ref" / name)
+        assert got.meta.epoch == ref.meta.epoch, name
+        for key, value in ref.model.items():
+            assert torch.equal(got.model[key], value), (name, key)
+
+
+def test_adamw_keeps_its_own_weight_decay_unless_asked(setup: Path, tmp_path: Path) -> None:
+    default = _trainer(setup, tmp_path / "a", Recipe(), optimizer="adamw")
+    assert default.optimizer.param_groups[0]["weight_decay"] == 0.01  # torch's default
+    asked = _trainer(setup, tmp_path / "b", Recipe(weight_decay=0.0), optimizer="adamw")
+    assert asked.optimizer.param_groups[0]["weight_decay"] == 0.0
