@@ -200,7 +200,7 @@ def run_training(
         if train_data.task == "regression":
             raise RecipeError("--class-weights is for classification; this run's labels are "
                               "continuous")  # fmt: skip
-        weights = parse_class_weights(req.class_weights, [s.label for s in train_data.samples])
+        weights = parse_class_weights(req.class_weights, train_data.labels)
         recipe = dataclasses.replace(spec.recipe, class_weights=weights)
         spec = dataclasses.replace(spec, recipe=recipe)
     checkpoint = req.out / "last.pt"

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import math
+import shutil
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ from executor import (
     Plan,
     StreamingCNN,
     StreamingError,
-    atomic_write,
+    atomic_write_path,
     streaming_step,
 )
 from tileplan.planning.model_file import set_batch_norm
@@ -300,7 +301,7 @@ class Trainer:
                           classes=classes)  # fmt: skip
         self.scheduler = make_scheduler(self.optimizer, spec.recipe, spec.epochs)
         self.monitor = Monitor(spec.recipe)
-        self._labels = [sample.label for sample in train_data.samples]
+        self._labels = train_data.labels  # in sample order: the batch shares and balance
         self.epoch = 0  # completed epochs
         self.history: list[EpochMetrics] = []
         self.skipped: list[SkippedImage] = []  # images left out (--on-read-error skip)
@@ -937,8 +938,7 @@ class Trainer:
         try:
             if best and self._keeps_best:  # last.pt holds this epoch's end
                 target = self.out_dir / BEST_FILE
-                data = self.checkpoint_path().read_bytes()
-                atomic_write(target, lambda f: f.write(data))
+                atomic_write_path(target, lambda tmp: shutil.copyfile(self.checkpoint_path(), tmp))
             if k:
                 target = self.out_dir / EPOCHS_DIR / epoch_file(self.epoch)
                 save_weights(target, self.model.state_dict())
