@@ -16,13 +16,15 @@ allocator's peak above what was allocated before the step.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 from step_timing import (  # bench/, beside this script
     GIB,
+    add_method_options,
+    answer_child,
+    device_of,
     device_words,
     print_results,
     run_child,
@@ -71,18 +73,13 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=4096, help="square image side, px")
     parser.add_argument("--budget", default="4GiB", help="memory budget of the plan")
     parser.add_argument("--plan", type=Path, default=None, help="use this plan instead")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    add_method_options(parser, METHODS)
     args = parser.parse_args()
-    if args.child:
-        method, plan, repeats, device = args.child
-        print(json.dumps(child(method, plan, int(repeats), device)))
+    if answer_child(args, child):
         return
     import tileplan
 
-    device = "cuda:0" if args.device == "cuda" else args.device
+    device = device_of(args)
     with tempfile.TemporaryDirectory() as folder:
         plan_path = args.plan
         if plan_path is None:

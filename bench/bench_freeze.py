@@ -15,12 +15,20 @@ Three methods, each in its own fresh process repeating its own step (``step_timi
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
-from step_timing import GIB, device_words, print_results, run_child, time_steps  # bench/
+from step_timing import (  # bench/, beside this script
+    GIB,
+    add_method_options,
+    answer_child,
+    device_of,
+    device_words,
+    print_results,
+    run_child,
+    time_steps,
+)
 from torch import nn
 
 METHODS = ("trainable", "trainable-cut", "frozen")
@@ -56,18 +64,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=int, default=4096, help="square image side, px")
     parser.add_argument("--budget", default="4GiB", help="memory budget of both plans")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    add_method_options(parser, METHODS)
     args = parser.parse_args()
-    if args.child:
-        method, plan, repeats, device = args.child
-        print(json.dumps(child(method, plan, int(repeats), device)))
+    if answer_child(args, child):
         return
     import tileplan
 
-    device = "cuda:0" if args.device == "cuda" else args.device
+    device = device_of(args)
     with tempfile.TemporaryDirectory() as folder:
         plans = {}
         for name, cut in (("whole", None), ("cut", FROZEN)):

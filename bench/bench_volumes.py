@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,9 @@ import numpy as np
 import torch
 from step_timing import (  # bench/, beside this script
     GIB,
+    add_method_options,
+    answer_child,
+    device_of,
     device_words,
     print_results,
     run_child,
@@ -99,19 +101,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volume", default="96x384x384", help="D x H x W voxels")
     parser.add_argument("--budget", default="2GiB", help="memory budget of the plan")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    add_method_options(parser, METHODS)
     args = parser.parse_args()
-    if args.child:
-        method, plan, repeats, device = args.child
-        print(json.dumps(child(method, plan, int(repeats), device)))
+    if answer_child(args, child):
         return
     import tileplan
     from tileplan.units import parse_shape
 
-    device = "cuda:0" if args.device == "cuda" else args.device
+    device = device_of(args)
     shape = parse_shape(args.volume, 3)
     ct = tileplan.profile(build("cpu"), image=(512, 512, 512), channels=1, budget="80GiB",
                           measure=False, device="cuda")  # fmt: skip

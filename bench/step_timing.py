@@ -1,10 +1,12 @@
 """Timing one training step in a benchmark's child process (``run_child`` starts it, with the
 allocator setting of tileplan's own measurements; ``time_steps`` times it there): the median
 of ``repeats`` steps after a warm-up step, and the peak memory above what the warm-up left
-allocated."""
+allocated. ``add_method_options`` and ``answer_child`` are the command line such a benchmark
+shares: ``--repeats``, ``--device``, ``--methods`` and the child's own ``--child``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -40,6 +42,31 @@ def time_steps(step: Callable[[], None], repeats: int, device: str) -> dict[str,
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
     return {"seconds": statistics.median(times), "peak_bytes": peak - base}
+
+
+def add_method_options(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    """``--repeats``, ``--device``, ``--methods`` (of ``methods``) and the hidden ``--child
+    METHOD PLAN REPEATS DEVICE`` that ``run_child`` passes."""
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--methods", nargs="*", default=list(methods), choices=methods)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+
+
+def answer_child(args: argparse.Namespace,
+                 child: Callable[[str, str, int, str], dict[str, float]]) -> bool:  # fmt: skip
+    """In a child process (``--child``): print ``child(method, plan, repeats, device)`` as
+    the JSON line ``run_child`` reads, and return True; else False."""
+    if not args.child:
+        return False
+    method, plan, repeats, device = args.child
+    print(json.dumps(child(method, plan, int(repeats), device)))
+    return True
+
+
+def device_of(args: argparse.Namespace) -> str:
+    """``--device`` with ``cuda`` made ``cuda:0``."""
+    return "cuda:0" if args.device == "cuda" else args.device
 
 
 def run_child(script: str, method: str, plan: Path, repeats: int, device: str
