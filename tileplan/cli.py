@@ -131,6 +131,7 @@ def _data_settings(params: dict[str, Any]) -> DataSettings:
 
 def _recipe_options() -> Decorator:
     """How `train` trains beyond the plan: regularisation, schedule, balance, monitoring."""
+    from tileplan.augment import DEFAULT_SPEC, OPS
     from tileplan.run.recipe import MONITORS, Schedule
 
     options = [
@@ -160,6 +161,11 @@ def _recipe_options() -> Decorator:
                      help="Keep every trunk parameter up to and including MODULE fixed (e.g. "
                      "layer3); profile with --cut MODULE so that no backward tile runs "
                      "through the frozen part."),
+        click.option("--augment", type=_Parsed("SPEC", _augment_spec), default="none",
+                     show_default=True, metavar="SPEC",
+                     help="Augment each training image as its crops are read: 'default' "
+                     f"({DEFAULT_SPEC}) or a comma-separated list of NAME[:STRENGTH] from "
+                     f"{', '.join(OPS)} (validation and predict never augment)."),
         click.option("--average", type=click.IntRange(min=0), default=0, show_default=True,
                      metavar="K", help="Also write averaged.pt: the mean weights of the K "
                      "consecutive epochs with the best mean --monitor value."),
@@ -171,6 +177,12 @@ def _recipe_options() -> Decorator:
         return command
 
     return decorate
+
+
+def _augment_spec(text: str) -> str:
+    from tileplan.augment import canonical
+
+    return canonical(text)
 
 
 def _recipe(params: dict[str, Any]) -> Recipe:
@@ -577,7 +589,7 @@ def _train(model_file: Path, plan_file: Path, data: Path, val: Path | None, out:
         options = {"lr": lr, "optimizer": optimizer, "batch": batch, "mean": mean, "std": std,
                    "epochs": epochs, "seed": seed, "num_workers": num_workers,
                    "data": settings, "batch_norm": batch_norm,
-                   "recipe": _recipe(recipe)}  # fmt: skip
+                   "recipe": _recipe(recipe), "augment": recipe["augment"]}  # fmt: skip
         policy = RunPolicy(checkpoint_every=checkpoint_every, on_read_error=on_read_error,  # type: ignore[arg-type]
                            max_skipped=max_skipped)  # fmt: skip
         request = TrainRequest(model_file=model_file, plan_file=plan_file, data=data, val=val,

@@ -293,6 +293,8 @@ class RunSpec:
             (batch statistics in training steps, running statistics updated as conventional
             training updates them and used for validation).
         recipe: weight decay, schedule, class balance, monitoring (``tileplan.run.recipe``).
+        augment: the training images' augmentation, a canonical ``--augment`` spec
+            (``tileplan.augment``; empty: none).
     """
 
     dtype: DtypeName
@@ -306,6 +308,7 @@ class RunSpec:
     data: DataSettings = field(default_factory=DataSettings)
     batch_norm: BatchNormMode = "frozen"
     recipe: Recipe = field(default_factory=Recipe)
+    augment: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in get_args(DtypeName):
@@ -318,6 +321,12 @@ class RunSpec:
             raise SettingsError("epochs, batch and lr must be positive and num-workers >= 0")
         if self.batch_norm not in BATCH_NORM_MODES:
             raise SettingsError(f"--bn {self.batch_norm}: use one of {', '.join(BATCH_NORM_MODES)}")
+        from tileplan.augment.spec import AugmentError, canonical
+
+        try:  # one spelling of a spec, so that --resume compares settings, not text
+            object.__setattr__(self, "augment", canonical(self.augment))
+        except AugmentError as err:
+            raise SettingsError(f"--augment: {err}") from None
 
     @classmethod
     def from_plan(

@@ -240,6 +240,28 @@ class SlideSource(FileSource):
             scaled = both.astype(np.float32)
         return torch.from_numpy(scaled)[None]
 
+    def rescaled(self, factor: float) -> SlideSource:
+        """This region read at ``factor`` times its µm/px (coarser above 1; scale jitter):
+        the whole level resampled to ``round(scaled / factor)`` px from the coarsest level with
+        as many (never finer than level 0), the box scaled alike and, where it came out larger
+        than this region, centre-cropped to this region's size, so that an image never grows.
+        """
+        (sh, sw), (h0, w0) = self.region.scaled, self.pyramid.levels[0]
+        g = min(1.0 / factor, h0 / sh, w0 / sw)  # px per px of this region's resolution
+        th, tw = max(1, min(h0, round(sh * g))), max(1, min(w0, round(sw * g)))
+        level = max(k for k, (h, w) in enumerate(self.pyramid.levels)
+                    if h >= th and w >= tw and (k == 0 or self.pyramid.exact(k)))  # fmt: skip
+        y0, x0, h, w = self.region.box
+        # The box in px of the new size: start rounded down, size rounded, inside the level.
+        ny0, nx0 = min(th - 1, (y0 * th) // sh), min(tw - 1, (x0 * tw) // sw)
+        nh = max(1, min(th - ny0, round(h * th / sh)))
+        nw = max(1, min(tw - nx0, round(w * tw / sw)))
+        if nh > h:
+            ny0, nh = ny0 + (nh - h) // 2, h
+        if nw > w:
+            nx0, nw = nx0 + (nw - w) // 2, w
+        return SlideSource(self.pyramid, Region(level, (th, tw), (ny0, nx0, nh, nw)))
+
     def _open_reader(self) -> LevelReader:
         return open_level_reader(self.pyramid)
 

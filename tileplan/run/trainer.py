@@ -46,6 +46,7 @@ from executor import (
     atomic_write_path,
     streaming_step,
 )
+from tileplan.augment import Augmentation, AugmentError
 from tileplan.planning.model_file import set_batch_norm
 from tileplan.run.checkpoint import (
     Checkpoint,
@@ -282,6 +283,7 @@ class Trainer:
             self.eval_scnn = inference_engine(frozen_trunk or trunk, plan,
                                               preprocess=spec.preprocess())  # fmt: skip
         self.task: Task = self._task()
+        self.augmentation = self._augmentation()
         for data in (train_data, val_data):
             if data is not None and data.streamed:
                 reading = (spec.data.describe_volumes() if plan.n_axes == 3
@@ -289,7 +291,10 @@ class Trainer:
                 check_image_sizes(self.scnn, head, data, channels=self._trunk_channels,
                                   outputs=self._head_outputs, reading=reading,
                                   resampled=spec.data.spacing is not None,
-                                  planned_output=plan.output_shape)  # fmt: skip
+                                  planned_output=plan.output_shape,
+                                  sizes=(self.augmentation.shapes
+                                         if self.augmentation and data is train_data
+                                         else None))  # fmt: skip
         self.loss = loss_for(self.task)
         if spec.recipe.freeze is not None:
             self._freeze(spec.recipe.freeze)
@@ -323,6 +328,46 @@ class Trainer:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if self.rank == 0:
             log.info("--freeze %s: %d parameters frozen, %d train", name, n, trainable)
+
+    def _augmentation(self) -> Augmentation:
+        """``--augment``: checked against the training images before any is read."""
+        spec = self.spec
+        mean = spec.normalization.mean
+        eight_bit = self.train_data.dtype == torch.uint8
+        augmentation = Augmentation.parse(
+            spec.augment, max_shape=tuple(self.plan.image_shape_px)[-2:],
+            # Cutout fills with the normalisation's mean: zero once normalised.
+            fill=[round(m * 255) if eight_bit else m for m in mean],
+        )  # fmt: skip
+        if augmentation:
+            if self.plan.n_axes == 3:
+                raise TrainError(f"--augment {spec.augment}: volumes are not augmented yet; "
+                                 "train without --augment")  # fmt: skip
+            try:
+                data = self.train_data
+                augmentation.check(
+                    channels=data.channels,
+                    dtype=data.dtype,
+                    where=f"the images of {data.csv_path or 'the data'}",
+                )
+                if "scale" in augmentation.ops and not data.streamed:
+                    raise AugmentError(
+                        "--augment scale reads slides at another resolution, and these images "
+                        "are read whole; leave scale out"
+                    )
+            except AugmentError as err:
+                raise TrainError(str(err)) from None
+        return augmentation
+
+    def _augmented(self, item: tuple[torch.Tensor | ImageSource, torch.Tensor], epoch: int,
+                   index: int) -> tuple[torch.Tensor | ImageSource, torch.Tensor]:  # fmt: skip
+        """A training image augmented as its crops are read (a function of seed, epoch and
+        image, so the same on every rank and after --resume)."""
+        if not self.augmentation:
+            return item
+        image, label = item
+        source = self.augmentation.apply(image, seed=self.spec.seed, epoch=epoch, index=index)
+        return source, label
 
     def _task(self) -> Task:
         task = self.train_data.task
@@ -591,19 +636,21 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
-    def _images(self, indices: list[int]) -> Iterator[Item]:
-        """(1, C, *spatial) images and labels in ``indices`` order, or the error reading one
-        raised, read ahead by ``num_workers`` processes (slides: opened ahead by as many
-        threads; their tiles are read during the passes)."""
+    def _images(self, indices: list[int], epoch: int) -> Iterator[Item]:
+        """(1, C, *spatial) training images (augmented as ``--augment`` says) and labels in
+        ``indices`` order, or the error reading one raised, read ahead by ``num_workers``
+        processes (slides: opened ahead by as many threads; their tiles are read during the
+        passes)."""
         if self.train_data.streamed:
             yield from _opened_ahead(
-                (self._image(self.train_data, i) for i in indices), self.spec.num_workers
+                (self._augmented(self._image(self.train_data, i), epoch, i) for i in indices),
+                self.spec.num_workers,
             )
             return
         if self.spec.num_workers == 0:
             for i in indices:
                 try:
-                    yield self._image(self.train_data, i)
+                    yield self._augmented(self._image(self.train_data, i), epoch, i)
                 except DataError as err:
                     yield err
             return
@@ -614,8 +661,11 @@ class Trainer:
             # resumed mid-epoch draws the same random numbers as one that never stopped.
             generator=torch.Generator().manual_seed(self.spec.seed),
         )  # fmt: skip
-        for image, label, error in loader:
-            yield DataError(error) if error is not None else (image.unsqueeze(0), label.reshape(1))
+        for i, (image, label, error) in zip(indices, loader, strict=True):
+            if error is not None:
+                yield DataError(error)
+            else:
+                yield self._augmented((image.unsqueeze(0), label.reshape(1)), epoch, i)
 
     def _snapshot(
         self, *, grads: bool = True
@@ -682,7 +732,7 @@ class Trainer:
         set_batch_norm(self.model, self.spec.batch_norm)
         batches = list(self._my_batches(epoch))
         slots = -(-self.spec.batch // self.world)  # images per rank per step, at most
-        images = self._images([i for batch, _ in batches[progress.step :] for i in batch])
+        images = self._images([i for batch, _ in batches[progress.step :] for i in batch], epoch)
         for step in range(progress.step, len(batches)):
             batch, shares = batches[step]
             started = time.perf_counter()
@@ -989,6 +1039,8 @@ def _settings_changed(was: RunSpec, now: RunSpec) -> Iterator[tuple[str, Any, An
                 a, b = getattr(old, r.name), getattr(new, r.name)
                 if a != b:
                     yield f"--{r.name.replace('_', '-')}", _shown(a), _shown(b)
+        elif f.name == "augment" and old != new:
+            yield "--augment", old or "none", new or "none"
         elif f.name not in _RESUMABLE_CHANGES and old != new:
             yield f.name, old, new
 
@@ -1075,11 +1127,15 @@ def check_image_sizes(
     planned_output: Sequence[int],
     reading: str = "as stored",
     resampled: bool = True,
+    sizes: Callable[[tuple[int, ...]], set[tuple[int, int]]] | None = None,
 ) -> None:
     """Every image of ``data`` streams at its own size: check, before training, that the trunk
     tiles each size and that the head takes each output map of ``channels`` channels (on the
     meta device: shapes only) and gives ``outputs`` values, as it does for the plan's output
     map ``planned_output``.
+
+    ``sizes`` gives the sizes an image stored at a size streams at (augmentation's crops and
+    transpositions; default: its own size).
 
     Raises:
         TrainError: naming the CSV row, the size and the fix.
@@ -1103,8 +1159,10 @@ def check_image_sizes(
         )
         head_outputs = None  # type: ignore[assignment]
     seen: set[tuple[int, ...]] = set()
-    for index, sample in enumerate(data.samples):
-        size = tuple(data.image_shape(index)[1:])
+    streamed_at = sizes or (lambda size: {size})
+    streamed = [(sample, size) for index, sample in enumerate(data.samples)
+                for size in streamed_at(tuple(data.image_shape(index)[1:]))]  # fmt: skip
+    for sample, size in streamed:
         if size in seen:
             continue
         seen.add(size)

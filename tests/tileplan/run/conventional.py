@@ -21,9 +21,11 @@ def train_conventionally(
     trainer: Trainer,
     data: Dataset,
     check: Callable[[int, torch.Tensor], None] = lambda index, image: None,
+    image_of: Callable[[int, int], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train ``model_file``'s model in float64 with the trainer's data order, the spec's
-    normalisation, loss scaling, BatchNorm mode and SGD, on every image of ``data`` read whole;
+    normalisation, loss scaling, BatchNorm mode and SGD, on every image of ``data`` read whole
+    (or ``image_of(epoch, index)``: e.g. the whole image augmented first);
     ``check(index, image)`` sees each image first."""
     torch.manual_seed(0)
     ref = load_model_file(model_file).model.double().eval()
@@ -38,6 +40,8 @@ def train_conventionally(
             optimizer.zero_grad(set_to_none=True)
             for index in batch:
                 image, label = data[index]
+                if image_of is not None:
+                    image = image_of(epoch, index)
                 check(index, image)
                 x = (image.unsqueeze(0).double() / 255 - mean) / std  # written out: the oracle
                 loss = torch.nn.functional.cross_entropy(ref(x), label.reshape(1).long())
