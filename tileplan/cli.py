@@ -166,6 +166,11 @@ def _recipe_options() -> Decorator:
                      help="Augment each training image as its crops are read: 'default' "
                      f"({DEFAULT_SPEC}) or a comma-separated list of NAME[:STRENGTH] from "
                      f"{', '.join(OPS)} (validation and predict never augment)."),
+        click.option("--unfreeze-epoch", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="With --freeze: from epoch N (1-based) every parameter trains, with a "
+                     "new optimizer at --lr-after and the schedule started again."),
+        click.option("--lr-after", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="The learning rate from --unfreeze-epoch on [default: --lr]."),
         click.option("--average", type=click.IntRange(min=0), default=0, show_default=True,
                      metavar="K", help="Also write averaged.pt: the mean weights of the K "
                      "consecutive epochs with the best mean --monitor value."),
@@ -193,7 +198,9 @@ def _recipe(params: dict[str, Any]) -> Recipe:
     return Recipe(weight_decay=params["weight_decay"], momentum=params["momentum"],
                   schedule=params["schedule"], warmup=params["warmup"],
                   balance=params["balance"], monitor=params["monitor"], patience=params["patience"],
-                  average=params["average"], freeze=params["freeze"])  # fmt: skip
+                  average=params["average"], freeze=params["freeze"],
+                  unfreeze_epoch=params["unfreeze_epoch"],
+                  lr_after=params["lr_after"])  # fmt: skip
 
 
 def _slide_options(*, oversize: bool = True) -> Decorator:
@@ -657,10 +664,14 @@ def check_data(data: Path, plan_file: Path, workers: int, out: Path | None, mpp:
     "--out", type=_PATH, default=None, help="Write predictions CSV here (default: stdout)."
 )
 @click.option("--device", default="auto", show_default=True)
+@click.option("--tta", is_flag=True, help="Average the prediction over the 8 symmetries of the "
+              "square (flips, rotations by 90 degrees; transposed ones where they fit the "
+              "plan): 8 forward passes per image.")  # fmt: skip
 @_ASSUME_MPP
 @_ASSUME_SPACING
 def predict(model_file: Path, images: tuple[Path, ...], plan_file: Path, checkpoint: Path,
-            saliency_dir: Path | None, out: Path | None, device: str, assume_mpp: float | None,
+            saliency_dir: Path | None, out: Path | None, device: str, tta: bool,
+            assume_mpp: float | None,
             assume_spacing: tuple[float, ...] | None) -> None:  # fmt: skip
     """Predict whole IMAGES by streaming them forward (no autograd memory), read as the run
     read its images (resolution, tissue, spacing, intensity)."""
@@ -670,7 +681,7 @@ def predict(model_file: Path, images: tuple[Path, ...], plan_file: Path, checkpo
         results = predict_files(model_file=model_file, plan_file=plan_file,
                                 checkpoint=checkpoint, images=images, saliency_dir=saliency_dir,
                                 device=device, assume_mpp=assume_mpp,
-                                assume_spacing=assume_spacing)  # fmt: skip
+                                assume_spacing=assume_spacing, tta=tta)  # fmt: skip
         text = predictions_csv(results)
         if out is not None:
             atomic_write(out, lambda f: f.write(text.encode()))

@@ -3,7 +3,7 @@ epoch, image, global coordinate), so a streamed image equals the whole image aug
 while host memory holds a few crops (see ``augmentation``, ``geometry``, ``colour``,
 ``noise``)."""
 
-from tileplan.augment.augmentation import Augmentation
+from tileplan.augment.augmentation import Augmentation, symmetric_views
 from tileplan.augment.source import AugmentedSource, ImageParams
 from tileplan.augment.spec import DEFAULT_SPEC, OPS, AugmentError, canonical, parse_spec
 
@@ -16,4 +16,5 @@ __all__ = [
     "ImageParams",
     "canonical",
     "parse_spec",
+    "symmetric_views",
 ]

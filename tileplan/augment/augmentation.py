@@ -9,6 +9,7 @@ independent of the other operations named and of the tiling. Nothing is drawn pe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tileplan.augment.geometry import Geometry, field_nodes
 from tileplan.augment.source import AugmentedSource, ImageParams
 from tileplan.augment.spec import OPS, AugmentError, canonical, parse_spec
 
-__all__ = ["Augmentation"]
+__all__ = ["Augmentation", "symmetric_views"]
 
 _OP_NUMBER = {name: k for k, name in enumerate(OPS)}  # each op's own random stream
 _RGB_ONLY = ("hed", "saturation", "hue")
@@ -116,12 +117,50 @@ class Augmentation:
         def rng(name: str) -> np.random.Generator:
             return self._rng(seed, epoch, index, name)
 
+        self.check(channels=channels, dtype=dtype)
+        drawn: list[str] = []
+        geometry = self._geometry(ops, rng, shape, drawn)
+        params = ImageParams(
+            geometry=geometry,
+            colour=self._colour(ops, rng, drawn),
+            noise=self._noise(ops, rng, dtype),
+            cutout=self._cutout(ops, rng, geometry.shape),
+            fill=self._fill(channels, dtype),
+        )
+        if params.noise is not None:
+            drawn.append(f"noise_key={params.noise[0]}")
+        drawn += [f"cutout={y0},{x0},{y1 - y0}x{x1 - x0}" for y0, x0, y1, x1 in params.cutout]
+        return dataclasses.replace(params, drawn=" ".join(drawn))
+
+    def _geometry(self, ops: dict[str, float | None], rng,  # noqa: ANN001
+                  shape: tuple[int, int], drawn: list[str]) -> Geometry:  # fmt: skip
         h, w = shape
         crop = (0, 0, h, w)
         if "crop" in ops:
             ch, cw = _crop_size(h, ops["crop"]), _crop_size(w, ops["crop"])  # type: ignore[arg-type]
             r = rng("crop")
             crop = (int(r.integers(0, h - ch + 1)), int(r.integers(0, w - cw + 1)), ch, cw)
+            drawn.append(f"crop={crop[0]},{crop[1]},{ch}x{cw}")
+        t, fy, fx = self._symmetry(ops, rng)
+        if t and not self._fits((crop[3], crop[2])):
+            t = False  # would not fit the run's largest shape: keep the orientation
+        if {"flip", "rot90", "transpose", "dihedral"} & ops.keys():
+            name = ("T" if t else "") + ("V" if fy else "") + ("H" if fx else "")
+            drawn.append(f"symmetry={name or 'identity'}")
+        angle = 0.0
+        if "rotate" in ops:
+            angle = math.radians(float(rng("rotate").uniform(-1.0, 1.0)) * ops["rotate"])  # type: ignore[operator]
+            drawn.append(f"rotate={math.degrees(angle):.3f}")
+        field = None
+        if "elastic" in ops:
+            nodes = field_nodes(Geometry((h, w), crop, t).shape)
+            field = rng("elastic").normal(0.0, ops["elastic"], size=(2, *nodes))
+            drawn.append(f"elastic_max={float(np.abs(field).max()):.2f}px")
+        return Geometry((h, w), crop, t, fy, fx, angle, field)
+
+    @staticmethod
+    def _symmetry(ops: dict[str, float | None], rng) -> tuple[bool, bool, bool]:  # noqa: ANN001
+        """(transpose, flip_y, flip_x) of the symmetry ops named, composed."""
         t = fy = fx = False
         if "transpose" in ops:
             t = bool(rng("transpose").random() < 0.5)
@@ -134,42 +173,33 @@ class Augmentation:
         if "dihedral" in ops:
             k = int(rng("dihedral").integers(8))
             t, fy, fx = t ^ bool(k & 4), fy ^ bool(k & 2), fx ^ bool(k & 1)
-        if t and not self._fits((crop[3], crop[2])):
-            t = False  # would not fit the run's largest shape: keep the orientation
-        geometry = Geometry((h, w), crop, t, fy, fx)
-        out_shape = geometry.shape
-        angle = 0.0
-        if "rotate" in ops:
-            angle = math.radians(float(rng("rotate").uniform(-1.0, 1.0)) * ops["rotate"])  # type: ignore[operator]
-        field = None
-        if "elastic" in ops:
-            field = rng("elastic").normal(0.0, ops["elastic"], size=(2, *field_nodes(out_shape)))
-        if angle or field is not None:
-            geometry = Geometry((h, w), crop, t, fy, fx, angle, field)
-        self.check(channels=channels, dtype=dtype)
-        return ImageParams(
-            geometry=geometry,
-            colour=self._colour(ops, rng),
-            noise=self._noise(ops, rng, dtype),
-            cutout=self._cutout(ops, rng, out_shape),
-            fill=self._fill(channels, dtype),
-        )
+        return t, fy, fx
 
-    def _colour(self, ops: dict[str, float | None], rng) -> ColourParams:  # noqa: ANN001
+    def _colour(self, ops: dict[str, float | None], rng,  # noqa: ANN001
+                drawn: list[str]) -> ColourParams:  # fmt: skip
         def factor(name: str) -> float:
             s = ops.get(name)
-            return 1.0 if s is None else float(rng(name).uniform(1 - s, 1 + s))
+            if s is None:
+                return 1.0
+            value = float(rng(name).uniform(1 - s, 1 + s))
+            drawn.append(f"{name}={value:.4f}")
+            return value
 
         hed = None
         if "hed" in ops:
             s, r = ops["hed"], rng("hed")
-            hed = hed_tables(r.uniform(1 - s, 1 + s, 3), r.uniform(-s, s, 3))  # type: ignore[operator]
+            scale, shift = r.uniform(1 - s, 1 + s, 3), r.uniform(-s, s, 3)  # type: ignore[operator]
+            hed = hed_tables(scale, shift)
+            drawn.append("hed_scale=" + ",".join(f"{v:.4f}" for v in scale))
+            drawn.append("hed_shift=" + ",".join(f"{v:.4f}" for v in shift))
         tone = None
         if {"brightness", "contrast", "gamma"} & ops.keys():
             tone = tone_table(factor("brightness"), factor("contrast"), factor("gamma"))
         mix = None
         if {"saturation", "hue"} & ops.keys():
             hue = 0.0 if "hue" not in ops else float(rng("hue").uniform(-1, 1)) * ops["hue"]  # type: ignore[operator]
+            if "hue" in ops:
+                drawn.append(f"hue={hue:.4f}")
             mix = mix_matrix(factor("saturation"), hue)
         return ColourParams(hed=hed, tone=tone, mix=mix)
 
@@ -227,10 +257,28 @@ class Augmentation:
             factor = self.scale_factor(seed=seed, epoch=epoch, index=indices[0])
             source = source.rescaled(factor)
         shape = tuple(source.shape[2:])
+        scaled = f"scale={factor:.4f} " if "scale" in self.ops else ""
         params = [self.draw(seed=seed, epoch=epoch, index=i, shape=shape,  # type: ignore[arg-type]
                             channels=source.shape[1], dtype=source.dtype)
                   for i in indices]  # fmt: skip
+        if scaled:
+            params = [dataclasses.replace(p, drawn=scaled + p.drawn) for p in params]
         return AugmentedSource(source, params)
+
+
+def symmetric_views(source: ImageSource, max_shape: Sequence[int] | None = None
+                    ) -> list[AugmentedSource]:  # fmt: skip
+    """``source`` under each of the 8 symmetries of the square (test-time augmentation), the
+    identity first; the transposed 4 only where the transposed image fits ``max_shape``."""
+    n, _, h, w = source.shape
+    views = []
+    for k in range(8):
+        t, fy, fx = bool(k & 4), bool(k & 2), bool(k & 1)
+        if t and max_shape is not None and (w > max_shape[0] or h > max_shape[1]):
+            continue
+        geometry = Geometry((h, w), (0, 0, h, w), t, fy, fx)
+        views.append(AugmentedSource(source, [ImageParams(geometry)] * n))
+    return views
 
 
 def _crop_size(n: int, fraction: float) -> int:

@@ -33,6 +33,7 @@ class ImageParams:
             for 8-bit images, in the image's units for float images), or None.
         cutout: ``(y0, x0, y1, x1)`` boxes of the augmented image filled with ``fill``.
         fill: the cutout's value per channel.
+        drawn: what was drawn, in words (``name=value`` by op), for the run's record.
     """
 
     geometry: Geometry
@@ -40,6 +41,7 @@ class ImageParams:
     noise: tuple[int, float] | None = None
     cutout: tuple[tuple[int, int, int, int], ...] = ()
     fill: tuple[float, ...] = ()
+    drawn: str = ""
 
     @property
     def identity(self) -> bool:

@@ -25,6 +25,7 @@ from executor import (
     ImageSource,
     Plan,
     StreamingCNN,
+    TensorSource,
     atomic_write,
     check_plan_matches,
     load_plan,
@@ -60,6 +61,7 @@ class Prediction:
 def predict_image(
     scnn: StreamingCNN, head: nn.Module,
     image: torch.Tensor | ImageSource, *, task: Task, saliency: bool = False,
+    tta: bool = False, max_shape: Sequence[int] | None = None,
 ) -> Prediction:  # fmt: skip
     """Stream ``image`` (a (C, *spatial) tensor, or an ``ImageSource`` of (1, C, *spatial))
     forward only; optionally its exact saliency map.
@@ -67,8 +69,18 @@ def predict_image(
     Without saliency no autograd memory is used at all. With it, the predicted class's logit
     (or the regressed value) is backpropagated tile by tile to the image: the same exact
     streaming backward as in training, with ``scnn.input_grad`` on.
+
+    With ``tta`` the image is streamed under each of the 8 symmetries of the square (the 4
+    transposed ones only where the transposed image fits ``max_shape``, the plan's) and the
+    prediction is their mean: of the probabilities for classes (then ``outputs`` are the mean
+    logits), of the values for regression. Saliency is of the image as read, not with ``tta``.
     """
     batch = image.unsqueeze(0) if isinstance(image, torch.Tensor) else image
+    if tta:
+        if saliency:
+            raise ValueError("saliency maps are of the image as read; predict them without "
+                             "--tta")  # fmt: skip
+        return _mean_prediction(scnn, head, batch, task=task, max_shape=max_shape)
     if not saliency:
         with torch.no_grad():
             features = scnn.forward(batch)
@@ -97,6 +109,30 @@ def predict_image(
     return Prediction(values, d.label, d.probability, grad[0].cpu())
 
 
+def _mean_prediction(scnn: StreamingCNN, head: nn.Module, batch: torch.Tensor | ImageSource,
+                     *, task: Task, max_shape: Sequence[int] | None) -> Prediction:  # fmt: skip
+    """Test-time augmentation over the symmetries of the square (see ``predict_image``)."""
+    from tileplan.augment import symmetric_views
+
+    source = TensorSource(batch) if isinstance(batch, torch.Tensor) else batch
+    logits = []
+    with torch.no_grad():
+        for view in symmetric_views(source, max_shape):
+            features = scnn.forward(view)
+            with scnn.autocast():
+                logits.append(head(features).reshape(-1).float())
+    stacked = torch.stack(logits)  # (views, outputs)
+    mean = stacked.mean(0)
+    if task == "regression":
+        return Prediction(tuple(map(float, mean)), float(mean[0]), float(mean[0]))
+    if stacked.shape[1] == 1:  # one logit: the mean probability of class 1
+        p = float(torch.sigmoid(stacked[:, 0]).mean())
+        return Prediction(tuple(map(float, mean)), float(p >= 0.5), max(p, 1.0 - p))
+    probs = torch.softmax(stacked, 1).mean(0)
+    k = int(torch.argmax(probs))
+    return Prediction(tuple(map(float, mean)), float(k), float(probs[k]))
+
+
 def saliency_to_uint8(saliency: torch.Tensor) -> np.ndarray:
     """(C, H, W) gradient -> (H, W) uint8 image of its magnitude (max over channels), scaled to
     the map's own maximum."""
@@ -116,6 +152,7 @@ def predict_files(
     device: str = "auto",
     assume_mpp: float | None = None,
     assume_spacing: tuple[float, ...] | None = None,
+    tta: bool = False,
 ) -> list[tuple[Path, Prediction]]:
     """Predict whole images by streaming; write saliency maps (PNG + .npy) if asked.
 
@@ -123,7 +160,13 @@ def predict_files(
         PlanError, CheckpointError, ModelFileError, DataError: one line each, before any image
             is predicted when the inputs do not fit together.
     """
+    if tta and saliency_dir is not None:
+        raise ValueError("--tta and --saliency: saliency maps are of the image as read; "
+                         "predict them in a run without --tta")  # fmt: skip
     plan = load_plan(plan_file)
+    if tta and plan.n_axes == 3:
+        raise ValueError("--tta averages the symmetries of 2D images; predict volumes "
+                         "without it")  # fmt: skip
     ckpt = load_checkpoint(checkpoint)
     if ckpt.meta.plan.model.trunk_fingerprint != plan.model.trunk_fingerprint:
         raise CheckpointError(f"checkpoint '{checkpoint}' was trained for another model")
@@ -158,7 +201,8 @@ def predict_files(
     for path, source in zip(images, sources, strict=True):
         try:
             pred = predict_image(scnn, loaded.head, source, task=ckpt.meta.task,
-                                 saliency=saliency_dir is not None)  # fmt: skip
+                                 saliency=saliency_dir is not None, tta=tta,
+                                 max_shape=plan.image_shape_px)  # fmt: skip
         finally:
             source.close()
         if saliency_dir is not None and pred.saliency is not None:

@@ -115,6 +115,10 @@ class Recipe:
             with the best mean ``monitor`` (0: no).
         freeze: keep every trunk parameter up to and including this module fixed
             (``tileplan.run.freeze``), or None.
+        unfreeze_epoch: with ``freeze``, the 1-based epoch from which every parameter trains
+            (the second phase of staged fine-tuning: a new optimizer over all parameters at
+            ``lr_after`` and the schedule started again over the remaining epochs), or None.
+        lr_after: the learning rate of the second phase (None: the run's ``--lr``).
     """
 
     weight_decay: float | None = None
@@ -127,6 +131,8 @@ class Recipe:
     patience: int | None = None
     average: int = 0
     freeze: str | None = None
+    unfreeze_epoch: int | None = None
+    lr_after: float | None = None
 
     def resolved(self, has_val: bool) -> Recipe:
         """This recipe with its default monitored value made explicit."""
@@ -166,6 +172,23 @@ class Recipe:
         if self.average < 0 or self.average > epochs:
             raise RecipeError(f"--average {self.average}: must be between 0 and --epochs "
                               f"{epochs}")  # fmt: skip
+        self._check_stages(epochs)
+
+    def _check_stages(self, epochs: int) -> None:
+        if self.unfreeze_epoch is not None:
+            if self.freeze is None:
+                raise RecipeError(f"--unfreeze-epoch {self.unfreeze_epoch} ends a --freeze "
+                                  "phase; name the frozen prefix with --freeze MODULE")  # fmt: skip
+            if not 2 <= self.unfreeze_epoch <= epochs:
+                raise RecipeError(f"--unfreeze-epoch {self.unfreeze_epoch}: must be between 2 "
+                                  f"and --epochs {epochs} (the first epoch that trains "
+                                  "everything)")  # fmt: skip
+        if self.lr_after is not None:
+            if self.unfreeze_epoch is None:
+                raise RecipeError(f"--lr-after {self.lr_after:g} is the rate after "
+                                  "--unfreeze-epoch; give --unfreeze-epoch N too")  # fmt: skip
+            if not self.lr_after > 0:
+                raise RecipeError(f"--lr-after {self.lr_after:g}: must be positive")
 
     def _check_monitor(self, has_val: bool, task: str) -> None:
         if self.monitor is None:

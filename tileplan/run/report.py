@@ -81,6 +81,9 @@ class EpochMetrics:
     val_balanced_accuracy: float | None = None  # classification: mean recall over classes
     val_pearson: float | None = None  # regression
     val_spearman: float | None = None  # regression
+    val_recall: tuple[float, ...] | None = None  # classification: per class 0, 1, ...
+    val_precision: tuple[float, ...] | None = None  # classification: per class
+    val_f1: tuple[float, ...] | None = None  # classification: per class
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -48,6 +48,7 @@ from executor import (
 )
 from tileplan.augment import Augmentation, AugmentError
 from tileplan.planning.model_file import set_batch_norm
+from tileplan.run.augment_log import AUGMENTATIONS_FILE, save_augmentations
 from tileplan.run.checkpoint import (
     Checkpoint,
     CheckpointMeta,
@@ -132,6 +133,11 @@ class Validation:
     balanced_accuracy: float | None = None  # classification: mean recall over classes
     pearson: float | None = None  # regression
     spearman: float | None = None  # regression
+    # classification, one value per class 0, 1, ...: recall (sensitivity), precision, F1
+    # (0 where a class was never predicted or never present)
+    recall: tuple[float, ...] | None = None
+    precision: tuple[float, ...] | None = None
+    f1: tuple[float, ...] | None = None
 
     @classmethod
     def of(cls, task: Task, loss: float, predicted: list[float], positive: list[float],
@@ -156,10 +162,15 @@ class Validation:
             # accuracy is then the mean recall over the classes present.
             warnings.simplefilter("ignore", UserWarning)
             balanced = float(metrics.balanced_accuracy_score(truth, guess))
+        classes = list(range(max(2, max(truth) + 1, max(guess) + 1)))
+        precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+            truth, guess, labels=classes, zero_division=0.0
+        )
         return cls(
             loss, accuracy=float(metrics.accuracy_score(truth, guess)),
             auc=float(metrics.roc_auc_score(truth, positive)) if both else None,
-            balanced_accuracy=balanced,
+            balanced_accuracy=balanced, recall=tuple(map(float, recall)),
+            precision=tuple(map(float, precision)), f1=tuple(map(float, f1)),
         )  # fmt: skip
 
 
@@ -296,6 +307,7 @@ class Trainer:
                                          if self.augmentation and data is train_data
                                          else None))  # fmt: skip
         self.loss = loss_for(self.task)
+        self._phase_two = False  # --unfreeze-epoch reached: every parameter trains
         if spec.recipe.freeze is not None:
             self._freeze(spec.recipe.freeze)
         self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
@@ -368,6 +380,29 @@ class Trainer:
         image, label = item
         source = self.augmentation.apply(image, seed=self.spec.seed, epoch=epoch, index=index)
         return source, label
+
+    def _in_phase_two(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` trains every parameter (``--unfreeze-epoch``)."""
+        unfreeze = self.spec.recipe.unfreeze_epoch
+        return unfreeze is not None and epoch + 1 >= unfreeze
+
+    def _start_phase_two(self) -> None:
+        """``--unfreeze-epoch``: the frozen prefix trains from now on, as a second run started
+        from these weights would: a new optimizer over every parameter at ``--lr-after`` and
+        the schedule again over the remaining epochs (no warm-up)."""
+        recipe = self.spec.recipe
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        lr = recipe.lr_after or self.spec.lr
+        spec = dataclasses.replace(self.spec, lr=lr)
+        self.optimizer = spec.make_optimizer(self.model.parameters())
+        remaining = self.spec.epochs - (recipe.unfreeze_epoch or 1) + 1
+        self.scheduler = make_scheduler(self.optimizer, dataclasses.replace(recipe, warmup=0),
+                                        remaining)  # fmt: skip
+        self._phase_two = True
+        if self.rank == 0:
+            log.info("epoch %d on: every parameter trains (--unfreeze-epoch), lr %g",
+                     recipe.unfreeze_epoch, lr)  # fmt: skip
 
     def _task(self) -> Task:
         task = self.train_data.task
@@ -478,6 +513,11 @@ class Trainer:
             self._saved = meta.describe()
             target = self.out_dir / "metrics.jsonl"
             save_metrics(tuple(self.history), self.out_dir)
+            if self.augmentation and not progress:
+                target = self.out_dir / AUGMENTATIONS_FILE
+                save_augmentations(target, self.augmentation, self.train_data,
+                                   seed=self.spec.seed, epochs=self.epoch,
+                                   order=self.order)  # fmt: skip
             if self.skipped:
                 target = self.out_dir / SKIPPED_FILE
                 save_skipped(target, self.skipped)
@@ -504,6 +544,41 @@ class Trainer:
         if meta.plan.to_dict() != self.plan.to_dict():
             raise TrainError(f"--resume: '{path}' was trained with another plan; pass its "
                              f"plan ({self.out_dir / 'plan.yaml'})")  # fmt: skip
+        self._check_resumable(meta, path)
+        # The optimizer the checkpoint holds is that of the epoch under way, or of the last done.
+        if self._in_phase_two(meta.epoch if meta.progress else meta.epoch - 1):
+            self._start_phase_two()
+        try:
+            self.model.load_state_dict(ckpt.model)
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            self.scaler.load_state_dict(ckpt.scaler)
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(ckpt.scheduler)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise TrainError(f"--resume: '{path}' does not fit this model ({err})") from err
+        if self.spec.lr != meta.spec.lr and not self._phase_two:  # --lr on resume: scale
+            # the restored rates with it (the second phase runs at --lr-after)
+            rescale_lr(self.optimizer, self.scheduler, self.spec.lr / meta.spec.lr)
+        self.epoch = meta.epoch
+        self.history = list(meta.history)
+        values = [getattr(row, self.monitor.monitor) for row in self.history]
+        for i, row in enumerate(self.history):  # the monitor is a function of the history
+            self.monitor.update(row.epoch, values[: i + 1])
+        self.skipped = list(meta.skipped)
+        self._progress = meta.progress[self.rank] if meta.progress else None
+        self._scaler_skips = meta.scaler_skips
+        ranks = ckpt.rng.get("ranks")
+        restore_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ckpt.rng)
+        self._saved = meta.describe()
+        if not meta.progress and self.history:
+            # The weight files of the checkpoint's epoch are written after it; a run that
+            # ended between the two writes them again (each write is whole or absent).
+            state = self.monitor.state
+            self._pending_keep = (state.best_epoch == meta.epoch, state.window_end == meta.epoch)
+        log.info("resumed from %s %s", path, self._saved)
+
+    def _check_resumable(self, meta: CheckpointMeta, path: Path) -> None:
+        """Refuse a checkpoint whose settings this run may not continue with."""
         # A checkpoint from before the recipe's monitor was made explicit: the same default.
         started = dataclasses.replace(
             meta.spec, recipe=meta.spec.recipe.resolved(has_val=self.val_data is not None)
@@ -526,33 +601,6 @@ class Trainer:
                 f"processes; continue it with {len(meta.progress)} (an epoch's images are "
                 f"shared among them), not {self.world}"
             )
-        try:
-            self.model.load_state_dict(ckpt.model)
-            self.optimizer.load_state_dict(ckpt.optimizer)
-            self.scaler.load_state_dict(ckpt.scaler)
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(ckpt.scheduler)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise TrainError(f"--resume: '{path}' does not fit this model ({err})") from err
-        if self.spec.lr != started.lr:  # --lr on resume: scale the restored rates with it
-            rescale_lr(self.optimizer, self.scheduler, self.spec.lr / started.lr)
-        self.epoch = meta.epoch
-        self.history = list(meta.history)
-        values = [getattr(row, self.monitor.monitor) for row in self.history]
-        for i, row in enumerate(self.history):  # the monitor is a function of the history
-            self.monitor.update(row.epoch, values[: i + 1])
-        self.skipped = list(meta.skipped)
-        self._progress = meta.progress[self.rank] if meta.progress else None
-        self._scaler_skips = meta.scaler_skips
-        ranks = ckpt.rng.get("ranks")
-        restore_rng_state(ranks[self.rank] if ranks and len(ranks) == self.world else ckpt.rng)
-        self._saved = meta.describe()
-        if not meta.progress and self.history:
-            # The weight files of the checkpoint's epoch are written after it; a run that
-            # ended between the two writes them again (each write is whole or absent).
-            state = self.monitor.state
-            self._pending_keep = (state.best_epoch == meta.epoch, state.window_end == meta.epoch)
-        log.info("resumed from %s %s", path, self._saved)
 
     # -- agreement between processes ----------------------------------------------------------
 
@@ -916,6 +964,8 @@ class Trainer:
             if self.monitor.exhausted:  # a resumed run that had already stopped early
                 return tuple(self.history)
             for epoch in range(self.epoch, self.spec.epochs):
+                if self._in_phase_two(epoch) and not self._phase_two:
+                    self._start_phase_two()
                 meter.reset()
                 resumed, self._progress = self._progress, None
                 total = math.ceil(len(self.train_data) / self.world)
@@ -940,6 +990,9 @@ class Trainer:
                     val_balanced_accuracy=val.balanced_accuracy if val else None,
                     val_pearson=val.pearson if val else None,
                     val_spearman=val.spearman if val else None,
+                    val_recall=val.recall if val else None,
+                    val_precision=val.precision if val else None,
+                    val_f1=val.f1 if val else None,
                 )  # fmt: skip
                 breach = over_plan(peak, self.plan)
                 if breach and not warned and self.rank == 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,6 +106,13 @@ def test_a_stopped_augmented_run_resumes_exactly(tiny: Path, tmp_path: Path, sto
     got, ref = load_checkpoint(out / "last.pt"), load_checkpoint(tmp_path / "ref" / "last.pt")
     for key, value in ref.model.items():
         assert torch.equal(got.model[key], value), key
+    # The record of what was drawn: every image of every epoch, the same after a resume.
+    record = (tmp_path / "ref" / "augmentations.csv").read_text()
+    assert (out / "augmentations.csv").read_text() == record
+    lines = record.splitlines()
+    assert len(lines) == 1 + 3 * 6
+    for what in ("symmetry=", "hed_scale=", "noise_key=", "elastic_max="):
+        assert what in lines[1], lines[1]
     # And augmentation changed the run: without it, other weights.
     _trainer(tiny, tmp_path / "plain", "").fit(progress=False)
     plain = load_checkpoint(tmp_path / "plain" / "last.pt")
@@ -127,3 +135,42 @@ def test_bad_augment_options_are_refused_in_one_line(tiny: Path, tmp_path: Path)
     code, text = run_cli(*base, "--out", run, "--epochs", 2, "--augment", "flip,hed", "--resume")
     assert code == 1
     assert "--resume: the run was started with --augment flip, not flip,hed:0.05" in text
+
+
+def test_predict_tta_is_the_mean_over_the_eight_symmetries(tiny: Path, tmp_path: Path) -> None:
+    """Oracle: the 8 symmetric images written to disk and predicted one by one, their class
+    probabilities averaged."""
+    import tifffile
+
+    from tileplan.run.predict import predict_files
+
+    run = tmp_path / "run"
+    code, text = run_cli("train", tiny / "tiny.py", "--plan", tiny / "plan.yaml", "--data",
+                         tiny / "demo" / "train.csv", "--out", run, "--epochs", 1,
+                         "--num-workers", 0, "--no-report")  # fmt: skip
+    assert code == 0, text
+    image = tifffile.imread(tiny / "demo" / "img_001.tif")  # (H, W, 3)
+    views = []
+    for k in range(8):
+        view = image.swapaxes(0, 1) if k & 4 else image
+        view = view[::-1] if k & 2 else view
+        view = view[:, ::-1] if k & 1 else view
+        path = tmp_path / f"view_{k}.tif"
+        tifffile.imwrite(path, np.ascontiguousarray(view))
+        views.append(path)
+    common = {"model_file": tiny / "tiny.py", "plan_file": tiny / "plan.yaml",
+              "checkpoint": run / "last.pt", "saliency_dir": None, "device": "cpu"}  # fmt: skip
+    ((_, tta),) = predict_files(images=[tiny / "demo" / "img_001.tif"], tta=True, **common)
+    one_by_one = predict_files(images=views, **common)
+    probs = torch.stack([torch.softmax(torch.tensor(p.outputs), 0) for _, p in one_by_one])
+    mean = probs.mean(0)
+    assert tta.label == float(mean.argmax())
+    assert abs(tta.score - float(mean.max())) < 1e-9
+    logits = torch.tensor([p.outputs for _, p in one_by_one]).mean(0)
+    assert torch.allclose(torch.tensor(tta.outputs), logits, rtol=0, atol=1e-9)
+    assert len({p.outputs for _, p in one_by_one}) > 1  # the views do differ
+    code, text = run_cli("predict", tiny / "tiny.py", tiny / "demo" / "img_001.tif", "--plan",
+                         tiny / "plan.yaml", "--checkpoint", run / "last.pt", "--tta",
+                         "--saliency", tmp_path / "maps")  # fmt: skip
+    assert code == 1
+    assert "--tta and --saliency" in text

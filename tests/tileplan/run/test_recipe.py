@@ -145,6 +145,20 @@ def test_validation_scores_come_from_scikit_learn_and_scipy() -> None:
     assert r.accuracy is None
     assert r.spearman == pytest.approx(1.0)
     assert 0.9 < r.pearson < 1.0
+    assert r.recall is None
+
+
+def test_per_class_scores_count_by_hand() -> None:
+    # truth 0 0 1 2 2 2, guess 0 1 1 2 0 2; class 3 was predicted but never present
+    m = Validation.of("multiclass", 0.3, [0, 1, 1, 2, 0, 3], [0] * 6, [0, 0, 1, 2, 2, 2])
+    assert m.recall == pytest.approx((1 / 2, 1 / 1, 1 / 3, 0.0))
+    assert m.precision == pytest.approx((1 / 2, 1 / 2, 1 / 1, 0.0))
+    f1 = [
+        2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(m.precision, m.recall, strict=False)
+    ]
+    assert m.f1 == pytest.approx(tuple(f1))
+    b = Validation.of("binary", 0.5, [1, 1], [0.9, 0.6], [1, 1])
+    assert b.recall == pytest.approx((0.0, 1.0))
 
 
 # -- class balance -----------------------------------------------------------------------------
@@ -452,6 +466,71 @@ def test_a_bad_freeze_is_refused_in_one_line(setup: Path, tmp_path: Path, bn: st
     assert message in text, text
     assert len(text.strip().splitlines()) == 1, text
     assert not out.exists()
+
+
+STAGED = Recipe(freeze="features.2", unfreeze_epoch=2, lr_after=5e-3,
+                schedule=Schedule("exponential", 0, 0.5), monitor="train_loss")  # fmt: skip
+
+
+def test_staged_fine_tuning_is_a_frozen_phase_then_a_second_run_from_its_weights(
+    setup: Path, tmp_path: Path
+) -> None:
+    """The oracle: a frozen run of the first phase's epochs, then a run of everything from its
+    weights at --lr-after with a fresh optimizer and schedule over the remaining epochs."""
+    staged = _trainer(setup, tmp_path / "staged", STAGED, epochs=3)
+    staged.fit(progress=False)
+    first = _trainer(setup, tmp_path / "first", dataclasses.replace(
+        STAGED, unfreeze_epoch=None, lr_after=None), epochs=1)  # fmt: skip
+    first.fit(progress=False)
+    torch.manual_seed(0)
+    built = load_model_file(setup / "tiny.py").model.state_dict()
+    after_first = first.model.state_dict()
+    assert torch.equal(after_first["features.0.weight"], built["features.0.weight"].double())
+    second = _trainer(setup, tmp_path / "second", dataclasses.replace(
+        STAGED, freeze=None, unfreeze_epoch=None, lr_after=None), epochs=3, lr=5e-3)  # fmt: skip
+    second.model.load_state_dict(after_first)
+    second.epoch = 1  # epochs 2 and 3, with their own image orders
+    second.fit(progress=False)
+    for name, value in second.model.state_dict().items():
+        assert torch.equal(staged.model.state_dict()[name], value), name
+    assert not torch.equal(staged.model.state_dict()["features.0.weight"],
+                           after_first["features.0.weight"])  # fmt: skip
+    assert [r["lr"] for r in _metrics(tmp_path / "staged")] == [1e-2, 5e-3, 2.5e-3]
+
+
+@pytest.mark.parametrize("stop_at", [4, 7, 11])
+def test_a_staged_run_stopped_anywhere_resumes_exactly(setup: Path, tmp_path: Path,
+                                                       stop_at: int) -> None:  # fmt: skip
+    _trainer(setup, tmp_path / "ref", STAGED, epochs=3).fit(progress=False)
+    out = tmp_path / "stopped"
+    with pytest.raises(RunInterruptedError):
+        _trainer(setup, out, STAGED, epochs=3).fit(progress=False, stop=StopAt(stop_at))
+    resumed = _trainer(setup, out, STAGED, epochs=3)
+    resumed.resume()
+    resumed.fit(progress=False)
+    got, ref = load_checkpoint(out / "last.pt"), load_checkpoint(tmp_path / "ref" / "last.pt")
+    for key, value in ref.model.items():
+        assert torch.equal(got.model[key], value), key
+    assert got.optimizer["param_groups"][0]["lr"] == ref.optimizer["param_groups"][0]["lr"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--unfreeze-epoch", 2], "--unfreeze-epoch 2 ends a --freeze phase"),
+     (["--freeze", "features.2", "--unfreeze-epoch", 4],
+      "--unfreeze-epoch 4: must be between 2 and --epochs 3"),
+     (["--lr-after", 1e-3], "--lr-after 0.001 is the rate after --unfreeze-epoch")],
+)  # fmt: skip
+def test_bad_stages_are_refused_in_one_line(setup: Path, tmp_path: Path, options: list,
+                                            message: str) -> None:  # fmt: skip
+    out = tmp_path / "run"
+    code, text = run_cli("train", setup / "tiny.py", "--plan", setup / "plan.yaml", "--data",
+                         setup / "demo" / "train.csv", "--out", out, "--epochs", 3,
+                         "--num-workers", 0, "--no-report", *options)  # fmt: skip
+    assert code == 1, text
+    assert message in text, text
+    assert len(text.strip().splitlines()) == 1, text
+    assert not (out / "last.pt").exists()
 
 
 def test_a_resume_with_another_lr_scales_the_schedule(setup: Path, tmp_path: Path) -> None:
