@@ -49,6 +49,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "BatchNormMode",
     "Candidate",
+    "FrozenPhase",
     "LayerMemory",
     "MemoryBreakdown",
     "ModelIdentity",
@@ -447,6 +448,32 @@ class Segment:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FrozenPhase:
+    """The first phase of staged fine-tuning (``tileplan train --freeze``): the trunk's
+    parameters up to ``freeze`` fixed. The plan's segments serve both phases; in this one its
+    first ``frozen_segments`` stream forward only (no backward tile, no gradient of the maps
+    they make) and only the other parameters have gradients and optimizer state, so it needs
+    ``memory`` at its peak and ``predicted_time_s`` per step.
+    """
+
+    freeze: str  # the module (or node) the frozen prefix ends with: a cut of the plan
+    frozen_segments: int
+    memory: MemoryBreakdown
+    estimated_peak_bytes: int  # == memory.total_bytes
+    predicted_time_s: float | None
+    cost_ratio: float  # its step's cost / the step's where everything trains (planner's unit)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.freeze), "frozen_phase.freeze names no module")
+        _require(self.cost_ratio > 0, "frozen_phase.cost_ratio must be positive")
+        _require(self.frozen_segments >= 1, "frozen_phase.frozen_segments must be at least 1")
+        _require(
+            self.estimated_peak_bytes == self.memory.total_bytes,
+            "frozen_phase: estimated_peak_bytes != the sum of its memory categories",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Segmentation:
     """A way to stream the trunk in segments, with each segment's tiles chosen, and its cost.
 
@@ -564,6 +591,9 @@ class Plan:
     # running ones (``frozen``): each changes where the trunk's segments end.
     statistics: tuple[Statistic, ...] = field(default_factory=tuple)
     batch_norm: BatchNormMode = "frozen"
+    # Staged fine-tuning (``tileplan profile --freeze``): the frozen phase's own peak and time;
+    # the plan's own numbers are those of the phase where everything trains.
+    frozen_phase: FrozenPhase | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -571,6 +601,11 @@ class Plan:
             f"schema_version {self.schema_version} is not {SCHEMA_VERSION}",
         )
         self._check_shapes()
+        _require(
+            self.frozen_phase is None
+            or self.frozen_phase.frozen_segments < max(len(self.segments), 1),
+            "frozen_phase: a frozen prefix ends before the last segment (plan with --cut)",
+        )
         _require(self.budget_bytes > 0, "budget_bytes must be positive")
         _require(0.0 <= self.margin < 1.0, f"margin {self.margin} must be in [0, 1)")
         _require(self.conventional_peak_bytes > 0, "conventional_peak_bytes must be positive")

@@ -51,6 +51,7 @@ def profile(
     verify_limit: float = 60.0,
     segments: int | str = "auto",
     cut: str | Sequence[str] | None = None,
+    freeze: str | None = None,
     max_tile: int | None = None,
     bn: str = "frozen",
     mpp: float | None = None,
@@ -79,6 +80,9 @@ def profile(
             a function ``split(model) -> (trunk, head)``.
         segments: ``"auto"``, or how many segments to stream the trunk in.
         cut: cut the trunk after these modules or graph nodes (a list, or comma-separated).
+        freeze: staged fine-tuning (``tileplan train --freeze``): cut the trunk after this
+            module too, and price the phase where everything up to it is frozen (its segments
+            forward only) besides the phase where everything trains (``plan.frozen_phase``).
         bn: ``"frozen"`` (BatchNorm with running statistics) or ``"train"`` (batch statistics).
         measure: time tiles and calibrate memory on the device. With a module on the CPU it is
             re-created in a child process, so its classes must be importable (not defined in
@@ -102,7 +106,8 @@ def profile(
             model, image=image, data=data, channels=channels, device=device, budget=budget,
             margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
             measure=measure, verify=verify, verify_limit=verify_limit, segments=segments, cut=cut,
-            max_tile=max_tile, bn=bn, mpp=mpp, level=level, tissue=tissue, spacing=spacing,
+            freeze=freeze, max_tile=max_tile, bn=bn, mpp=mpp, level=level, tissue=tissue,
+            spacing=spacing,
             intensity=intensity, assume_mpp=assume_mpp, assume_spacing=assume_spacing,
             progress=progress,
         )  # fmt: skip
@@ -139,6 +144,7 @@ def profile_as_command(
     margin: float, dtype: str, tile: int | Sequence[int] | str | None, split: str | SplitFn,
     optimizer: str, measure: bool, verify: bool | None, verify_limit: float,
     segments: int | str, cut: str | Sequence[str] | None, max_tile: int | None, bn: str,
+    freeze: str | None,
     mpp: float | None, level: int | None, tissue: bool, spacing: Sequence[float] | None,
     intensity: str, assume_mpp: float | None, assume_spacing: Sequence[float] | None,
     progress: bool,
@@ -170,7 +176,7 @@ def profile_as_command(
             image_shape=shape, channels=channels, device=device, budget_bytes=_bytes(budget),
             margin=margin, dtype=dtype, tile=None if tile is None else _shape(tile, "tile"),
             optimizer=optimizer, measure=measure, verify=verify, verify_limit_s=verify_limit,
-            segments=n_segments, cuts=cuts, max_tile=max_tile, batch_norm=bn,
+            segments=n_segments, cuts=cuts, freeze=freeze, max_tile=max_tile, batch_norm=bn,
             **fields,  # type: ignore[arg-type]
         )  # fmt: skip
         return run_profile(request, progress=progress)
@@ -335,6 +341,7 @@ def memory_report(plan: Plan | str | os.PathLike[str]) -> MemoryReport:
     """
     from executor import load_plan
     from tileplan.text import (
+        describe_frozen_phase,
         describe_segmentations,
         describe_segments,
         describe_trunk,
@@ -351,7 +358,7 @@ def memory_report(plan: Plan | str | os.PathLike[str]) -> MemoryReport:
     elif not plan.segments:
         lines.append("no single-segment candidates were priced")
     lines += [*describe_segmentations(plan), *describe_segments(plan), summary(plan),
-              describe_verification(plan)]  # fmt: skip
+              *describe_frozen_phase(plan), describe_verification(plan)]  # fmt: skip
     log.debug("memory report: peak %s", format_bytes(plan.peak_bytes))
     return MemoryReport(plan, plan.peak_bytes, plan.conventional_peak_bytes, plan.budget_bytes,
                         tuple(lines))  # fmt: skip

@@ -339,6 +339,14 @@ def _slide_options(*, oversize: bool = True) -> Decorator:
     "instead of choosing cuts.",
 )
 @click.option(
+    "--freeze",
+    default=None,
+    metavar="MODULE",
+    help="Plan staged fine-tuning (train --freeze MODULE): cut the trunk after MODULE too, and "
+    "price the phase where the trunk up to MODULE is frozen (it streams forward only) "
+    "besides the one where everything trains.",
+)
+@click.option(
     "--max-tile",
     type=click.IntRange(min=1),
     default=None,
@@ -367,7 +375,8 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
             device: str, budget: int | None, margin: float, dtype: str,
             tile: tuple[int, ...] | None, split: str, optimizer: str, measure: bool,
             verify: bool | None, verify_limit: float, segments: str, cuts: str | None,
-            max_tile: int | None, out: Path, as_json: bool, batch_norm: str, mpp: float | None,
+            freeze: str | None, max_tile: int | None, out: Path, as_json: bool, batch_norm: str,
+            mpp: float | None,
             level: int | None, tissue: bool, spacing: tuple[float, ...] | None,
             assume_mpp: float | None, assume_spacing: tuple[float, ...] | None,
             intensity: str) -> None:  # fmt: skip
@@ -405,7 +414,8 @@ def profile(model_file: Path, image: tuple[int, ...] | None, data: Path | None, 
                 model_file, image=image, channels=channels, device=device, budget=budget,
                 margin=margin, dtype=dtype, tile=tile, split=split, optimizer=optimizer,
                 measure=measure, verify=verify, verify_limit=verify_limit, segments=segments,
-                cut=cut_names, max_tile=max_tile, bn=batch_norm, data=None, mpp=None,
+                cut=cut_names, freeze=freeze, max_tile=max_tile, bn=batch_norm, data=None,
+                mpp=None,
                 level=None, tissue=False, spacing=None, intensity="raw", assume_mpp=None,
                 assume_spacing=None, progress=sys.stderr.isatty(),
             )  # fmt: skip

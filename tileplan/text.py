@@ -156,6 +156,25 @@ def summary(plan: Plan) -> str:
     )
 
 
+def describe_frozen_phase(plan: Plan) -> list[str]:
+    """``profile --freeze``: the frozen phase's peak and time beside the plan's (nothing
+    without one)."""
+    phase = plan.frozen_phase
+    if phase is None:
+        return []
+    n = phase.frozen_segments
+    what = "segment 1 streams" if n == 1 else f"segments 1-{n} stream"
+    if phase.predicted_time_s is not None and plan.predicted_time_s:
+        time = f"{phase.predicted_time_s:.2f} s/image vs {plan.predicted_time_s:.2f} s"
+    else:
+        time = f"{phase.cost_ratio:.2f}x the computation"
+    return [
+        f"frozen phase (train --freeze {phase.freeze}): {what} forward only; predicted peak "
+        f"{format_bytes(phase.estimated_peak_bytes)} vs {format_bytes(plan.peak_bytes)} with "
+        f"everything training, {time}"
+    ]
+
+
 def describe_segments(plan: Plan) -> list[str]:
     """The chosen segmentation as a table, one row per segment (nothing for one segment)."""
     if not plan.segments:

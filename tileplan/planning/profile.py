@@ -29,6 +29,7 @@ import tileplan
 from executor import (
     BATCH_NORM_MODES,
     Candidate,
+    FrozenPhase,
     LayerMemory,
     MemoryBreakdown,
     ModelIdentity,
@@ -115,6 +116,7 @@ class ProfileRequest:
     measure_limit_s: float = 20.0  # skip tile measurements predicted to take longer
     segments: int | None = None  # None: choose (1 or more); 1: one tile shape; N: N segments
     cuts: tuple[str, ...] = ()  # cut the trunk here (node or module names), nothing else
+    freeze: str | None = None  # staged fine-tuning: also cut here and price the frozen phase
     max_tile: int | None = None  # largest backward tile side (px of each segment's input)
     batch_norm: str = "frozen"  # BatchNorm with running ("frozen") or batch ("train") stats
     model_label: str | None = None  # the plan's model file entry when it is not a file's path
@@ -123,6 +125,13 @@ class ProfileRequest:
     module: nn.Module | None = None
     split_fn: Callable[[nn.Module], tuple[nn.Module, nn.Module]] | None = None
 
+    @property
+    def cut_names(self) -> tuple[str, ...]:
+        """``--cut``'s names and ``--freeze``'s (a frozen prefix is a segment of its own)."""
+        if self.freeze is None or self.freeze in self.cuts:
+            return self.cuts
+        return (*self.cuts, self.freeze)
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"margin {self.margin} must be in [0, 1), e.g. 0.1 for 10%")
@@ -130,13 +139,15 @@ class ProfileRequest:
             raise ValueError("channels and batch must be positive")
         if self.segments is not None and self.segments < 1:
             raise ValueError(f"--segments {self.segments}: give auto or a count of at least 1")
-        if self.cuts and self.segments not in (None, len(self.cuts) + 1):
+        cuts = self.cut_names
+        if cuts and self.segments not in (None, len(cuts) + 1):
             raise ValueError(
-                f"--cut names {len(self.cuts)} cut(s), i.e. {len(self.cuts) + 1} segments, but "
-                f"--segments is {self.segments}; give one or make them agree"
+                f"--cut and --freeze name {len(cuts)} cut(s), i.e. {len(cuts) + 1} segments, "
+                f"but --segments is {self.segments}; give one or make them agree"
             )
-        if self.cuts and self.tile:
-            raise ValueError("--tile sets one tile for the whole trunk; it cannot go with --cut")
+        if cuts and self.tile:
+            raise ValueError("--tile sets one tile for the whole trunk; it cannot go with --cut "
+                             "or --freeze")  # fmt: skip
         if self.max_tile is not None and self.max_tile < 1:
             raise ValueError(f"--max-tile {self.max_tile} must be a positive size in px")
         if self.optimizer not in OPTIMIZERS:
@@ -252,7 +263,8 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     _check_forced(req, forced)
     image = (req.batch, req.channels, *req.image_shape)
     state = ModelState.of(loaded.model, req.optimizer, precision.param_dtype)
-    cuts = resolve_cuts(loaded.trunk, req.cuts, loaded.n_axes) if req.cuts else []
+    names = req.cut_names
+    cuts = resolve_cuts(loaded.trunk, names, loaded.n_axes) if names else []
     bar.update()
 
     # One tile shape for the whole trunk, unless statistics end segments (then it would be
@@ -307,8 +319,46 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     bar.update()
     bar.close()
     layers = _layers(loaded, geometry, image, chosen, precision.dtype)
-    return _plan(ctx, loaded, geometry, rows, chains, chosen, budget, verification,
+    frozen = _frozen_phase(ctx, loaded, fixed, image, cuts, chosen)
+    plan = _plan(ctx, loaded, geometry, rows, chains, chosen, budget, verification,
                  conventional, layers, program)  # fmt: skip
+    return replace(plan, frozen_phase=frozen) if frozen is not None else plan
+
+
+def _frozen_phase(ctx: _Context, loaded: LoadedModel, fixed: MemoryBreakdown,
+                  image: tuple[int, ...], cuts: Sequence[tuple[str, str]], chosen: _Option
+                  ) -> FrozenPhase | None:  # fmt: skip
+    """``--freeze``: the chosen segmentation's peak and time while the trunk up to the freeze
+    module is frozen (``SegmentSearch.price_frozen``): its segments stream forward only, and
+    its parameters have no gradient and no optimizer state (both are per element, so they
+    shrink in proportion)."""
+    from tileplan.run.freeze import frozen_parameters
+
+    req = ctx.req
+    if req.freeze is None:
+        return None
+    assert isinstance(chosen, _Chain), "a freeze module is a cut: the plan has segments"
+    node = resolve_cuts(loaded.trunk, [req.freeze], loaded.n_axes)[0][0]
+    search = SegmentSearch(loaded.trunk, image, list(cuts), _costs(ctx, fixed))
+    names = [c for c, _ in cuts]
+    parts = search.parts(names)
+    frozen = 1 + next(k for k, p in enumerate(parts) if node in (p.end or "").split(","))
+    held = sum(p.numel() for p in frozen_parameters(loaded.trunk, req.freeze))
+    total = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad) or 1
+    keep = 1.0 - held / total
+    mine = replace(fixed, grads_bytes=round(fixed.grads_bytes * keep),
+                   optimizer_bytes=round(fixed.optimizer_bytes * keep))  # fmt: skip
+    on_host = any(s.map_on_host for s in chosen.option.segments)
+    priced = search.price_frozen(names, frozen, mine, on_host=on_host)
+    assert priced is not None, "the chosen segmentation has tiles"
+    cost, memory = priced
+    both = search.price(names, on_host=on_host)
+    assert both is not None
+    timed = ctx.time_fit is not None
+    return FrozenPhase(freeze=req.freeze, frozen_segments=frozen, memory=memory,
+                       estimated_peak_bytes=memory.total_bytes,
+                       predicted_time_s=round(cost, 3) if timed else None,
+                       cost_ratio=round(cost / both[0], 4))  # fmt: skip
 
 
 def _load(req: ProfileRequest) -> LoadedModel:

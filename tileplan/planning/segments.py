@@ -417,10 +417,11 @@ class SegmentSearch:
             )  # fmt: skip
         return self._transients[key]
 
-    def phases(self, program: Program, on_host: bool) -> _Phases:
+    def phases(self, program: Program, on_host: bool, frozen: int = 0) -> _Phases:
         """Bytes alive besides ``F`` and the tiles in every phase (see the module docstring):
         kept maps (not on the device when ``on_host``), their gradients, statistics and the
-        transients of their reductions."""
+        transients of their reductions. Maps made by the first ``frozen`` parts (a frozen
+        prefix: no parameter before them trains) take no gradient."""
         parts = program.parts
         made: dict[str, int] = {}
         first: dict[str, int] = {}
@@ -445,7 +446,8 @@ class SegmentSearch:
             alive = sum(size[n] for n in kept if made[n] < k or (made[n] == k))
             forward.append(alive + extra_f)
             maps = sum(size[n] for n in kept if first.get(n, -1) >= 0 and first[n] <= k)
-            grads = sum(size[n] for n in kept if made[n] <= k <= last.get(n, -1))
+            grads = sum(size[n] for n in kept
+                        if frozen <= made[n] <= k <= last.get(n, -1))  # fmt: skip
             backward.append(maps + grads + extra_b)
         return _Phases(tuple(forward), tuple(backward))
 
@@ -474,6 +476,38 @@ class SegmentSearch:
         if self.costs.fixed.total_bytes + reduce_peak > self.costs.usable_bytes:
             return None
         return self._segmentation(choices, on_host, reduce_peak)
+
+    def price_frozen(self, cuts: Sequence[str], frozen: int, fixed: MemoryBreakdown,
+                     on_host: bool = False) -> tuple[float, MemoryBreakdown] | None:  # fmt: skip
+        """The segmentation at ``cuts`` (its tiles as ``price`` chooses them, for every
+        parameter training) when its first ``frozen`` segments are a frozen prefix: they
+        stream forward only (no backward tile, no gradient of the maps they make), and
+        ``fixed`` holds what the frozen phase keeps (its gradients and optimizer state are
+        those of the parameters that train). Returns (cost, the breakdown at its peak), or None
+        when ``price`` finds no tiles."""
+        program = self.program(cuts)
+        on_host = on_host and not self.costs.maps_in_device_memory
+        both = self.phases(program, on_host)
+        mine = self.phases(program, on_host, frozen=frozen)
+        phases = [(max(mine.forward[k], mine.backward[k]), 0, 0)
+                  for k, p in enumerate(program.parts) if isinstance(p, ReducePart)]  # fmt: skip
+        cost = 0.0
+        for n, part in enumerate(self.parts(cuts)):
+            choice = self._choose(part, both.forward[part.index], both.backward[part.index],
+                                  last=part.last)  # fmt: skip
+            if choice is None:
+                return None
+            k = part.index
+            phases.append((mine.forward[k], choice.tile_forward_bytes, 0))
+            if n < frozen:  # the no-grad forward pass alone, keeping the maps it makes
+                cost += part.grid_cost(choice.forward_grid, step=False)
+            else:
+                phases.append((mine.backward[k], 0, choice.tile_backward_bytes))
+                cost += choice.cost
+        maps, tile_forward, tile_backward = max(phases, key=sum)
+        memory = replace(fixed, tile_forward_bytes=tile_forward,
+                         tile_backward_bytes=tile_backward, maps_bytes=maps)  # fmt: skip
+        return cost, memory
 
     def _choose(self, part: _Part, forward_phase: int, backward_phase: int, *, last: bool
                 ) -> _Choice | None:  # fmt: skip

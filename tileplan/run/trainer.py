@@ -336,6 +336,11 @@ class Trainer:
             raise TrainError(f"--freeze {name} keeps the frozen layers' BatchNorm statistics "
                              "fixed, which a --bn train plan does not; make the plan with "
                              "`tileplan profile --bn frozen`")  # fmt: skip
+        priced = self.plan.frozen_phase
+        if priced is not None and priced.freeze != name and self.rank == 0:
+            log.warning("--freeze %s: the plan priced a frozen prefix up to %s (profile "
+                        "--freeze %s); its frozen-phase numbers are not this run's", name,
+                        priced.freeze, name)  # fmt: skip
         n = freeze_prefix(self.trunk, name)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if self.rank == 0:
