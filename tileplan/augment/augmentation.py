@@ -10,6 +10,7 @@ independent of the other operations named and of the tiling. Nothing is drawn pe
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ _OP_NUMBER = {name: k for k, name in enumerate(OPS)}  # each op's own random str
 _RGB_ONLY = ("hed", "saturation", "hue")
 _EIGHT_BIT = ("hed", "brightness", "contrast", "gamma", "saturation", "hue")
 # The 4 rotations by 90 degrees counter-clockwise as (transpose, flip_y, flip_x) (``np.rot90``).
-_ROT90 = ((False, False, False), (True, True, False), (False, True, True), (True, False, True))
+Symmetry = tuple[tuple[int, ...], tuple[bool, ...]]  # (perm, flips): see geometry.Geometry
 
 
 @dataclass(frozen=True)
@@ -38,25 +39,31 @@ class Augmentation:
 
     Attributes:
         spec: the canonical spec (``canonical``): names in application order, strengths written.
-        max_shape: ``(H, W)`` the run streams at most; a transposition that would not fit is
-            left out (the image keeps its orientation, flips still drawn).
+        max_shape: spatial shape the run streams at most; a permutation of axes that would
+            not fit is left out (the image keeps its orientation, flips still drawn).
         fill: the cutout's value per channel (default mid-grey: 128 for 8-bit, 0.5 for float).
+        spacing: of volumes, per axis (mm): axes are permuted and rotated into each other only
+            among axes of equal spacing (None: a 2D image's axes are interchangeable, a
+            volume's are not).
     """
 
     spec: str = ""
-    max_shape: tuple[int, int] | None = None
+    max_shape: tuple[int, ...] | None = None
     fill: tuple[float, ...] | None = None
+    spacing: tuple[float, ...] | None = None
 
     @classmethod
     def parse(cls, text: str, *, max_shape: Sequence[int] | None = None,
-              fill: Sequence[float] | None = None) -> Augmentation:  # fmt: skip
+              fill: Sequence[float] | None = None,
+              spacing: Sequence[float] | None = None) -> Augmentation:  # fmt: skip
         """From ``--augment`` text (``default``, ``none``, ``flip,hed:0.05``, ...).
 
         Raises:
             AugmentError: an unknown name or a strength out of range (one line).
         """
-        return cls(canonical(text), None if max_shape is None else tuple(max_shape),  # type: ignore[arg-type]
-                   None if fill is None else tuple(float(v) for v in fill))  # fmt: skip
+        return cls(canonical(text), None if max_shape is None else tuple(max_shape),
+                   None if fill is None else tuple(float(v) for v in fill),
+                   None if spacing is None else tuple(float(v) for v in spacing))  # fmt: skip
 
     @property
     def ops(self) -> dict[str, float | None]:
@@ -83,21 +90,44 @@ class Augmentation:
                 raise AugmentError(f"--augment {name}: {where} have {channels} channel(s), and "
                                    f"{name} works on RGB; leave it out of --augment")  # fmt: skip
 
-    def shapes(self, shape: tuple[int, int]) -> set[tuple[int, int]]:
-        """Every ``(H, W)`` an image of ``shape`` may stream at, scale jitter aside (it shrinks
-        or crops to at most ``shape``): the crop's size and its transposition if drawn."""
+    def shapes(self, shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+        """Every spatial shape an image of ``shape`` may stream at, scale jitter aside (it
+        shrinks or crops to at most ``shape``): the crop's size and its permutations if
+        drawn."""
         ops = self.ops
-        h, w = shape
+        size = tuple(shape)
         if "crop" in ops:
-            h, w = _crop_size(h, ops["crop"]), _crop_size(w, ops["crop"])  # type: ignore[arg-type]
-        out = {(h, w)}
-        if ({"rot90", "transpose", "dihedral"} & ops.keys()) and self._fits((w, h)):
-            out.add((w, h))
-        return out
+            size = tuple(_crop_size(m, ops["crop"]) for m in size)  # type: ignore[arg-type]
+        if not {"rot90", "transpose", "dihedral"} & ops.keys():
+            return {size}
+        return {p for p in (tuple(size[a] for a in perm) for perm in self._perms(len(size)))
+                if self._fits(p)} | {size}  # fmt: skip
 
-    def _fits(self, shape: tuple[int, int]) -> bool:
-        return self.max_shape is None or (shape[0] <= self.max_shape[0]
-                                          and shape[1] <= self.max_shape[1])  # fmt: skip
+    def _fits(self, shape: Sequence[int]) -> bool:
+        return self.max_shape is None or all(
+            m <= limit for m, limit in zip(shape, self.max_shape[-len(shape) :], strict=True)
+        )
+
+    def _groups(self, n: int) -> list[tuple[int, ...]]:
+        """Axes that may be permuted and rotated into each other: all of an image's; a
+        volume's of equal spacing (each alone without ``spacing``)."""
+        if self.spacing is None:
+            return [tuple(range(n))] if n == 2 else [(a,) for a in range(n)]
+        groups: dict[float, list[int]] = {}
+        for axis, step in enumerate(self.spacing[-n:]):
+            groups.setdefault(step, []).append(axis)
+        return [tuple(g) for g in groups.values()]
+
+    def _perms(self, n: int) -> list[tuple[int, ...]]:
+        """Every permutation of axes within ``_groups``."""
+        perms = []
+        for choice in itertools.product(*(itertools.permutations(g) for g in self._groups(n))):
+            perm = list(range(n))
+            for group, order in zip(self._groups(n), choice, strict=True):
+                for a, b in zip(group, order, strict=True):
+                    perm[a] = b
+            perms.append(tuple(perm))
+        return perms
 
     def _rng(self, seed: int, epoch: int, index: int, name: str) -> np.random.Generator:
         return np.random.default_rng([seed % 2**63, epoch, index, _OP_NUMBER[name]])
@@ -123,57 +153,101 @@ class Augmentation:
         params = ImageParams(
             geometry=geometry,
             colour=self._colour(ops, rng, drawn),
+            intensity=self._intensity(ops, rng, dtype, drawn),
             noise=self._noise(ops, rng, dtype),
             cutout=self._cutout(ops, rng, geometry.shape),
             fill=self._fill(channels, dtype),
         )
         if params.noise is not None:
             drawn.append(f"noise_key={params.noise[0]}")
-        drawn += [f"cutout={y0},{x0},{y1 - y0}x{x1 - x0}" for y0, x0, y1, x1 in params.cutout]
+        for a, b in params.cutout:
+            size = "x".join(str(y - x) for x, y in zip(a, b, strict=True))
+            drawn.append(f"cutout={','.join(map(str, a))}:{size}")
         return dataclasses.replace(params, drawn=" ".join(drawn))
 
     def _geometry(self, ops: dict[str, float | None], rng,  # noqa: ANN001
-                  shape: tuple[int, int], drawn: list[str]) -> Geometry:  # fmt: skip
-        h, w = shape
-        crop = (0, 0, h, w)
+                  shape: tuple[int, ...], drawn: list[str]) -> Geometry:  # fmt: skip
+        n = len(shape)
+        start, size = (0,) * n, tuple(shape)
         if "crop" in ops:
-            ch, cw = _crop_size(h, ops["crop"]), _crop_size(w, ops["crop"])  # type: ignore[arg-type]
+            size = tuple(_crop_size(m, ops["crop"]) for m in shape)  # type: ignore[arg-type]
             r = rng("crop")
-            crop = (int(r.integers(0, h - ch + 1)), int(r.integers(0, w - cw + 1)), ch, cw)
-            drawn.append(f"crop={crop[0]},{crop[1]},{ch}x{cw}")
-        t, fy, fx = self._symmetry(ops, rng)
-        if t and not self._fits((crop[3], crop[2])):
-            t = False  # would not fit the run's largest shape: keep the orientation
+            start = tuple(int(r.integers(0, m - c + 1)) for m, c in zip(shape, size, strict=True))
+            drawn.append(f"crop={','.join(map(str, start))}:{'x'.join(map(str, size))}")
+        perm, flips = self._symmetry(ops, rng, n)
+        if not self._fits([size[a] for a in perm]):  # keep the orientation, not the flips
+            perm = tuple(range(n))
         if {"flip", "rot90", "transpose", "dihedral"} & ops.keys():
-            name = ("T" if t else "") + ("V" if fy else "") + ("H" if fx else "")
-            drawn.append(f"symmetry={name or 'identity'}")
-        angle = 0.0
+            flipped = "".join("1" if f else "0" for f in flips)
+            drawn.append(f"symmetry=axes{','.join(map(str, perm))}/flips{flipped}")
+        rotation = None
         if "rotate" in ops:
-            angle = math.radians(float(rng("rotate").uniform(-1.0, 1.0)) * ops["rotate"])  # type: ignore[operator]
-            drawn.append(f"rotate={math.degrees(angle):.3f}")
+            rotation = self._rotation(rng("rotate"), ops["rotate"], n, drawn)  # type: ignore[arg-type]
         field = None
         if "elastic" in ops:
-            nodes = field_nodes(Geometry((h, w), crop, t).shape)
-            field = rng("elastic").normal(0.0, ops["elastic"], size=(2, *nodes))
+            out_shape = tuple(size[a] for a in perm)
+            field = rng("elastic").normal(0.0, ops["elastic"], size=(n, *field_nodes(out_shape)))
             drawn.append(f"elastic_max={float(np.abs(field).max()):.2f}px")
-        return Geometry((h, w), crop, t, fy, fx, angle, field)
+        return Geometry(tuple(shape), start, size, perm, flips, rotation, field)
 
-    @staticmethod
-    def _symmetry(ops: dict[str, float | None], rng) -> tuple[bool, bool, bool]:  # noqa: ANN001
-        """(transpose, flip_y, flip_x) of the symmetry ops named, composed."""
-        t = fy = fx = False
-        if "transpose" in ops:
-            t = bool(rng("transpose").random() < 0.5)
-        if "rot90" in ops:
-            rt, ry, rx = _ROT90[int(rng("rot90").integers(4))]
-            t, fy, fx = t ^ rt, ry, rx
+    def _symmetry(self, ops: dict[str, float | None], rng, n: int) -> Symmetry:  # noqa: ANN001
+        """(perm, flips) of the symmetry ops named, composed in spec order."""
+        sym: Symmetry = (tuple(range(n)), (False,) * n)
+        groups = [g for g in self._groups(n) if len(g) > 1]
+        if "transpose" in ops and groups:  # a permutation within the groups, p = 1/2 moved
+            r = rng("transpose")
+            if r.random() < 0.5:
+                perms = [p for p in self._perms(n) if p != sym[0]]
+                sym = _then(sym, (perms[int(r.integers(len(perms)))], (False,) * n))
+        if "rot90" in ops and groups:  # a quarter turn k times in a plane of a group
+            r = rng("rot90")
+            planes = [(a, b) for g in groups for a, b in itertools.combinations(g, 2)]
+            a, b = planes[int(r.integers(len(planes)))]
+            for _ in range(int(r.integers(4))):
+                sym = _then(sym, _quarter_turn(n, a, b))
         if "flip" in ops:
             r = rng("flip")
-            fy, fx = fy ^ bool(r.random() < 0.5), fx ^ bool(r.random() < 0.5)
-        if "dihedral" in ops:
-            k = int(rng("dihedral").integers(8))
-            t, fy, fx = t ^ bool(k & 4), fy ^ bool(k & 2), fx ^ bool(k & 1)
-        return t, fy, fx
+            sym = _then(sym, (tuple(range(n)), tuple(bool(r.random() < 0.5) for _ in range(n))))
+        if "dihedral" in ops:  # every permutation within the groups, every flip
+            r = rng("dihedral")
+            perms = self._perms(n)
+            perm = perms[int(r.integers(len(perms)))]
+            sym = _then(sym, (perm, tuple(bool(r.random() < 0.5) for _ in range(n))))
+        return sym
+
+    def rotation_plane(self, n: int) -> tuple[int, ...]:
+        """The axes rotation turns: the largest group of interchangeable axes.
+
+        Raises:
+            AugmentError: no two axes are interchangeable (volumes of unequal spacing).
+        """
+        group = max(self._groups(n), key=len)
+        if len(group) < 2:
+            raise AugmentError(
+                "--augment rotate: no two axes of these volumes have the same spacing; "
+                "resample them with --spacing, or leave rotate out"
+            )
+        return group
+
+    def _rotation(self, r: np.random.Generator, degrees: float, n: int,
+                  drawn: list[str]) -> np.ndarray:  # fmt: skip
+        """A rotation by an angle in ``[-degrees, degrees]`` within the largest group of
+        interchangeable axes: in its plane (2 axes) or about a random direction (3)."""
+        group = self.rotation_plane(n)
+        angle = math.radians(float(r.uniform(-1.0, 1.0)) * degrees)
+        if len(group) == 2:
+            c, s = math.cos(angle), math.sin(angle)
+            small = np.array([[c, -s], [s, c]])
+        else:  # Rodrigues: about a unit axis drawn uniformly on the sphere
+            axis = r.normal(size=3)
+            axis /= np.linalg.norm(axis)
+            k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]],
+                          [-axis[1], axis[0], 0]])  # fmt: skip
+            small = np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * (k @ k)
+        rotation = np.eye(n)
+        rotation[np.ix_(group, group)] = small
+        drawn.append(f"rotate={math.degrees(angle):.3f}")
+        return rotation
 
     def _colour(self, ops: dict[str, float | None], rng,  # noqa: ANN001
                 drawn: list[str]) -> ColourParams:  # fmt: skip
@@ -210,15 +284,24 @@ class Augmentation:
         std = ops["noise"] * (255.0 if dtype == torch.uint8 else 1.0)  # type: ignore[operator]
         return int(rng("noise").integers(0, 2**63)), std
 
-    def _cutout(self, ops: dict[str, float | None], rng, shape: tuple[int, int]  # noqa: ANN001
-                ) -> tuple[tuple[int, int, int, int], ...]:  # fmt: skip
+    def _cutout(self, ops: dict[str, float | None], rng, shape: tuple[int, ...]  # noqa: ANN001
+                ) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:  # fmt: skip
         if "cutout" not in ops:
             return ()
-        h, w = shape
-        bh, bw = _crop_size(h, ops["cutout"]), _crop_size(w, ops["cutout"])  # type: ignore[arg-type]
+        size = [_crop_size(m, ops["cutout"]) for m in shape]  # type: ignore[arg-type]
         r = rng("cutout")
-        y0, x0 = int(r.integers(0, h - bh + 1)), int(r.integers(0, w - bw + 1))
-        return ((y0, x0, y0 + bh, x0 + bw),)
+        start = tuple(int(r.integers(0, m - c + 1)) for m, c in zip(shape, size, strict=True))
+        return ((start, tuple(a + c for a, c in zip(start, size, strict=True))),)
+
+    def _intensity(self, ops: dict[str, float | None], rng, dtype: torch.dtype,  # noqa: ANN001
+                   drawn: list[str]) -> tuple[float, float] | None:  # fmt: skip
+        if "intensity" not in ops:
+            return None
+        s, r = ops["intensity"], rng("intensity")
+        scale = float(r.uniform(1 - s, 1 + s))  # type: ignore[operator]
+        shift = float(r.uniform(-s, s)) * (255.0 if dtype == torch.uint8 else 1.0)  # type: ignore[operator]
+        drawn.append(f"intensity={scale:.4f},{shift:+.4f}")
+        return scale, shift
 
     def _fill(self, channels: int, dtype: torch.dtype) -> tuple[float, ...]:
         if self.fill is not None:
@@ -246,8 +329,6 @@ class Augmentation:
             source = TensorSource(source)
         n = source.shape[0]
         indices = list(range(index, index + n)) if isinstance(index, int) else list(index)
-        if len(source.shape) != 4:
-            raise AugmentError("--augment works on 2D images; volumes are not augmented yet")
         if "scale" in self.ops:
             if n != 1 or not hasattr(source, "rescaled"):
                 raise AugmentError(
@@ -268,17 +349,33 @@ class Augmentation:
 
 def symmetric_views(source: ImageSource, max_shape: Sequence[int] | None = None
                     ) -> list[AugmentedSource]:  # fmt: skip
-    """``source`` under each of the 8 symmetries of the square (test-time augmentation), the
-    identity first; the transposed 4 only where the transposed image fits ``max_shape``."""
+    """``source`` (an image) under each of the 8 symmetries of the square (test-time
+    augmentation), the identity first; the transposed 4 only where the transposed image fits
+    ``max_shape``."""
     n, _, h, w = source.shape
     views = []
     for k in range(8):
-        t, fy, fx = bool(k & 4), bool(k & 2), bool(k & 1)
-        if t and max_shape is not None and (w > max_shape[0] or h > max_shape[1]):
+        perm = (1, 0) if k & 4 else (0, 1)
+        if perm == (1, 0) and max_shape is not None and (w > max_shape[0] or h > max_shape[1]):
             continue
-        geometry = Geometry((h, w), (0, 0, h, w), t, fy, fx)
+        geometry = Geometry((h, w), (0, 0), (h, w), perm, (bool(k & 2), bool(k & 1)))
         views.append(AugmentedSource(source, [ImageParams(geometry)] * n))
     return views
+
+
+def _then(first: Symmetry, second: Symmetry) -> Symmetry:
+    """The symmetry ``second`` applied after ``first``: output axis ``i`` of the result is
+    ``second``'s axis ``i``, which reads ``first``'s axis ``second.perm[i]``."""
+    (p1, f1), (p2, f2) = first, second
+    return tuple(p1[a] for a in p2), tuple(f2[i] ^ f1[a] for i, a in enumerate(p2))
+
+
+def _quarter_turn(n: int, a: int, b: int) -> Symmetry:
+    """A rotation by 90 degrees in the plane of axes ``a < b`` (as ``numpy.rot90`` with
+    ``axes=(a, b)``): axes ``a`` and ``b`` swapped, the new axis ``a`` reversed."""
+    perm = list(range(n))
+    perm[a], perm[b] = b, a
+    return tuple(perm), tuple(i == a for i in range(n))
 
 
 def _crop_size(n: int, fraction: float) -> int:

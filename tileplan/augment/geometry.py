@@ -1,135 +1,150 @@
-"""Where an augmented pixel comes from: crop, the 8 symmetries of the square, rotation and
-elastic deformation, as maps of global coordinates.
+"""Where an augmented pixel (or voxel) comes from: crop, flips and axis permutations (the
+symmetries of the square or cube), rotation and elastic deformation, as maps of global
+coordinates, for images (2 axes) and volumes (3).
 
-Remaps (crop, flips, transposition) move whole pixels: the region an output crop needs is
-one box of the source, read and rearranged, so a crop equals the same part of the whole
-augmented image bit for bit.
+Remaps (crop, flips, permutations) move whole pixels: the region an output crop needs is one
+box of the source, read and rearranged, so a crop equals the same part of the whole augmented
+image bit for bit.
 
-Interpolated maps (rotation, elastic) give each output pixel ``(y, x)`` (integers, pixel
+Interpolated maps (rotation, elastic) give each output pixel (integer coordinates, pixel
 centres) a continuous source coordinate, computed from its global coordinates alone in float64
-with additions and multiplications in a fixed order (the angle's cosine and sine are per-image
-constants), reflected into the source (``reflect-101``: ``-1 -> 1``), and bilinearly
-interpolated. The crop reads the bounding box of its pixels' source coordinates (plus one pixel
-for the interpolation): the margin its inverse map needs, found rather than bounded. The same
-coordinates and weights come out for a pixel in any crop, so these are exact as well.
+with additions and multiplications in a fixed order (the rotation matrix is a per-image
+constant), reflected into the source (``reflect-101``: ``-1 -> 1``) and interpolated
+(bilinear, trilinear: the corners summed in a fixed order). A crop reads the bounding box of
+its pixels' source coordinates (plus one pixel for the interpolation): the margin its inverse
+map needs, found rather than bounded. The same coordinates and weights come out for a pixel in
+any crop, so these are exact as well.
 
 Order, from an output pixel back to the source: elastic displacement, rotation about the
-augmented image's centre, the inverse symmetry, the crop's offset.
+augmented image's centre, the inverse symmetry (flips, then the permutation), the crop's offset.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ELASTIC_SPACING", "Geometry"]
+__all__ = ["ELASTIC_SPACING", "Geometry", "field_nodes", "sample"]
 
 ELASTIC_SPACING = 64  # px between the nodes of the elastic displacement field
 
 
 @dataclass(frozen=True, eq=False)
 class Geometry:
-    """One image's geometric augmentation.
+    """One image's geometric augmentation, over its spatial axes.
 
     Attributes:
-        source: ``(H, W)`` of the image read (after any scale jitter), px.
-        crop: ``(y0, x0, h, w)`` of the source kept, px.
-        transpose, flip_y, flip_x: the symmetry: transpose first, then the flips.
-        angle: rotation, radians (0: none).
-        field: elastic displacements ``(2, gy, gx)`` in px at nodes ``ELASTIC_SPACING`` apart
+        source: spatial shape of the image read (after any scale jitter), px.
+        start, size: the box of the source kept (the crop), px per source axis.
+        perm: output axis ``i`` is source axis ``perm[i]`` (the identity: none; ``(1, 0)``:
+            the transposition of an image).
+        flips: per output axis, whether it is reversed (after the permutation).
+        rotation: ``(n, n)`` matrix taking an output pixel's offset from the augmented image's
+            centre to the offset it is read at (None: none).
+        field: elastic displacements ``(n, *nodes)`` in px at nodes ``ELASTIC_SPACING`` apart
             over the augmented image (None: none).
     """
 
-    source: tuple[int, int]
-    crop: tuple[int, int, int, int]
-    transpose: bool = False
-    flip_y: bool = False
-    flip_x: bool = False
-    angle: float = 0.0
+    source: tuple[int, ...]
+    start: tuple[int, ...]
+    size: tuple[int, ...]
+    perm: tuple[int, ...]
+    flips: tuple[bool, ...]
+    rotation: np.ndarray | None = None
     field: np.ndarray | None = None
 
+    @classmethod
+    def whole(cls, source: Sequence[int]) -> Geometry:
+        """The identity on an image of spatial shape ``source``."""
+        n = len(source)
+        return cls(tuple(source), (0,) * n, tuple(source), tuple(range(n)), (False,) * n)
+
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(H, W)`` of the augmented image."""
-        _, _, h, w = self.crop
-        return (w, h) if self.transpose else (h, w)
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape of the augmented image."""
+        return tuple(self.size[a] for a in self.perm)
 
     @property
     def remap_only(self) -> bool:
         """Whether every output pixel is a source pixel (no interpolation)."""
-        return self.angle == 0.0 and self.field is None
+        return self.rotation is None and self.field is None
 
     @property
     def identity(self) -> bool:
-        return (self.remap_only and self.crop == (0, 0, *self.source)
-                and not (self.transpose or self.flip_y or self.flip_x))  # fmt: skip
+        return (self.remap_only and self.size == self.source and not any(self.flips)
+                and self.perm == tuple(range(len(self.perm))))  # fmt: skip
 
     # -- remaps ------------------------------------------------------------------------------
 
-    def source_region(self, rows: slice, cols: slice) -> tuple[slice, slice]:
+    def source_region(self, region: Sequence[slice]) -> tuple[slice, ...]:
         """The source box an output region's pixels come from (remaps only)."""
-        h, w = self.shape
-        if self.flip_y:
-            rows = slice(h - rows.stop, h - rows.start)
-        if self.flip_x:
-            cols = slice(w - cols.stop, w - cols.start)
-        if self.transpose:
-            rows, cols = cols, rows
-        y0, x0, _, _ = self.crop
-        return slice(y0 + rows.start, y0 + rows.stop), slice(x0 + cols.start, x0 + cols.stop)
+        shape = self.shape
+        flipped = [slice(n - s.stop, n - s.start) if f else s
+                   for s, n, f in zip(region, shape, self.flips, strict=True)]  # fmt: skip
+        box: list[slice] = [slice(0)] * len(shape)
+        for i, axis in enumerate(self.perm):
+            box[axis] = flipped[i]
+        return tuple(slice(o + s.start, o + s.stop) for s, o in zip(box, self.start, strict=True))
 
-    def arrange(self, crop: np.ndarray) -> np.ndarray:
-        """A ``(..., h, w)`` source box (``source_region``) as the output region it maps to."""
-        if self.transpose:
-            crop = np.swapaxes(crop, -1, -2)
-        if self.flip_y:
-            crop = crop[..., ::-1, :]
-        if self.flip_x:
-            crop = crop[..., :, ::-1]
-        return np.ascontiguousarray(crop)
+    def arrange(self, box: np.ndarray) -> np.ndarray:
+        """A ``(..., *spatial)`` source box (``source_region``) as the output region it maps
+        to."""
+        lead = box.ndim - len(self.perm)
+        out = np.transpose(box, (*range(lead), *(lead + a for a in self.perm)))
+        index = tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)
+        return np.ascontiguousarray(out[(..., *index)])
 
     # -- interpolated maps -------------------------------------------------------------------
 
-    def coordinates(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
-        """Source coordinates ``(py, px)``, each ``(h, w)`` float64 in ``[0, H-1] x [0, W-1]``,
-        of the output region ``rows x cols``."""
-        h, w = self.shape
-        iy = np.arange(rows.start, rows.stop)[:, None]
-        ix = np.arange(cols.start, cols.stop)[None, :]
-        qy = np.broadcast_to(iy.astype(np.float64), (len(iy), ix.shape[1]))
-        qx = np.broadcast_to(ix.astype(np.float64), qy.shape)
+    def coordinates(self, region: Sequence[slice]) -> list[np.ndarray]:
+        """Source coordinates, one float64 array per source axis (each the region's shape),
+        within ``[0, source - 1]``, of the output region."""
+        shape = self.shape
+        n = len(shape)
+        grids = [np.arange(s.start, s.stop).reshape([-1 if k == i else 1 for k in range(n)])
+                 for i, s in enumerate(region)]  # fmt: skip
+        full = tuple(s.stop - s.start for s in region)
+        q = [np.broadcast_to(g.astype(np.float64), full) for g in grids]
         if self.field is not None:
-            dy, dx = _displacement(self.field, iy, ix)
-            qy, qx = qy + dy, qx + dx
-        if self.angle:
-            cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-            cos, sin = math.cos(self.angle), math.sin(self.angle)
-            ry, rx = qy - cy, qx - cx
-            qy, qx = (cos * ry - sin * rx) + cy, (sin * ry + cos * rx) + cx
-        if self.flip_y:
-            qy = (h - 1) - qy
-        if self.flip_x:
-            qx = (w - 1) - qx
-        if self.transpose:
-            qy, qx = qx, qy
-        y0, x0, _, _ = self.crop
-        return _reflect(qy + y0, self.source[0]), _reflect(qx + x0, self.source[1])
+            q = [qi + d for qi, d in zip(q, displacement(self.field, grids), strict=True)]
+        if self.rotation is not None:
+            centre = [(m - 1) / 2.0 for m in shape]
+            offset = [qi - c for qi, c in zip(q, centre, strict=True)]
+            rotated = []
+            for i in range(n):  # fixed order: ((r0 o0 + r1 o1) + r2 o2) + c
+                acc = self.rotation[i, 0] * offset[0]
+                for k in range(1, n):
+                    acc = acc + self.rotation[i, k] * offset[k]
+                rotated.append(acc + centre[i])
+            q = rotated
+        q = [(m - 1) - qi if f else qi for qi, m, f in zip(q, shape, self.flips, strict=True)]
+        out: list[np.ndarray] = [q[0]] * n
+        for i, axis in enumerate(self.perm):
+            out[axis] = q[i]
+        return [_reflect(c + o, m) for c, o, m in zip(out, self.start, self.source, strict=True)]
 
 
-def _displacement(field: np.ndarray, iy: np.ndarray, ix: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The field bilinearly interpolated at integer pixels ``iy (h, 1)``, ``ix (1, w)``."""
+def displacement(field: np.ndarray, grids: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The field ``(n, *nodes)`` interpolated (multilinear) at the integer pixels of ``grids``
+    (one broadcastable array per axis)."""
     s = ELASTIC_SPACING
-    ny, nx = iy // s, ix // s  # the node before, exact integers
-    fy, fx = (iy - ny * s) / s, (ix - nx * s) / s  # (h, 1), (1, w) in [0, 1)
+    nodes = [g // s for g in grids]  # the node before, exact integers
+    fractions = [(g - k * s) / s for g, k in zip(grids, nodes, strict=True)]
     out = []
-    for d in field:  # (gy, gx)
-        a, b = d[ny, nx], d[ny, nx + 1]
-        c, e = d[ny + 1, nx], d[ny + 1, nx + 1]
-        out.append((a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + e * fx) * fy)
-    return out[0], out[1]
+    for d in field:
+        acc = None
+        for corner in itertools.product((0, 1), repeat=len(grids)):  # fixed order
+            weight = None
+            for f, c in zip(fractions, corner, strict=True):
+                w = f if c else 1 - f
+                weight = w if weight is None else weight * w
+            value = d[tuple(k + c for k, c in zip(nodes, corner, strict=True))] * weight
+            acc = value if acc is None else acc + value
+        out.append(acc)
+    return out
 
 
 def _reflect(t: np.ndarray, n: int) -> np.ndarray:
@@ -141,24 +156,31 @@ def _reflect(t: np.ndarray, n: int) -> np.ndarray:
     return np.where(t > n - 1, period - t, t)
 
 
-def field_nodes(shape: tuple[int, int]) -> tuple[int, int]:
-    """Nodes ``(gy, gx)`` of an elastic field covering an image of ``shape`` (one past the last
+def field_nodes(shape: Sequence[int]) -> tuple[int, ...]:
+    """Nodes per axis of an elastic field covering an image of ``shape`` (one past the last
     pixel's cell on each axis)."""
-    return ((shape[0] - 1) // ELASTIC_SPACING + 2, (shape[1] - 1) // ELASTIC_SPACING + 2)
+    return tuple((m - 1) // ELASTIC_SPACING + 2 for m in shape)
 
 
-def sample_bilinear(read, geometry: Geometry, rows: slice, cols: slice) -> np.ndarray:  # noqa: ANN001
-    """The output region ``rows x cols`` of an interpolated map, as ``(N, C, h, w)`` float64:
-    ``read(rows, cols)`` gives the source box (a numpy ``(N, C, bh, bw)`` array)."""
-    py, px = geometry.coordinates(rows, cols)
-    hgt, wid = geometry.source
-    y0 = np.floor(py).astype(np.int64)
-    x0 = np.floor(px).astype(np.int64)
-    fy, fx = py - y0, px - x0
-    y1, x1 = np.minimum(y0 + 1, hgt - 1), np.minimum(x0 + 1, wid - 1)
-    top, left = int(y0.min()), int(x0.min())
-    box = read(slice(top, int(y1.max()) + 1), slice(left, int(x1.max()) + 1))
-    y0, y1, x0, x1 = y0 - top, y1 - top, x0 - left, x1 - left
-    a, b = box[..., y0, x0], box[..., y0, x1]
-    c, d = box[..., y1, x0], box[..., y1, x1]
-    return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+def sample(read: Callable[[tuple[slice, ...]], np.ndarray], geometry: Geometry,
+           region: Sequence[slice]) -> np.ndarray:  # fmt: skip
+    """The output region of an interpolated map, ``(N, C, *region)`` float64: ``read(box)``
+    gives the source box (a numpy ``(N, C, *box)`` array)."""
+    coords = geometry.coordinates(region)
+    lo = [np.floor(c).astype(np.int64) for c in coords]
+    fractions = [c - k for c, k in zip(coords, lo, strict=True)]
+    hi = [np.minimum(k + 1, m - 1) for k, m in zip(lo, geometry.source, strict=True)]
+    origin = [int(k.min()) for k in lo]
+    box = read(tuple(slice(o, int(h.max()) + 1) for o, h in zip(origin, hi, strict=True)))
+    lo = [k - o for k, o in zip(lo, origin, strict=True)]
+    hi = [h - o for h, o in zip(hi, origin, strict=True)]
+    acc = None
+    for corner in itertools.product((0, 1), repeat=len(coords)):  # fixed order
+        weight = None
+        for f, c in zip(fractions, corner, strict=True):
+            w = f if c else 1 - f
+            weight = w if weight is None else weight * w
+        index = tuple(h if c else k for k, h, c in zip(lo, hi, corner, strict=True))
+        value = box[(..., *index)] * weight
+        acc = value if acc is None else acc + value
+    return acc

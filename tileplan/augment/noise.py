@@ -2,7 +2,8 @@
 channel, global row, global column), so every tile that reads a pixel adds the same value,
 halos included.
 
-The counter is the pixel's index in the augmented image, ``(c * H + y) * W + x``; the
+The counter is the pixel's index in the augmented image, ``(c * H + y) * W + x`` (voxels
+alike); the
 generator is SplitMix64's finaliser of ``counter + key * golden`` (a bijection of 64-bit
 integers with good avalanche, Steele et al. 2014), in wrapping uint64 arithmetic. Its top 16
 bits index a table of the standard normal's quantiles at ``(i + 1/2) / 65536``: a Gaussian
@@ -11,6 +12,7 @@ quantised to 65536 levels (tails at +-4.3 sigma), with no transcendental functio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 
 import numpy as np
@@ -38,15 +40,18 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def gaussian_noise(key: int, channels: int, shape: tuple[int, int],
-                   rows: slice, cols: slice) -> np.ndarray:  # fmt: skip
-    """Standard normal noise ``(channels, rows, cols)`` float64 of the region ``rows x cols`` of
-    an image of ``shape`` ``(H, W)``, for the 64-bit ``key``."""
-    h, w = shape
-    y = np.arange(rows.start, rows.stop, dtype=np.uint64)[None, :, None]
-    x = np.arange(cols.start, cols.stop, dtype=np.uint64)[None, None, :]
-    c = np.arange(channels, dtype=np.uint64)[:, None, None]
-    counter = (c * np.uint64(h) + y) * np.uint64(w) + x
+def gaussian_noise(key: int, channels: int, shape: Sequence[int],
+                   region: Sequence[slice]) -> np.ndarray:  # fmt: skip
+    """Standard normal noise ``(channels, *region)`` float64 of ``region`` (one slice per
+    axis) of an image of spatial ``shape``, for the 64-bit ``key``. The counter is the pixel's
+    index in the image, channel first: ``((c * H) + y) * W + x`` (and so on for more axes)."""
+    n = len(shape)
+    counter = np.arange(channels, dtype=np.uint64).reshape(-1, *([1] * n))
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the generator means it to
+        for axis, (s, size) in enumerate(zip(region, shape, strict=True)):
+            coords = np.arange(s.start, s.stop, dtype=np.uint64)
+            counter = counter * np.uint64(size) + coords.reshape(
+                1, *[-1 if k == axis else 1 for k in range(n)]
+            )
         bits = _splitmix(counter + np.uint64(key % 2**64) * _GOLDEN)
     return normal_quantiles()[(bits >> np.uint64(48)).astype(np.int64)]

@@ -15,7 +15,7 @@ import torch
 
 from executor import ImageSource
 from tileplan.augment.colour import ColourParams, apply_colour
-from tileplan.augment.geometry import Geometry, sample_bilinear
+from tileplan.augment.geometry import Geometry, sample
 from tileplan.augment.noise import gaussian_noise
 from tileplan.augment.spec import AugmentError
 
@@ -31,7 +31,10 @@ class ImageParams:
         colour: the colour stages (8-bit images).
         noise: ``(key, std)``: counter-based Gaussian noise of ``std`` (on the 0..255 scale
             for 8-bit images, in the image's units for float images), or None.
-        cutout: ``(y0, x0, y1, x1)`` boxes of the augmented image filled with ``fill``.
+        intensity: ``(scale, shift)``: every value times ``scale`` plus ``shift`` (float
+            images and volumes; on 8-bit images, in the colour stages), or None.
+        cutout: ``(start, stop)`` boxes (px per axis) of the augmented image filled with
+            ``fill``.
         fill: the cutout's value per channel.
         drawn: what was drawn, in words (``name=value`` by op), for the run's record.
     """
@@ -39,14 +42,15 @@ class ImageParams:
     geometry: Geometry
     colour: ColourParams = ColourParams()
     noise: tuple[int, float] | None = None
-    cutout: tuple[tuple[int, int, int, int], ...] = ()
+    intensity: tuple[float, float] | None = None
+    cutout: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
     fill: tuple[float, ...] = ()
     drawn: str = ""
 
     @property
     def identity(self) -> bool:
         return (self.geometry.identity and not self.colour.active and self.noise is None
-                and not self.cutout)  # fmt: skip
+                and self.intensity is None and not self.cutout)  # fmt: skip
 
 
 class AugmentedSource:
@@ -94,45 +98,47 @@ class AugmentedSource:
             self.base.close()
 
     def read_all(self) -> torch.Tensor:
-        """The whole augmented image, ``(N, C, H, W)`` (tests and small images)."""
+        """The whole augmented image, ``(N, C, *spatial)`` (tests and small images)."""
         return self.read(tuple(slice(0, n) for n in self.shape[2:]))
 
     def read(self, region: Sequence[slice]) -> torch.Tensor:
-        rows, cols = region
-        boxes: dict[tuple[int, int, int, int], np.ndarray] = {}  # one read per box, whole batch
+        region = tuple(region)
+        boxes: dict[tuple[tuple[int, int], ...], np.ndarray] = {}  # one read per box
 
-        def base_box(r: slice, c: slice) -> np.ndarray:
-            key = (r.start, r.stop, c.start, c.stop)
+        def base_box(box: tuple[slice, ...]) -> np.ndarray:
+            key = tuple((s.start, s.stop) for s in box)
             if key not in boxes:
-                boxes[key] = self.base.read((r, c)).numpy()
+                boxes[key] = self.base.read(box).numpy()
             return boxes[key]
 
-        items = [self._item(k, p, rows, cols, base_box) for k, p in enumerate(self.params)]
+        items = [self._item(k, p, region, base_box) for k, p in enumerate(self.params)]
         return torch.from_numpy(np.stack(items))
 
-    def _item(self, k: int, p: ImageParams, rows: slice, cols: slice,
-              base_box: Callable[[slice, slice], np.ndarray]) -> np.ndarray:  # fmt: skip
-        """Image ``k`` of the batch: the region ``rows x cols`` augmented, ``(C, h, w)``."""
+    def _item(self, k: int, p: ImageParams, region: tuple[slice, ...],
+              base_box: Callable[[tuple[slice, ...]], np.ndarray]) -> np.ndarray:  # fmt: skip
+        """Image ``k`` of the batch: ``region`` augmented, ``(C, *region)``."""
         g = p.geometry
         if g.remap_only:
-            box = base_box(*g.source_region(rows, cols))[k]
-            out = g.arrange(box)
+            out = g.arrange(base_box(g.source_region(region))[k])
         else:
-            values = sample_bilinear(lambda r, c: base_box(r, c)[k : k + 1], g, rows, cols)
+            values = sample(lambda box: base_box(box)[k : k + 1], g, region)
             out = _cast(values[0], self.dtype)
         if p.colour.active:
             out = apply_colour(out, p.colour)
+        if p.intensity is not None:
+            scale, shift = p.intensity
+            out = _cast(out * scale + shift, self.dtype)
         if p.noise is not None:
             key, std = p.noise
-            noise = gaussian_noise(key, out.shape[0], g.shape, rows, cols)
+            noise = gaussian_noise(key, out.shape[0], g.shape, region)
             out = _cast(out + std * noise, self.dtype)
-        for y0, x0, y1, x1 in p.cutout:  # the box's part inside this region
-            a, b = max(y0, rows.start), min(y1, rows.stop)
-            c, d = max(x0, cols.start), min(x1, cols.stop)
-            if a < b and c < d:
+        for start, stop in p.cutout:  # the box's part inside this region
+            inside = [slice(max(a, s.start) - s.start, min(b, s.stop) - s.start)
+                      for a, b, s in zip(start, stop, region, strict=True)]  # fmt: skip
+            if all(s.start < s.stop for s in inside):
                 out = out if out.flags.writeable else out.copy()
-                fill = np.asarray(p.fill, dtype=out.dtype)[:, None, None]
-                out[:, a - rows.start : b - rows.start, c - cols.start : d - cols.start] = fill
+                fill = np.asarray(p.fill, dtype=out.dtype).reshape(-1, *[1] * len(region))
+                out[(slice(None), *inside)] = fill
         return out
 
     def __repr__(self) -> str:

@@ -85,6 +85,14 @@ OPS: dict[str, Op] = {
         Op("saturation", "pointwise", 0.1, 0.0, 1.0, "saturation times a factor in [1-S, 1+S]"),
         Op("hue", "pointwise", 0.02, 0.0, 0.5, "hue turned by [-S, S] of a full turn"),
         Op(
+            "intensity",
+            "pointwise",
+            0.1,
+            0.0,
+            1.0,
+            "values times [1-S, 1+S] plus [-S, S] (of 255 for 8-bit images)",
+        ),
+        Op(
             "noise",
             "pointwise",
             0.02,

@@ -348,32 +348,30 @@ class Trainer:
 
     def _augmentation(self) -> Augmentation:
         """``--augment``: checked against the training images before any is read."""
-        spec = self.spec
+        spec, data = self.spec, self.train_data
         mean = spec.normalization.mean
-        eight_bit = self.train_data.dtype == torch.uint8
+        eight_bit = data.dtype == torch.uint8
+        volumes = self.plan.n_axes == 3
         augmentation = Augmentation.parse(
-            spec.augment, max_shape=tuple(self.plan.image_shape_px)[-2:],
+            spec.augment, max_shape=tuple(self.plan.image_shape_px),
             # Cutout fills with the normalisation's mean: zero once normalised.
             fill=[round(m * 255) if eight_bit else m for m in mean],
+            # Volumes: axes are permuted and rotated into each other where spacing is equal.
+            spacing=spec.data.spacing if volumes else None,
         )  # fmt: skip
-        if augmentation:
-            if self.plan.n_axes == 3:
-                raise TrainError(f"--augment {spec.augment}: volumes are not augmented yet; "
-                                 "train without --augment")  # fmt: skip
-            try:
-                data = self.train_data
-                augmentation.check(
-                    channels=data.channels,
-                    dtype=data.dtype,
-                    where=f"the images of {data.csv_path or 'the data'}",
-                )
-                if "scale" in augmentation.ops and not data.streamed:
-                    raise AugmentError(
-                        "--augment scale reads slides at another resolution, and these images "
-                        "are read whole; leave scale out"
-                    )
-            except AugmentError as err:
-                raise TrainError(str(err)) from None
+        if not augmentation:
+            return augmentation
+        try:
+            augmentation.check(channels=data.channels, dtype=data.dtype,
+                               where=f"the images of {data.csv_path or 'the data'}")  # fmt: skip
+            if "scale" in augmentation.ops and (volumes or not data.streamed):
+                raise AugmentError("--augment scale reads slides at another resolution, and "
+                                   "these images are read whole or are volumes; leave scale "
+                                   "out")  # fmt: skip
+            if volumes and "rotate" in augmentation.ops:
+                augmentation.rotation_plane(3)  # refuses volumes without two equal spacings
+        except AugmentError as err:
+            raise TrainError(str(err)) from None
         return augmentation
 
     def _augmented(self, item: tuple[torch.Tensor | ImageSource, torch.Tensor], epoch: int,

@@ -147,8 +147,8 @@ def _whole(spec: str, image: torch.Tensor, index: int = 0) -> tuple[torch.Tensor
 
 
 def _symmetry(image: torch.Tensor, g: Geometry) -> torch.Tensor:
-    out = image.transpose(-1, -2) if g.transpose else image
-    dims = [d for d, f in ((-2, g.flip_y), (-1, g.flip_x)) if f]
+    out = image.transpose(-1, -2) if g.perm == (1, 0) else image
+    dims = [d for d, f in zip((-2, -1), g.flips, strict=True) if f]
     return out.flip(dims) if dims else out
 
 
@@ -159,7 +159,7 @@ def test_the_symmetries_are_the_eight_of_the_square() -> None:
         got, p = _whole("dihedral", image, index)
         g = p.geometry
         assert torch.equal(got, _symmetry(image, g))
-        seen.add((g.transpose, g.flip_y, g.flip_x))
+        seen.add((g.perm, g.flips))
     assert len(seen) == 8
     rotations = set()
     for index in range(32):
@@ -183,7 +183,7 @@ def test_a_crop_is_a_slice_of_the_image_at_a_drawn_offset() -> None:
     offsets = set()
     for index in range(10):
         got, p = _whole("crop:0.6", image, index)
-        y0, x0, h, w = p.geometry.crop
+        (y0, x0), (h, w) = p.geometry.start, p.geometry.size
         assert (h, w) == (30, 42)
         assert torch.equal(got, image[..., y0 : y0 + h, x0 : x0 + w])
         offsets.add((y0, x0))
@@ -192,13 +192,15 @@ def test_a_crop_is_a_slice_of_the_image_at_a_drawn_offset() -> None:
 
 def test_rotation_by_a_quarter_turn_is_rot90_and_a_zero_field_is_the_identity() -> None:
     image = _image((1, 3, 33, 33)).numpy()[0]
-    quarter = Geometry((33, 33), (0, 0, 33, 33), angle=math.pi / 2)
+    turn = np.array([[0.0, -1.0], [1.0, 0.0]])  # a quarter turn
+    quarter = Geometry((33, 33), (0, 0), (33, 33), (0, 1), (False, False), rotation=turn)
     params = ImageParams(quarter)
     got = AugmentedSource(TensorSource(torch.from_numpy(image)[None]), [params]).read_all()[0]
     assert torch.equal(got, torch.from_numpy(np.rot90(image, -1, (1, 2)).copy())) or torch.equal(
         got, torch.from_numpy(np.rot90(image, 1, (1, 2)).copy())
     )
-    still = Geometry((33, 33), (0, 0, 33, 33), field=np.zeros((2, 3, 3)))
+    still = Geometry((33, 33), (0, 0), (33, 33), (0, 1), (False, False),
+                     field=np.zeros((2, 3, 3)))  # fmt: skip
     got = AugmentedSource(TensorSource(torch.from_numpy(image)[None]), [ImageParams(still)])
     assert torch.equal(got.read_all()[0], torch.from_numpy(image))
 
@@ -214,7 +216,9 @@ def test_rotation_reads_each_crop_with_the_margin_its_inverse_map_needs() -> Non
             boxes.append(tuple(s.stop - s.start for s in region))
             return super().read(region)
 
-    g = Geometry((101, 101), (0, 0, 101, 101), angle=math.pi / 4)
+    c = math.cos(math.pi / 4)
+    g = Geometry((101, 101), (0, 0), (101, 101), (0, 1), (False, False),
+                 rotation=np.array([[c, -c], [c, c]]))  # fmt: skip
     AugmentedSource(Recording(image), [ImageParams(g)]).read((slice(40, 60), slice(40, 60)))
     ((h, w),) = boxes
     assert 28 <= h <= 31
@@ -261,12 +265,12 @@ def test_tone_and_colour_matrix_follow_their_formulas() -> None:
 
 
 def test_noise_is_a_function_of_the_global_coordinate() -> None:
-    z = gaussian_noise(123, 3, (400, 500), slice(0, 400), slice(0, 500))
+    z = gaussian_noise(123, 3, (400, 500), (slice(0, 400), slice(0, 500)))
     assert abs(z.mean()) < 0.01
     assert abs(z.std() - 1) < 0.01
-    part = gaussian_noise(123, 3, (400, 500), slice(17, 40), slice(100, 133))
+    part = gaussian_noise(123, 3, (400, 500), (slice(17, 40), slice(100, 133)))
     assert np.array_equal(part, z[:, 17:40, 100:133])
-    assert not np.array_equal(gaussian_noise(124, 3, (400, 500), slice(0, 4), slice(0, 5)),
+    assert not np.array_equal(gaussian_noise(124, 3, (400, 500), (slice(0, 4), slice(0, 5))),
                               z[:, :4, :5])  # fmt: skip
     image = torch.full((1, 1, 200, 200), 128, dtype=torch.uint8)
     got, _ = _whole("noise:0.1", image)
@@ -276,7 +280,7 @@ def test_noise_is_a_function_of_the_global_coordinate() -> None:
 def test_cutout_fills_one_box_with_the_fill_value() -> None:
     image = torch.full((1, 3, 50, 60), 7, dtype=torch.uint8)
     source = Augmentation.parse("cutout:0.2", fill=(1, 2, 3)).apply(image, seed=0, epoch=0, index=0)
-    ((y0, x0, y1, x1),) = source.params[0].cutout
+    (((y0, x0), (y1, x1)),) = source.params[0].cutout
     assert (y1 - y0, x1 - x0) == (10, 12)
     got = source.read_all()[0]
     assert (got[:, y0:y1, x0:x1] == torch.tensor([1, 2, 3]).view(3, 1, 1)).all()
@@ -311,8 +315,7 @@ def test_parameters_depend_on_seed_epoch_and_image_only() -> None:
     # Naming another op leaves the others' draws alone (each op has its own stream).
     g1 = a.apply(image, seed=1, epoch=2, index=3).params[0].geometry
     g2 = Augmentation.parse("default,rotate").apply(image, seed=1, epoch=2, index=3).params[0]
-    assert (g1.transpose, g1.flip_y, g1.flip_x) == (g2.geometry.transpose, g2.geometry.flip_y,
-                                                     g2.geometry.flip_x)  # fmt: skip
+    assert (g1.perm, g1.flips) == (g2.geometry.perm, g2.geometry.flips)
 
 
 # -- bad input ---------------------------------------------------------------------------------
