@@ -118,8 +118,9 @@ def child(method: str, plan_path: str, repeats: int, device: str) -> dict[str, f
     loaded = _resnet18()
     loaded.model.to(device)
     normalization = Normalization.default(3)
-    scnn = StreamingCNN.from_plan(loaded.trunk, plan,
-                                  preprocess=lambda c: normalization.apply(c, torch.float32))  # fmt: skip
+    scnn = StreamingCNN.from_plan(
+        loaded.trunk, plan, preprocess=lambda c: normalization.apply(c, torch.float32)
+    )
     base = _source(Path(plan_path).parent / SLIDE.format(size=plan.image_shape_px[0]))
     augmentation = Augmentation.parse("default", max_shape=plan.image_shape_px)
     epoch = [0]
@@ -173,12 +174,15 @@ def bench_demo(folder: Path, n: int, size: int, epochs: int, spec: str) -> None:
     train = load_csv(folder / "demo" / "train.csv", target_shape=plan.image_shape_px)
     val = load_csv(folder / "demo" / "val.csv", target_shape=plan.image_shape_px)
     print(f"\ndemo: {len(train)} training and {len(val)} validation images of {size}² px, "
-          f"examples/small_cnn.py, {epochs} epochs, Adam 1e-3, batch 4; augmented: {spec}")  # fmt: skip
+          f"examples/small_cnn.py, {epochs} epochs, Adam 1e-3, batch 4; "
+          f"augmented: {spec}")  # fmt: skip
     rows = {"none": [], spec: []}
     for seed in range(3):
         for augment in rows:
-            config = RunSpec.from_plan(plan, epochs=epochs, lr=1e-3, batch=4, num_workers=0,
-                                       seed=seed, augment="" if augment == "none" else augment)  # fmt: skip
+            config = RunSpec.from_plan(
+                plan, epochs=epochs, lr=1e-3, batch=4, num_workers=0, seed=seed,
+                augment="" if augment == "none" else augment,
+            )  # fmt: skip
             torch.manual_seed(seed)
             loaded = load_model_file(model)
             trainer = Trainer(model=loaded.model, trunk=loaded.trunk, head=loaded.head,

@@ -604,7 +604,7 @@ class Plan:
         _require(
             self.frozen_phase is None
             or self.frozen_phase.frozen_segments < max(len(self.segments), 1),
-            "frozen_phase: a frozen prefix ends before the last segment (plan with --cut)",
+            "frozen_phase: a frozen prefix ends before the last segment (plan with --freeze)",
         )
         _require(self.budget_bytes > 0, "budget_bytes must be positive")
         _require(0.0 <= self.margin < 1.0, f"margin {self.margin} must be in [0, 1)")

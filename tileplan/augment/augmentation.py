@@ -2,8 +2,9 @@
 (seed, epoch, image index) and wraps the image's source so that every crop is augmented as it
 is read.
 
-Parameters come from one NumPy generator per (seed, epoch, image, operation)
-(``numpy.random.default_rng`` of that sequence): the same on every rank and after ``--resume``,
+Parameters come from one NumPy generator per (seed, epoch, image, repeat, operation)
+(``numpy.random.default_rng`` of that sequence; ``repeat`` counts the image's earlier draws in
+the epoch when it is sampled with replacement): the same on every rank and after ``--resume``,
 independent of the other operations named and of the tiling. Nothing is drawn per tile.
 """
 
@@ -90,18 +91,26 @@ class Augmentation:
                 raise AugmentError(f"--augment {name}: {where} have {channels} channel(s), and "
                                    f"{name} works on RGB; leave it out of --augment")  # fmt: skip
 
+    @property
+    def changes_shape(self) -> bool:
+        """Whether an augmented image may have another shape than its source."""
+        return bool({"scale", "crop", "rot90", "transpose", "dihedral"} & self.ops.keys())
+
     def shapes(self, shape: tuple[int, ...]) -> set[tuple[int, ...]]:
-        """Every spatial shape an image of ``shape`` may stream at, scale jitter aside (it
-        shrinks or crops to at most ``shape``): the crop's size and its permutations if
-        drawn."""
+        """The spatial shapes an image of ``shape`` may stream at: its own, and with scale
+        jitter the smallest (a factor ``1 + S`` on the µm/px; finer reads are cropped to
+        ``shape``), each cropped as ``crop`` says and permuted where drawn."""
         ops = self.ops
-        size = tuple(shape)
+        sizes = {tuple(shape)}
+        if "scale" in ops:
+            sizes.add(tuple(max(1, round(m / (1 + ops["scale"]))) for m in shape))  # type: ignore[operator]
         if "crop" in ops:
-            size = tuple(_crop_size(m, ops["crop"]) for m in size)  # type: ignore[arg-type]
+            sizes = {tuple(_crop_size(m, ops["crop"]) for m in s) for s in sizes}  # type: ignore[arg-type]
         if not {"rot90", "transpose", "dihedral"} & ops.keys():
-            return {size}
-        return {p for p in (tuple(size[a] for a in perm) for perm in self._perms(len(size)))
-                if self._fits(p)} | {size}  # fmt: skip
+            return sizes
+        return sizes | {p for s in sizes for p in (tuple(s[a] for a in perm)
+                                                   for perm in self._perms(len(s)))
+                        if self._fits(p)}  # fmt: skip
 
     def _fits(self, shape: Sequence[int]) -> bool:
         return self.max_shape is None or all(
@@ -129,23 +138,25 @@ class Augmentation:
             perms.append(tuple(perm))
         return perms
 
-    def _rng(self, seed: int, epoch: int, index: int, name: str) -> np.random.Generator:
-        return np.random.default_rng([seed % 2**63, epoch, index, _OP_NUMBER[name]])
+    def _rng(self, seed: int, epoch: int, index: int, repeat: int, name: str
+             ) -> np.random.Generator:  # fmt: skip
+        return np.random.default_rng([seed % 2**63, epoch, index, repeat, _OP_NUMBER[name]])
 
-    def scale_factor(self, *, seed: int, epoch: int, index: int) -> float:
+    def scale_factor(self, *, seed: int, epoch: int, index: int, repeat: int = 0) -> float:
         """The factor on the read resolution's µm/px for this image (1: none)."""
         s = self.ops.get("scale")
         if s is None:
             return 1.0
-        return float(self._rng(seed, epoch, index, "scale").uniform(1 - s, 1 + s))
+        return float(self._rng(seed, epoch, index, repeat, "scale").uniform(1 - s, 1 + s))
 
-    def draw(self, *, seed: int, epoch: int, index: int, shape: tuple[int, int],
-             channels: int, dtype: torch.dtype) -> ImageParams:  # fmt: skip
-        """Image ``index``'s parameters in ``epoch`` for a source image of ``shape``."""
+    def draw(self, *, seed: int, epoch: int, index: int, shape: tuple[int, ...],
+             channels: int, dtype: torch.dtype, repeat: int = 0) -> ImageParams:  # fmt: skip
+        """Image ``index``'s parameters in ``epoch`` (its ``repeat``-th draw in the epoch) for
+        a source image of spatial ``shape``."""
         ops = self.ops
 
         def rng(name: str) -> np.random.Generator:
-            return self._rng(seed, epoch, index, name)
+            return self._rng(seed, epoch, index, repeat, name)
 
         self.check(channels=channels, dtype=dtype)
         drawn: list[str] = []
@@ -312,9 +323,11 @@ class Augmentation:
         return (128.0 if dtype == torch.uint8 else 0.5,) * channels
 
     def apply(self, source: ImageSource | torch.Tensor, *, seed: int, epoch: int,
-              index: int | Sequence[int]) -> ImageSource:  # fmt: skip
-        """``source`` (``(N, C, H, W)``; a tensor is wrapped) augmented as it is read, image
-        ``k`` of the batch as image ``index[k]`` (an int: ``index, index + 1, ...``).
+              index: int | Sequence[int], repeat: int = 0) -> ImageSource:  # fmt: skip
+        """``source`` (``(N, C, *spatial)``; a tensor is wrapped) augmented as it is read,
+        image ``k`` of the batch as image ``index[k]`` (an int: ``index, index + 1, ...``);
+        ``repeat`` counts earlier draws of the same images in the epoch (sampling with
+        replacement), each of which is augmented differently.
 
         Scale jitter reads a slide region at another resolution (``SlideSource.rescaled``);
         other sources cannot take it.
@@ -335,12 +348,12 @@ class Augmentation:
                     f"--augment scale reads a slide at another resolution; "
                     f"{type(source).__name__} cannot be, so leave scale out"
                 )
-            factor = self.scale_factor(seed=seed, epoch=epoch, index=indices[0])
+            factor = self.scale_factor(seed=seed, epoch=epoch, index=indices[0], repeat=repeat)
             source = source.rescaled(factor)
         shape = tuple(source.shape[2:])
         scaled = f"scale={factor:.4f} " if "scale" in self.ops else ""
         params = [self.draw(seed=seed, epoch=epoch, index=i, shape=shape,  # type: ignore[arg-type]
-                            channels=source.shape[1], dtype=source.dtype)
+                            channels=source.shape[1], dtype=source.dtype, repeat=repeat)
                   for i in indices]  # fmt: skip
         if scaled:
             params = [dataclasses.replace(p, drawn=scaled + p.drawn) for p in params]

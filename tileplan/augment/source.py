@@ -31,8 +31,8 @@ class ImageParams:
         colour: the colour stages (8-bit images).
         noise: ``(key, std)``: counter-based Gaussian noise of ``std`` (on the 0..255 scale
             for 8-bit images, in the image's units for float images), or None.
-        intensity: ``(scale, shift)``: every value times ``scale`` plus ``shift`` (float
-            images and volumes; on 8-bit images, in the colour stages), or None.
+        intensity: ``(scale, shift)``: every value times ``scale`` plus ``shift``, after the
+            colour stages (``shift`` on the 0..255 scale for 8-bit images), or None.
         cutout: ``(start, stop)`` boxes (px per axis) of the augmented image filled with
             ``fill``.
         fill: the cutout's value per channel.
@@ -132,11 +132,13 @@ class AugmentedSource:
             key, std = p.noise
             noise = gaussian_noise(key, out.shape[0], g.shape, region)
             out = _cast(out + std * noise, self.dtype)
+        copied = False
         for start, stop in p.cutout:  # the box's part inside this region
             inside = [slice(max(a, s.start) - s.start, min(b, s.stop) - s.start)
                       for a, b, s in zip(start, stop, region, strict=True)]  # fmt: skip
             if all(s.start < s.stop for s in inside):
-                out = out if out.flags.writeable else out.copy()
+                if not copied:  # never fill the source's own buffer (it may be its pixels)
+                    out, copied = out.copy(), True
                 fill = np.asarray(p.fill, dtype=out.dtype).reshape(-1, *[1] * len(region))
                 out[(slice(None), *inside)] = fill
         return out

@@ -154,6 +154,10 @@ class ProfileRequest:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {list(OPTIMIZERS)}")
         if self.batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"--bn {self.batch_norm}: use one of {', '.join(BATCH_NORM_MODES)}")
+        if self.freeze is not None and self.batch_norm == "train":
+            raise ValueError(f"--freeze {self.freeze} keeps the frozen layers' BatchNorm "
+                             "statistics fixed, which --bn train does not; plan with --bn "
+                             "frozen")  # fmt: skip
         Precision.of(self.dtype)
 
     @property
@@ -263,8 +267,7 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     _check_forced(req, forced)
     image = (req.batch, req.channels, *req.image_shape)
     state = ModelState.of(loaded.model, req.optimizer, precision.param_dtype)
-    names = req.cut_names
-    cuts = resolve_cuts(loaded.trunk, names, loaded.n_axes) if names else []
+    cuts = _cuts(req, loaded)
     bar.update()
 
     # One tile shape for the whole trunk, unless statistics end segments (then it would be
@@ -325,6 +328,16 @@ def profile(req: ProfileRequest, *, progress: bool = False) -> Plan:
     return replace(plan, frozen_phase=frozen) if frozen is not None else plan
 
 
+def _cuts(req: ProfileRequest, loaded: LoadedModel) -> list[tuple[str, str]]:
+    """``--cut``'s cut points and ``--freeze``'s (each named by its own option in errors), in
+    the trunk's order."""
+    cuts = resolve_cuts(loaded.trunk, req.cuts, loaded.n_axes) if req.cuts else []
+    if req.freeze is None:
+        return cuts
+    (frozen,) = resolve_cuts(loaded.trunk, [req.freeze], loaded.n_axes, "--freeze")
+    return cuts if frozen in cuts else resolve_cuts(loaded.trunk, req.cut_names, loaded.n_axes)
+
+
 def _frozen_phase(ctx: _Context, loaded: LoadedModel, fixed: MemoryBreakdown,
                   image: tuple[int, ...], cuts: Sequence[tuple[str, str]], chosen: _Option
                   ) -> FrozenPhase | None:  # fmt: skip
@@ -338,7 +351,7 @@ def _frozen_phase(ctx: _Context, loaded: LoadedModel, fixed: MemoryBreakdown,
     if req.freeze is None:
         return None
     assert isinstance(chosen, _Chain), "a freeze module is a cut: the plan has segments"
-    node = resolve_cuts(loaded.trunk, [req.freeze], loaded.n_axes)[0][0]
+    node = resolve_cuts(loaded.trunk, [req.freeze], loaded.n_axes, "--freeze")[0][0]
     search = SegmentSearch(loaded.trunk, image, list(cuts), _costs(ctx, fixed))
     names = [c for c, _ in cuts]
     parts = search.parts(names)

@@ -104,24 +104,30 @@ def candidate_cuts(trunk: nn.Module, limit: int = 6, n_axes: int = 2) -> list[tu
     return [(ends[level], _where(nodes[ends[level]])) for level in levels][-limit:]
 
 
-def resolve_cuts(trunk: nn.Module, names: Sequence[str], n_axes: int = 2
-                 ) -> list[tuple[str, str]]:  # fmt: skip
-    """The cut points for ``--cut`` names: a node name, or a module (the last node inside it).
+def resolve_cuts(trunk: nn.Module, names: Sequence[str], n_axes: int = 2,
+                 option: str = "--cut") -> list[tuple[str, str]]:  # fmt: skip
+    """The cut points for ``--cut`` (or ``option``'s) names: a node name, or a module (the
+    last node inside it).
 
     Raises:
-        ValueError: a name is not in the trunk or not a point where one map flows on.
+        ValueError: a name is not in the trunk, is its output, or is not a point where one map
+            flows on.
     """
     gm = trace(trunk)
     nodes = list(gm.graph.nodes)
     valid = set(map_cut_points(trunk, n_axes))
+    output = next(n for n in nodes if n.op == "output").args[0]
     resolved = []
     for name in names:
         node = find_node(gm, name)
         if node is None:
-            raise ValueError(f"--cut {name}: no module or node of that name in the trunk")
+            raise ValueError(f"{option} {name}: no module or node of that name in the trunk")
+        if node is output:
+            raise ValueError(f"{option} {name}: it makes the trunk's output, so nothing would "
+                             "stream after it; name a module before the trunk's last")  # fmt: skip
         if node.name not in valid:
             raise ValueError(
-                f"--cut {name}: more than one value flows past it (e.g. a skip connection); "
+                f"{option} {name}: more than one value flows past it (e.g. a skip connection); "
                 "choose the end of a whole block"
             )
         resolved.append((node.name, _where(node)))
@@ -420,8 +426,8 @@ class SegmentSearch:
     def phases(self, program: Program, on_host: bool, frozen: int = 0) -> _Phases:
         """Bytes alive besides ``F`` and the tiles in every phase (see the module docstring):
         kept maps (not on the device when ``on_host``), their gradients, statistics and the
-        transients of their reductions. Maps made by the first ``frozen`` parts (a frozen
-        prefix: no parameter before them trains) take no gradient."""
+        transients of their reductions. Maps made by the program's first ``frozen`` parts (a
+        frozen prefix: no parameter before them trains) take no gradient."""
         parts = program.parts
         made: dict[str, int] = {}
         first: dict[str, int] = {}
@@ -488,8 +494,11 @@ class SegmentSearch:
         program = self.program(cuts)
         on_host = on_host and not self.costs.maps_in_device_memory
         both = self.phases(program, on_host)
-        mine = self.phases(program, on_host, frozen=frozen)
-        phases = [(max(mine.forward[k], mine.backward[k]), 0, 0)
+        # The program's parts up to the last frozen segment (statistics between them included)
+        # make maps that need no gradient, and their backward passes do not run.
+        boundary = self.parts(cuts)[frozen - 1].index + 1
+        mine = self.phases(program, on_host, frozen=boundary)
+        phases = [(max(mine.forward[k], mine.backward[k] if k >= boundary else 0), 0, 0)
                   for k, p in enumerate(program.parts) if isinstance(p, ReducePart)]  # fmt: skip
         cost = 0.0
         for n, part in enumerate(self.parts(cuts)):

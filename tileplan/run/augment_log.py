@@ -1,10 +1,13 @@
 """``augmentations.csv``: what ``--augment`` drew for every training image of every epoch
-(one row per image trained, in training order), derived again from (seed, epoch, image) at
-each checkpoint, so that a resumed run's file is the uninterrupted run's."""
+(one row per image trained, in training order), derived from (seed, epoch, image, repeat) and
+appended at each epoch's checkpoint, so that a resumed run's file is the uninterrupted
+run's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import csv
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from tileplan.augment import Augmentation
 from tileplan.run.csv_out import write_csv
 from tileplan.run.dataset import Dataset
 
-__all__ = ["AUGMENTATIONS_FILE", "save_augmentations"]
+__all__ = ["AUGMENTATIONS_FILE", "draw_counts", "save_augmentations"]
 
 AUGMENTATIONS_FILE = "augmentations.csv"
 
@@ -39,16 +42,32 @@ def _unread(data: Dataset, index: int) -> ImageSource:
     return _Shape((1, *data.image_shape(index)), data.dtype)
 
 
+def draw_counts(order: Sequence[int]) -> list[int]:
+    """For each position of an epoch's image order, how many times that image came before
+    (``--balance`` draws with replacement): its augmentation's ``repeat``."""
+    seen: Counter[int] = Counter()
+    counts = []
+    for index in order:
+        counts.append(seen[index])
+        seen[index] += 1
+    return counts
+
+
 def save_augmentations(path: Path, augmentation: Augmentation, data: Dataset, *, seed: int,
-                       epochs: int, order: Callable[[int], list[int]]) -> None:  # fmt: skip
-    """Write the parameters drawn for each image of epochs ``0 .. epochs-1`` (``order(e)``:
-    epoch ``e``'s images in training order) as a CSV, atomically."""
-    rows = []
-    for epoch in range(epochs):
-        for position, index in enumerate(order(epoch)):
-            source = augmentation.apply(_unread(data, index), seed=seed, epoch=epoch,
-                                        index=index)  # fmt: skip
-            sample = data.samples[index]
-            rows.append([epoch + 1, position + 1, sample.row, str(sample.path),
-                         source.params[0].drawn])  # type: ignore[attr-defined]  # fmt: skip
-    write_csv(path, ["epoch", "position", "row", "image", "drawn"], rows)
+                       epoch: int, order: Sequence[int]) -> None:  # fmt: skip
+    """Append the parameters drawn for each image of 0-based ``epoch`` (``order``: its images
+    in training order) to the CSV at ``path``, whose rows of later epochs (a resumed run's
+    file) are dropped; written atomically."""
+    header = ["epoch", "position", "row", "image", "drawn"]
+    kept: list[list[str]] = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            kept = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= epoch]
+    rows: list[list[object]] = [*kept]
+    for position, (index, repeat) in enumerate(zip(order, draw_counts(order), strict=True)):
+        source = augmentation.apply(_unread(data, index), seed=seed, epoch=epoch, index=index,
+                                    repeat=repeat)  # fmt: skip
+        sample = data.samples[index]
+        rows.append([epoch + 1, position + 1, sample.row, str(sample.path),
+                     source.params[0].drawn])  # type: ignore[attr-defined]  # fmt: skip
+    write_csv(path, header, rows)

@@ -48,7 +48,7 @@ from executor import (
 )
 from tileplan.augment import Augmentation, AugmentError
 from tileplan.planning.model_file import set_batch_norm
-from tileplan.run.augment_log import AUGMENTATIONS_FILE, save_augmentations
+from tileplan.run.augment_log import AUGMENTATIONS_FILE, draw_counts, save_augmentations
 from tileplan.run.checkpoint import (
     Checkpoint,
     CheckpointMeta,
@@ -59,7 +59,7 @@ from tileplan.run.checkpoint import (
     save_checkpoint,
 )
 from tileplan.run.data import FIX_ROW, DataError, Dataset, ImageReadError, Task
-from tileplan.run.freeze import freeze_prefix
+from tileplan.run.freeze import freeze_prefix, frozen_parameters
 from tileplan.run.interrupts import (
     EXIT_INTERRUPTED,
     RunInterruptedError,
@@ -109,6 +109,9 @@ _RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "lr"})
 MAX_SKIPPED_STEPS = 24
 
 
+Pair: TypeAlias = tuple[torch.Tensor | ImageSource, torch.Tensor]  # an image and its label
+
+
 class TrainError(StreamingError):
     """Training cannot start or continue; the message says why and what to do."""
 
@@ -141,8 +144,9 @@ class Validation:
 
     @classmethod
     def of(cls, task: Task, loss: float, predicted: list[float], positive: list[float],
-           labels: list[float]) -> Validation:  # fmt: skip
-        """From each image's predicted label (value), positive-class probability and label."""
+           labels: list[float], classes: int = 0) -> Validation:  # fmt: skip
+        """From each image's predicted label (value), positive-class probability and label;
+        per-class scores for ``classes`` classes (at least those seen)."""
         if not labels:
             return cls(loss)
         if task == "regression":
@@ -162,9 +166,9 @@ class Validation:
             # accuracy is then the mean recall over the classes present.
             warnings.simplefilter("ignore", UserWarning)
             balanced = float(metrics.balanced_accuracy_score(truth, guess))
-        classes = list(range(max(2, max(truth) + 1, max(guess) + 1)))
+        classes_seen = list(range(max(2, classes, max(truth) + 1, max(guess) + 1)))
         precision, recall, f1, _ = metrics.precision_recall_fscore_support(
-            truth, guess, labels=classes, zero_division=0.0
+            truth, guess, labels=classes_seen, zero_division=0.0
         )
         return cls(
             loss, accuracy=float(metrics.accuracy_score(truth, guess)),
@@ -295,8 +299,9 @@ class Trainer:
                                               preprocess=spec.preprocess())  # fmt: skip
         self.task: Task = self._task()
         self.augmentation = self._augmentation()
+        reshaped = self.augmentation.changes_shape  # crops and turns: sizes never stored
         for data in (train_data, val_data):
-            if data is not None and data.streamed:
+            if data is not None and (data.streamed or (reshaped and data is train_data)):
                 reading = (spec.data.describe_volumes() if plan.n_axes == 3
                            else spec.data.describe_reading())  # fmt: skip
                 check_image_sizes(self.scnn, head, data, channels=self._trunk_channels,
@@ -304,7 +309,7 @@ class Trainer:
                                   resampled=spec.data.spacing is not None,
                                   planned_output=plan.output_shape,
                                   sizes=(self.augmentation.shapes
-                                         if self.augmentation and data is train_data
+                                         if reshaped and data is train_data
                                          else None))  # fmt: skip
         self.loss = loss_for(self.task)
         self._phase_two = False  # --unfreeze-epoch reached: every parameter trains
@@ -374,14 +379,15 @@ class Trainer:
             raise TrainError(str(err)) from None
         return augmentation
 
-    def _augmented(self, item: tuple[torch.Tensor | ImageSource, torch.Tensor], epoch: int,
-                   index: int) -> tuple[torch.Tensor | ImageSource, torch.Tensor]:  # fmt: skip
-        """A training image augmented as its crops are read (a function of seed, epoch and
-        image, so the same on every rank and after --resume)."""
+    def _augmented(self, item: Pair, epoch: int, index: int, repeat: int) -> Pair:
+        """A training image augmented as its crops are read: a function of seed, epoch, image
+        and how many times the epoch drew it before (``--balance`` repeats images), so the
+        same on every rank and after --resume."""
         if not self.augmentation:
             return item
         image, label = item
-        source = self.augmentation.apply(image, seed=self.spec.seed, epoch=epoch, index=index)
+        source = self.augmentation.apply(image, seed=self.spec.seed, epoch=epoch, index=index,
+                                         repeat=repeat)  # fmt: skip
         return source, label
 
     def _in_phase_two(self, epoch: int) -> bool:
@@ -394,11 +400,12 @@ class Trainer:
         from these weights would: a new optimizer over every parameter at ``--lr-after`` and
         the schedule again over the remaining epochs (no warm-up)."""
         recipe = self.spec.recipe
-        for p in self.model.parameters():
-            p.requires_grad_(True)
+        assert recipe.freeze is not None  # --unfreeze-epoch is refused without --freeze
+        for p in frozen_parameters(self.trunk, recipe.freeze):  # what the model file froze
+            p.requires_grad_(True)  # itself stays frozen
         lr = recipe.lr_after or self.spec.lr
         spec = dataclasses.replace(self.spec, lr=lr)
-        self.optimizer = spec.make_optimizer(self.model.parameters())
+        self.optimizer = spec.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         remaining = self.spec.epochs - (recipe.unfreeze_epoch or 1) + 1
         self.scheduler = make_scheduler(self.optimizer, dataclasses.replace(recipe, warmup=0),
                                         remaining)  # fmt: skip
@@ -519,8 +526,8 @@ class Trainer:
             if self.augmentation and not progress:
                 target = self.out_dir / AUGMENTATIONS_FILE
                 save_augmentations(target, self.augmentation, self.train_data,
-                                   seed=self.spec.seed, epochs=self.epoch,
-                                   order=self.order)  # fmt: skip
+                                   seed=self.spec.seed, epoch=self.epoch - 1,
+                                   order=self.order(self.epoch - 1))  # fmt: skip
             if self.skipped:
                 target = self.out_dir / SKIPPED_FILE
                 save_skipped(target, self.skipped)
@@ -559,8 +566,9 @@ class Trainer:
                 self.scheduler.load_state_dict(ckpt.scheduler)
         except (RuntimeError, ValueError, KeyError) as err:
             raise TrainError(f"--resume: '{path}' does not fit this model ({err})") from err
-        if self.spec.lr != meta.spec.lr and not self._phase_two:  # --lr on resume: scale
-            # the restored rates with it (the second phase runs at --lr-after)
+        second = self._phase_two and self.spec.recipe.lr_after is not None
+        if self.spec.lr != meta.spec.lr and not second:  # --lr on resume: scale the restored
+            # rates with it (unless the second phase runs at its own --lr-after)
             rescale_lr(self.optimizer, self.scheduler, self.spec.lr / meta.spec.lr)
         self.epoch = meta.epoch
         self.history = list(meta.history)
@@ -659,16 +667,19 @@ class Trainer:
             return balanced_order(self._labels, gen)
         return torch.randperm(len(self.train_data), generator=gen).tolist()
 
-    def _my_batches(self, epoch: int) -> Iterator[tuple[list[int], list[float]]]:
+    def _my_batches(self, epoch: int) -> Iterator[tuple[list[int], list[float], list[int]]]:
         """Global batches of the epoch as (this rank's share, each image's share of the
-        batch's loss: 1/B, or by class weight)."""
+        batch's loss: 1/B, or by class weight, and how many times the epoch drew each image
+        before: its augmentation's ``repeat``)."""
         order = self.order(epoch)
+        repeats = draw_counts(order)
         b = self.spec.batch
+        mine = slice(self.rank, None, self.world)
         for start in range(0, len(order), b):
             batch = order[start : start + b]
             shares = batch_weights([self._labels[i] for i in batch],
                                    self.spec.recipe.class_weights)  # fmt: skip
-            yield batch[self.rank :: self.world], shares[self.rank :: self.world]
+            yield batch[mine], shares[mine], repeats[start : start + b][mine]
 
     def _image(self, data: Dataset, index: int) -> tuple[torch.Tensor | ImageSource, torch.Tensor]:
         if data.streamed:  # streamed from its file, region by region
@@ -687,21 +698,22 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
-    def _images(self, indices: list[int], epoch: int) -> Iterator[Item]:
+    def _images(self, draws: list[tuple[int, int]], epoch: int) -> Iterator[Item]:
         """(1, C, *spatial) training images (augmented as ``--augment`` says) and labels in
-        ``indices`` order, or the error reading one raised, read ahead by ``num_workers``
-        processes (slides: opened ahead by as many threads; their tiles are read during the
-        passes)."""
+        the order of ``draws`` ((image, repeat) pairs), or the error reading one raised, read
+        ahead by ``num_workers`` processes (slides: opened ahead by as many threads; their
+        tiles are read during the passes)."""
+        indices = [i for i, _ in draws]
         if self.train_data.streamed:
             yield from _opened_ahead(
-                (self._augmented(self._image(self.train_data, i), epoch, i) for i in indices),
-                self.spec.num_workers,
-            )
+                (self._augmented(self._image(self.train_data, i), epoch, i, r)
+                 for i, r in draws), self.spec.num_workers,
+            )  # fmt: skip
             return
         if self.spec.num_workers == 0:
-            for i in indices:
+            for i, r in draws:
                 try:
-                    yield self._augmented(self._image(self.train_data, i), epoch, i)
+                    yield self._augmented(self._image(self.train_data, i), epoch, i, r)
                 except DataError as err:
                     yield err
             return
@@ -712,11 +724,11 @@ class Trainer:
             # resumed mid-epoch draws the same random numbers as one that never stopped.
             generator=torch.Generator().manual_seed(self.spec.seed),
         )  # fmt: skip
-        for i, (image, label, error) in zip(indices, loader, strict=True):
+        for (i, r), (image, label, error) in zip(draws, loader, strict=True):
             if error is not None:
                 yield DataError(error)
             else:
-                yield self._augmented((image.unsqueeze(0), label.reshape(1)), epoch, i)
+                yield self._augmented((image.unsqueeze(0), label.reshape(1)), epoch, i, r)
 
     def _snapshot(
         self, *, grads: bool = True
@@ -783,9 +795,10 @@ class Trainer:
         set_batch_norm(self.model, self.spec.batch_norm)
         batches = list(self._my_batches(epoch))
         slots = -(-self.spec.batch // self.world)  # images per rank per step, at most
-        images = self._images([i for batch, _ in batches[progress.step :] for i in batch], epoch)
+        images = self._images([(i, r) for batch, _, repeats in batches[progress.step :]
+                               for i, r in zip(batch, repeats, strict=True)], epoch)  # fmt: skip
         for step in range(progress.step, len(batches)):
-            batch, shares = batches[step]
+            batch, shares, _ = batches[step]
             started = time.perf_counter()
             boundary = rng_state()  # a checkpoint of this step's start resumes with these
             # Train-mode BatchNorm moves its running statistics with every image: a dropped
@@ -936,7 +949,9 @@ class Trainer:
             predicted.append(decision.label)
             positive.append(decision.positive or 0.0)
             labels.append(float(target[0]))
-        return Validation.of(self.task, losses / max(len(labels), 1), predicted, positive, labels)
+        classes = 0 if self.task == "regression" else max(2, self._head_outputs)
+        return Validation.of(self.task, losses / max(len(labels), 1), predicted, positive, labels,
+                             classes=classes)  # fmt: skip
 
     def fit(
         self, *, progress: bool = True, stop: StopRequest | None = None

@@ -412,3 +412,25 @@ def test_an_augmented_slide_step_holds_crops_not_the_image(tmp_path: Path) -> No
     grown = large - small
     decoded_growth = 3 * (sides[1] ** 2 - sides[0] ** 2)  # 36 MiB
     assert grown < decoded_growth / 4, (small >> 20, large >> 20)
+
+
+def test_a_repeated_draw_is_augmented_anew_and_the_source_is_never_written() -> None:
+    from tileplan.run.augment_log import draw_counts
+
+    assert draw_counts([3, 1, 3, 3, 0, 1]) == [0, 0, 1, 2, 0, 1]
+    image = _image()
+    a = Augmentation.parse("default,noise")
+    first = a.apply(image, seed=0, epoch=0, index=5).read_all()
+    again = a.apply(image, seed=0, epoch=0, index=5, repeat=1).read_all()
+    assert not torch.equal(first, again)
+    # Cutout of an identity geometry must not fill the source's own pixels (a view).
+    pixels = torch.zeros(1, 3, 40, 40, dtype=torch.uint8)
+
+    class Views(TensorSource):
+        def read(self, region):  # noqa: ANN001, ANN202
+            return self.tensor[(..., *region)]  # no copy
+
+    got = Augmentation.parse("cutout:0.5", fill=(9, 9, 9)).apply(
+        Views(pixels), seed=0, epoch=0, index=0).read_all()  # fmt: skip
+    assert int((got == 9).sum()) == 3 * 20 * 20
+    assert int(pixels.sum()) == 0

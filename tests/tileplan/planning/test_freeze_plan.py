@@ -74,6 +74,16 @@ def test_profile_freeze_through_the_cli_and_its_refusals(tmp_path: Path) -> None
     assert "cannot go with --cut or --freeze" in text
 
 
+def test_freeze_refusals_name_freeze() -> None:
+    with pytest.raises(ValueError, match="freeze='fc': no module or node"):
+        tileplan.profile(_resnet18(), image=512, budget="1GiB", measure=False, freeze="fc")
+    with pytest.raises(ValueError, match="freeze='layer4': it makes the trunk's output"):
+        tileplan.profile(_resnet18(), image=512, budget="1GiB", measure=False, freeze="layer4")
+    with pytest.raises(ValueError, match="which bn='train' does not"):
+        tileplan.profile(_resnet18(), image=512, budget="1GiB", measure=False, freeze="layer3",
+                         bn="train")  # fmt: skip
+
+
 def test_freeze_counts_as_a_cut() -> None:
     with pytest.raises(ValueError, match="cut= and freeze= name 1 cut"):
         tileplan.profile(_resnet18(), image=512, budget="1GiB", measure=False, freeze="layer3",
