@@ -141,9 +141,10 @@ class ProfileRequest:
             raise ValueError(f"--segments {self.segments}: give auto or a count of at least 1")
         cuts = self.cut_names
         if cuts and self.segments not in (None, len(cuts) + 1):
+            named = "--cut and --freeze name" if self.freeze else "--cut names"
             raise ValueError(
-                f"--cut and --freeze name {len(cuts)} cut(s), i.e. {len(cuts) + 1} segments, "
-                f"but --segments is {self.segments}; give one or make them agree"
+                f"{named} {len(cuts)} cut(s), i.e. {len(cuts) + 1} segments, but --segments "
+                f"is {self.segments}; give one or make them agree"
             )
         if cuts and self.tile:
             raise ValueError("--tile sets one tile for the whole trunk; it cannot go with --cut "
