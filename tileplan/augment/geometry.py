@@ -133,18 +133,27 @@ def displacement(field: np.ndarray, grids: Sequence[np.ndarray]) -> list[np.ndar
     s = ELASTIC_SPACING
     nodes = [g // s for g in grids]  # the node before, exact integers
     fractions = [(g - k * s) / s for g, k in zip(grids, nodes, strict=True)]
-    out = []
-    for d in field:
-        acc = None
-        for corner in itertools.product((0, 1), repeat=len(grids)):  # fixed order
-            weight = None
-            for f, c in zip(fractions, corner, strict=True):
-                w = f if c else 1 - f
-                weight = w if weight is None else weight * w
-            value = d[tuple(k + c for k, c in zip(nodes, corner, strict=True))] * weight
-            acc = value if acc is None else acc + value
-        out.append(acc)
-    return out
+    return [
+        _multilinear(fractions, lambda corner, d=d: d[tuple(
+            k + c for k, c in zip(nodes, corner, strict=True))])
+        for d in field
+    ]  # fmt: skip
+
+
+def _multilinear(fractions: Sequence[np.ndarray],
+                 at: Callable[[tuple[int, ...]], np.ndarray]) -> np.ndarray:  # fmt: skip
+    """``sum over corners c of at(c) * prod_i (f_i if c_i else 1 - f_i)``: multilinear
+    interpolation from the values ``at`` each corner of the cell (0: the node before, 1: the
+    one after, per axis), with weights and sum in a fixed order (the same bits in any crop)."""
+    acc = None
+    for corner in itertools.product((0, 1), repeat=len(fractions)):
+        weight = None
+        for f, c in zip(fractions, corner, strict=True):
+            w = f if c else 1 - f
+            weight = w if weight is None else weight * w
+        value = at(corner) * weight
+        acc = value if acc is None else acc + value
+    return acc
 
 
 def _reflect(t: np.ndarray, n: int) -> np.ndarray:
@@ -174,13 +183,5 @@ def sample(read: Callable[[tuple[slice, ...]], np.ndarray], geometry: Geometry,
     box = read(tuple(slice(o, int(h.max()) + 1) for o, h in zip(origin, hi, strict=True)))
     lo = [k - o for k, o in zip(lo, origin, strict=True)]
     hi = [h - o for h, o in zip(hi, origin, strict=True)]
-    acc = None
-    for corner in itertools.product((0, 1), repeat=len(coords)):  # fixed order
-        weight = None
-        for f, c in zip(fractions, corner, strict=True):
-            w = f if c else 1 - f
-            weight = w if weight is None else weight * w
-        index = tuple(h if c else k for k, h, c in zip(lo, hi, corner, strict=True))
-        value = box[(..., *index)] * weight
-        acc = value if acc is None else acc + value
-    return acc
+    return _multilinear(fractions, lambda corner: box[(..., *(
+        h if c else k for k, h, c in zip(lo, hi, corner, strict=True)))])  # fmt: skip
